@@ -1,0 +1,148 @@
+//! Errors as RFC 9457 `application/problem+json`. Callers learn what was wrong and what is
+//! allowed; internal causes are logged, never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use shared::domain::identity::AuthError;
+use shared::domain::{FieldError, RequestError};
+use shared::services::ServiceError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    Invalid(Vec<FieldError>),
+    UnknownDataset { name: String, allowed: Vec<String> },
+    Unauthorized(String),
+    Forbidden(String),
+    NotFound(String),
+    NotReady(String),
+    Gone(String),
+    Unavailable(String),
+    RouteNotFound,
+    MethodNotAllowed,
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::Invalid(vec![FieldError::new(field, message)])
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        Self::Unauthorized(e.to_string())
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Request(RequestError::Invalid(errors)) => Self::Invalid(errors),
+            ServiceError::Request(RequestError::UnknownDataset { name, allowed }) => {
+                Self::UnknownDataset { name, allowed }
+            }
+            ServiceError::Forbidden(m) => Self::Forbidden(m),
+            ServiceError::NotFound(m) => Self::NotFound(m),
+            ServiceError::NotReady(m) => Self::NotReady(m),
+            ServiceError::Gone(m) => Self::Gone(m),
+            ServiceError::Unavailable(m) => Self::Unavailable(m),
+            ServiceError::Internal(e) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+fn problem(status: StatusCode, slug: &str, title: &str, detail: String) -> serde_json::Value {
+    json!({
+        "type": format!("/problems/{slug}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    })
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::Invalid(errors) => {
+                let detail = errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let mut body = problem(StatusCode::BAD_REQUEST, "invalid-request", "Invalid export request", detail);
+                body["errors"] = json!(errors);
+                (StatusCode::BAD_REQUEST, body)
+            }
+            ApiError::UnknownDataset { name, allowed } => {
+                let mut body = problem(
+                    StatusCode::NOT_FOUND,
+                    "unknown-dataset",
+                    "Unknown dataset",
+                    format!("there is no dataset `{name}`; available: {}", allowed.join(", ")),
+                );
+                body["errors"] = json!([{"field": "dataset", "message": format!("allowed: {}", allowed.join(", "))}]);
+                (StatusCode::NOT_FOUND, body)
+            }
+            ApiError::Unauthorized(m) => (
+                StatusCode::UNAUTHORIZED,
+                problem(StatusCode::UNAUTHORIZED, "unauthorized", "Identity required", m),
+            ),
+            ApiError::Forbidden(m) => (
+                StatusCode::FORBIDDEN,
+                problem(StatusCode::FORBIDDEN, "forbidden", "Not allowed", m),
+            ),
+            ApiError::NotFound(m) => (
+                StatusCode::NOT_FOUND,
+                problem(StatusCode::NOT_FOUND, "not-found", "Not found", m),
+            ),
+            ApiError::NotReady(m) => (
+                StatusCode::CONFLICT,
+                problem(StatusCode::CONFLICT, "not-ready", "Export not ready", m),
+            ),
+            ApiError::Gone(m) => (
+                StatusCode::GONE,
+                problem(StatusCode::GONE, "expired", "Export expired", m),
+            ),
+            ApiError::Unavailable(m) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Try again shortly", m),
+            ),
+            ApiError::RouteNotFound => (
+                StatusCode::NOT_FOUND,
+                problem(
+                    StatusCode::NOT_FOUND,
+                    "no-route",
+                    "No such endpoint",
+                    "see GET /exports/{dataset}, POST /exports, GET /exports/jobs/{job_id}".into(),
+                ),
+            ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                problem(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", "this endpoint does not take that method".into()),
+            ),
+            ApiError::Internal(cause) => {
+                tracing::error!(cause = %cause, "internal error answering a request");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    problem(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "Internal error",
+                        "something went wrong on our side; it has been logged".into(),
+                    ),
+                )
+            }
+        };
+        let mut resp = (status, axum::Json(body)).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+        }
+        resp
+    }
+}

@@ -1,0 +1,85 @@
+//! The worker function: SQS batch in, one export job per message, failures reported per message
+//! (`ReportBatchItemFailures`) so only those come back.
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use chrono::{DateTime, TimeZone, Utc};
+use tracing::Instrument;
+
+use shared::domain::JobMessage;
+use shared::services::process::{process_job, Outcome};
+use shared::services::Deps;
+
+/// Handles one SQS batch. `deadline` is the invocation's deadline, `owner` the lease owner name
+/// (the invocation's request id).
+pub async fn handle_batch(
+    deps: &Deps,
+    event: SqsEvent,
+    owner: &str,
+    deadline: DateTime<Utc>,
+) -> SqsBatchResponse {
+    let mut response = SqsBatchResponse::default();
+    for message in event.records {
+        let id = message.message_id.clone().unwrap_or_default();
+        let span = tracing::info_span!("message", message_id = %id);
+        let ok = handle_message(deps, &message, owner, deadline)
+            .instrument(span)
+            .await;
+        if !ok {
+            response.add_failure(id);
+        }
+    }
+    response
+}
+
+/// True when the message is done with (succeeded, failed for good, or nothing to do).
+async fn handle_message(
+    deps: &Deps,
+    message: &SqsMessage,
+    owner: &str,
+    deadline: DateTime<Utc>,
+) -> bool {
+    let body = message.body.as_deref().unwrap_or_default();
+    let msg: JobMessage = match serde_json::from_str(body) {
+        Ok(m) => m,
+        Err(e) => {
+            // Reported as failed so that, after the retry budget, it lands in the DLQ for a look.
+            tracing::error!(error = %e, body, "message is not a job message");
+            return false;
+        }
+    };
+    let span = tracing::info_span!("job", job_id = %msg.job_id, kind = ?msg.kind);
+    async {
+        match process_job(deps, &msg, owner, deadline).await {
+            Ok(outcome) => {
+                match &outcome {
+                    Outcome::Succeeded { rows, bytes } => {
+                        tracing::info!(rows, bytes, "export written")
+                    }
+                    Outcome::Failed { code } => tracing::warn!(code, "export failed"),
+                    Outcome::UnknownJob => tracing::warn!("no such job; message dropped"),
+                    other => tracing::info!(outcome = ?other, "message handled"),
+                }
+                true
+            }
+            Err(retry) => {
+                let delay = retry.delay_seconds(deps.clock.now());
+                tracing::warn!(error = %retry, delay, "will be retried");
+                if let Some(handle) = message.receipt_handle.as_deref() {
+                    if let Err(e) = deps.queue.retry_after(handle, delay).await {
+                        tracing::warn!(error = %e, "could not shorten the retry delay");
+                    }
+                }
+                false
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The invocation deadline from the Lambda context (milliseconds since the epoch).
+pub fn deadline_of(ctx: &lambda_runtime::Context) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ctx.deadline as i64)
+        .single()
+        .unwrap_or_else(|| Utc::now() + chrono::Duration::minutes(15))
+}

@@ -1,0 +1,89 @@
+# shellcheck shell=bash
+# Helpers shared by up.sh and test.sh. Everything binds 127.0.0.1; every process is started in its
+# own process group and stopped by that PID, never by name.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV_BIN="$ROOT/.local/venv/bin"
+RUN_DIR="$ROOT/.local/run"
+export PATH="$VENV_BIN:$PATH"
+
+log() { printf '\033[1m[%s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# True while the process exists and is not a zombie.
+alive() {
+  local state
+  state="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
+  [[ -n "$state" && "$state" != Z* ]]
+}
+
+port_in_use() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# start_bg NAME LOGFILE CMD... : runs CMD in a new process group (setsid) with stdout and stderr
+# appended to LOGFILE (a file never blocks the writer); sets BG_PID.
+start_bg() {
+  local name="$1" logfile="$2"
+  shift 2
+  mkdir -p "$(dirname "$logfile")"
+  : >"$logfile"
+  setsid "$@" >>"$logfile" 2>&1 </dev/null &
+  BG_PID=$!
+  log "started $name (pid $BG_PID, log ${logfile#"$ROOT"/})"
+}
+
+# stop_group PID NAME : SIGTERM to the process group, SIGKILL after 5 s.
+stop_group() {
+  local pid="${1:-}" name="${2:-process}"
+  [[ -n "$pid" ]] || return 0
+  if alive "$pid"; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    local i
+    for i in $(seq 1 50); do
+      alive "$pid" || break
+      sleep 0.1
+    done
+    if alive "$pid"; then
+      log "$name did not stop in 5 s; killing its process group"
+      kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+# start_moto PORT LOGFILE : PORT 0 picks a free port. moto prints the port it bound only on
+# stderr ("Running on http://127.0.0.1:PORT"), so it is read from the log. Sets MOTO_PID and
+# MOTO_PORT once the emulator answers.
+start_moto() {
+  local port="$1" logfile="$2" i
+  start_bg moto "$logfile" "$VENV_BIN/moto_server" -H 127.0.0.1 -p "$port"
+  MOTO_PID=$BG_PID
+  MOTO_PORT=""
+  for i in $(seq 1 300); do
+    if ! alive "$MOTO_PID"; then
+      log "moto exited during start-up:"
+      cat "$logfile" >&2
+      return 1
+    fi
+    if [[ -z "$MOTO_PORT" ]]; then
+      MOTO_PORT="$(sed -n 's#.*Running on http://127\.0\.0\.1:\([0-9][0-9]*\).*#\1#p' "$logfile" | head -n 1)"
+    fi
+    if [[ -n "$MOTO_PORT" ]] && curl -sf -o /dev/null "http://127.0.0.1:$MOTO_PORT/moto-api/"; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "moto did not answer within 30 s:"
+  cat "$logfile" >&2
+  return 1
+}
+
+# Environment for the SDKs against the emulator on MOTO_PORT.
+export_aws_env() {
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$MOTO_PORT"
+  export AWS_ACCESS_KEY_ID=test
+  export AWS_SECRET_ACCESS_KEY=test
+  export AWS_REGION=us-east-1
+  export AWS_DEFAULT_REGION=us-east-1
+  export AWS_EC2_METADATA_DISABLED=true
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# make test: cfn-lint on the template and the workspace tests, against a moto server started on a
+# free port for this run and stopped (by PID) however the run ends.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+"$ROOT/infra/scripts/bootstrap.sh"
+
+MOTO_PID=""
+trap 'stop_group "$MOTO_PID" moto' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mkdir -p "$RUN_DIR"
+MOTO_LOG="$(mktemp "$RUN_DIR/moto-test.XXXXXX.log")"
+start_moto 0 "$MOTO_LOG"
+export_aws_env
+log "moto on $AWS_ENDPOINT_URL"
+
+status=0
+log "cfn-lint template.yaml"
+cfn-lint template.yaml || status=$?
+log "cargo test --workspace"
+cargo test --workspace "$@" || status=$?
+
+if [[ $status -eq 0 ]]; then
+  rm -f "$MOTO_LOG"
+  log "all tests passed"
+else
+  log "tests failed (status $status); emulator log: ${MOTO_LOG#"$ROOT"/}"
+fi
+exit "$status"

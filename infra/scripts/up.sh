@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# make up: the quick start. Installs the tools, builds, starts the AWS emulator, provisions the
+# stack from template.yaml, seeds demo data, serves the functions with `cargo lambda watch`, runs
+# the bridge (SQS trigger + schedule) and a real export through the API. Then keeps running until
+# Ctrl-C; with UP_EXIT=1 it stops after the demo (CI). Everything it started is stopped by PID.
+#
+# Knobs: ROWS (orders per tenant, 20000), TENANTS (acme,globex), STACK (export-cache),
+# MOTO_PORT (4566; a free port when taken), SCHEDULE_SECS (warmer period, 900),
+# LOCAL_JWT_SECRET (dev secret), WATCH_TIMEOUT (seconds to wait for the functions, 1200).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+STACK="${STACK:-export-cache}"
+ROWS="${ROWS:-20000}"
+TENANTS="${TENANTS:-acme,globex}"
+SCHEDULE_SECS="${SCHEDULE_SECS:-900}"
+WATCH_TIMEOUT="${WATCH_TIMEOUT:-1200}"
+UP_EXIT="${UP_EXIT:-0}"
+WATCH_PORT=9000
+WATCH_URL="http://127.0.0.1:$WATCH_PORT"
+API="$WATCH_URL/lambda-url/export-api"
+export LOCAL_JWT_SECRET="${LOCAL_JWT_SECRET:-export-cache-local-dev-secret}"
+DEVSTACK="$ROOT/target/debug/devstack"
+
+MOTO_PID="" WATCH_PID="" BRIDGE_PID=""
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  if [[ -n "$BRIDGE_PID$WATCH_PID$MOTO_PID" ]]; then
+    log "stopping the local stack"
+  fi
+  stop_group "$BRIDGE_PID" bridge
+  stop_group "$WATCH_PID" "cargo lambda watch"
+  stop_group "$MOTO_PID" moto
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+show_logs() {
+  local f
+  for f in "$RUN_DIR"/watch.log "$RUN_DIR"/bridge.log; do
+    [[ -s "$f" ]] || continue
+    printf '\n--- last lines of %s ---\n' "${f#"$ROOT"/}" >&2
+    tail -n 30 "$f" >&2
+  done
+}
+
+log "bootstrapping tools"
+"$ROOT/infra/scripts/bootstrap.sh"
+
+if port_in_use "$WATCH_PORT"; then
+  log "port $WATCH_PORT on 127.0.0.1 is taken (another 'make up' or 'cargo lambda watch'?); stop it first"
+  exit 1
+fi
+
+log "building the workspace (debug)"
+cargo build --workspace --bins
+
+moto_port="${MOTO_PORT:-4566}"
+if port_in_use "$moto_port"; then
+  log "port $moto_port is taken; moto will pick a free port"
+  moto_port=0
+fi
+mkdir -p "$RUN_DIR"
+start_moto "$moto_port" "$RUN_DIR/moto.log"
+export_aws_env
+log "AWS emulator on $AWS_ENDPOINT_URL"
+
+log "provisioning stack $STACK from template.yaml"
+"$DEVSTACK" provision --stack "$STACK"
+"$DEVSTACK" env --stack "$STACK" --schedule-secs "$SCHEDULE_SECS" >"$RUN_DIR/env.sh"
+# shellcheck disable=SC1091
+source "$RUN_DIR/env.sh"
+
+log "seeding $ROWS orders per tenant ($TENANTS)"
+"$DEVSTACK" seed --stack "$STACK" --rows "$ROWS" --tenants "$TENANTS"
+
+start_bg "cargo lambda watch" "$RUN_DIR/watch.log" \
+  cargo lambda watch -A 127.0.0.1 -P "$WATCH_PORT"
+WATCH_PID=$BG_PID
+
+start_bg bridge "$RUN_DIR/bridge.log" \
+  "$DEVSTACK" bridge --stack "$STACK" --watch "$WATCH_URL" --schedule-secs "$SCHEDULE_SECS"
+BRIDGE_PID=$BG_PID
+
+log "waiting for the API at $API/health (the first call compiles export-api; log: .local/run/watch.log)"
+deadline=$((SECONDS + WATCH_TIMEOUT))
+until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 900 "$API/health" || true)" == 200 ]]; do
+  if ! alive "$WATCH_PID"; then
+    log "cargo lambda watch exited"
+    show_logs
+    exit 1
+  fi
+  if ((SECONDS > deadline)); then
+    log "the API did not answer 200 on /health within ${WATCH_TIMEOUT} s"
+    show_logs
+    exit 1
+  fi
+  sleep 1
+done
+log "API is up"
+
+if ! "$DEVSTACK" demo --api "$API"; then
+  log "the demo failed"
+  show_logs
+  exit 1
+fi
+
+if [[ "$UP_EXIT" == 1 ]]; then
+  log "UP_EXIT=1: stopping after the demo"
+  exit 0
+fi
+
+cat >&2 <<INFO
+
+The local stack is running:
+  API        $API
+  emulator   $AWS_ENDPOINT_URL   (stack $STACK)
+  logs       .local/run/watch.log  .local/run/bridge.log  .local/run/moto.log
+  shell      source .local/run/env.sh && target/debug/devstack token
+Press Ctrl-C to stop everything.
+INFO
+
+status=0
+wait -n "$MOTO_PID" "$WATCH_PID" "$BRIDGE_PID" || status=$?
+log "a component exited (status $status); stopping"
+show_logs
+exit 1

@@ -1,0 +1,9 @@
+//! The local stack: provisioning from template.yaml, deterministic seed data, the bridge that plays
+//! the SQS trigger and the schedule, and the demo client.
+
+pub mod bridge;
+pub mod demo;
+pub mod provision;
+pub mod seed;
+pub mod template;
+pub mod token;

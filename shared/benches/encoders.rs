@@ -1,0 +1,332 @@
+//! Throughput and peak memory of the file encoders on synthetic `orders` rows.
+//!
+//! `cargo bench -p shared --bench encoders [ROWS...]` (or `BENCH_ROWS=100000,1000000`;
+//! `BENCH_CASES=csv,csv.gz@1,xlsx@1` picks the cases, `format@level` setting the gzip or zip
+//! level). Each measurement runs in a child process (this binary re-executed with `--case`) so
+//! its peak RSS (`VmHWM`) is the encoder's alone. The child makes rows lazily, one 1,000-row page
+//! at a time, from a deterministic generator; only the encoder calls are timed (page generation
+//! is not), and the bytes go to a sink that counts them, as the worker's part upload would take
+//! them: `take_buffered` after every page, the tail read to its end.
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::io::Read;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use shared::catalog::{Catalog, Column};
+use shared::domain::{ExportSpec, Format, Row, Value};
+use shared::encode::{encoder_for, EncodeSettings};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+const PAGE: usize = 1000;
+const DEFAULT_ROWS: [u64; 2] = [100_000, 1_000_000];
+const DEFAULT_CASES: [&str; 4] = ["csv", "csv.gz", "xlsx@1", "xlsx@6"];
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    if let [flag, case, rows] = args.as_slice() {
+        if flag == "--case" {
+            return child(case, rows.parse()?);
+        }
+    }
+    let mut rows: Vec<u64> = args.iter().filter_map(|a| a.replace('_', "").parse().ok()).collect();
+    if rows.is_empty() {
+        rows = match std::env::var("BENCH_ROWS") {
+            Ok(v) => v
+                .split(',')
+                .map(|s| s.trim().replace('_', "").parse())
+                .collect::<Result<_, _>>()?,
+            Err(_) => DEFAULT_ROWS.to_vec(),
+        };
+    }
+    let cases: Vec<String> = match std::env::var("BENCH_CASES") {
+        Ok(v) => v.split(',').map(|s| s.trim().to_string()).collect(),
+        Err(_) => DEFAULT_CASES.iter().map(|s| s.to_string()).collect(),
+    };
+    let exe = std::env::current_exe()?;
+    println!("| format | rows | seconds | rows/s | MB/s | output | peak RSS |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for &n in &rows {
+        for case in &cases {
+            let out = Command::new(&exe)
+                .args(["--case", case, &n.to_string()])
+                .output()?;
+            if !out.status.success() {
+                return Err(format!(
+                    "case {case} with {n} rows failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+                .into());
+            }
+            let stdout = String::from_utf8(out.stdout)?;
+            let m = Measurement::parse(&stdout)?;
+            let secs = m.elapsed.as_secs_f64();
+            println!(
+                "| {} | {} | {:.2} | {} | {:.1} | {} | {:.1} MiB |",
+                case_label(case),
+                group(n),
+                secs,
+                group((n as f64 / secs) as u64),
+                m.bytes as f64 / secs / 1e6,
+                size(m.bytes),
+                m.peak_rss_kib as f64 / 1024.0,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn case_label(case: &str) -> String {
+    let settings = EncodeSettings::default();
+    match case.split_once('@') {
+        Some((f, l)) if f == "xlsx" => format!("xlsx (zip level {l})"),
+        Some((f, l)) => format!("{f} (level {l})"),
+        None if case == "csv.gz" => format!("csv.gz (level {})", settings.gzip_level),
+        None if case == "xlsx" => format!("xlsx (zip level {})", settings.xlsx_zip_level),
+        None => case.to_string(),
+    }
+}
+
+struct Measurement {
+    elapsed: Duration,
+    bytes: u64,
+    peak_rss_kib: u64,
+}
+
+impl Measurement {
+    fn print(&self) {
+        println!(
+            "elapsed_ns={} bytes={} peak_rss_kib={}",
+            self.elapsed.as_nanos(),
+            self.bytes,
+            self.peak_rss_kib
+        );
+    }
+
+    fn parse(s: &str) -> Res<Self> {
+        let kv: BTreeMap<&str, u64> = s
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+            .collect();
+        let get = |k: &str| kv.get(k).copied().ok_or(format!("child printed no {k}: {s}"));
+        Ok(Self {
+            elapsed: Duration::from_nanos(get("elapsed_ns")?),
+            bytes: get("bytes")?,
+            peak_rss_kib: get("peak_rss_kib")?,
+        })
+    }
+}
+
+/// One measurement: encode `rows` rows with the encoder `case` names, into a counting sink.
+fn child(case: &str, rows: u64) -> Res<()> {
+    let (format, level) = match case.split_once('@') {
+        Some((f, l)) => (f, Some(l.parse::<u32>()?)),
+        None => (case, None),
+    };
+    let format = Format::parse(format).ok_or(format!("unknown format {format}"))?;
+    let mut settings = EncodeSettings::default();
+    match (format, level) {
+        (Format::CsvGz, Some(l)) => settings.gzip_level = l,
+        (Format::Xlsx, Some(l)) => settings.xlsx_zip_level = u8::try_from(l)?,
+        _ => {}
+    }
+    let catalog = Catalog::builtin()?;
+    let orders = catalog.get("orders").ok_or("no orders dataset")?;
+    let columns: Vec<Column> = orders.columns.clone();
+    let spec = ExportSpec {
+        dataset: orders.name.clone(),
+        format,
+        columns: columns.iter().map(|c| c.name.clone()).collect(),
+        filters: BTreeMap::new(),
+        from: None,
+        to: None,
+        tz: None,
+        bom: false,
+        delimiter: Default::default(),
+    };
+    let mut gen = Orders::new(&columns)?;
+    let mut page: Vec<Row> = Vec::with_capacity(PAGE);
+    let mut bytes = 0u64;
+    let mut elapsed = Duration::ZERO;
+
+    let start = Instant::now();
+    let mut encoder = encoder_for(&spec, columns, &settings, true)?;
+    elapsed += start.elapsed();
+    let mut done = 0;
+    while done < rows {
+        let n = (rows - done).min(PAGE as u64);
+        gen.fill(&mut page, done, n as usize);
+        let start = Instant::now();
+        encoder.write_rows(&page)?;
+        bytes += encoder.take_buffered().len() as u64;
+        elapsed += start.elapsed();
+        done += n;
+    }
+    let start = Instant::now();
+    let mut tail = encoder.finish()?.tail;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = tail.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+    }
+    drop(tail);
+    elapsed += start.elapsed();
+
+    Measurement {
+        elapsed,
+        bytes,
+        peak_rss_kib: peak_rss_kib()?,
+    }
+    .print();
+    Ok(())
+}
+
+fn peak_rss_kib() -> Res<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or("no VmHWM in /proc/self/status")?;
+    Ok(line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?)
+}
+
+/// Deterministic synthetic `orders` rows: row `i` is always the same, so every case and every
+/// run encodes the same data.
+struct Orders {
+    positions: [usize; 12],
+    epoch: DateTime<Utc>,
+}
+
+const NAMES: [&str; 16] = [
+    "Ada Lovelace",
+    "Grace Hopper",
+    "O'Brien, Siobhán",
+    "Zoë \"Z\" Martín",
+    "Müller GmbH",
+    "Ng, Wei",
+    "=HYPERLINK(\"http://evil\")",
+    "Jean-Luc Picard",
+    "Søren Kierkegaard",
+    "株式会社テスト",
+    "-20% customer",
+    "Björk Guðmundsdóttir",
+    "Acme Corp",
+    "Smith & Sons, Ltd.",
+    "@mention",
+    "Émile Zola",
+];
+const STATUSES: [&str; 5] = ["pending", "paid", "shipped", "cancelled", "refunded"];
+const CURRENCIES: [&str; 3] = ["EUR", "USD", "GBP"];
+const NOTES: [&str; 4] = [
+    "leave at the door",
+    "gift, wrap please",
+    "call before \"delivery\"",
+    "fragile\nhandle with care",
+];
+const COLUMN_NAMES: [&str; 12] = [
+    "order_id",
+    "created_at",
+    "customer_id",
+    "customer_name",
+    "status",
+    "currency",
+    "amount",
+    "tax",
+    "items",
+    "paid",
+    "ship_date",
+    "note",
+];
+
+impl Orders {
+    fn new(columns: &[Column]) -> Res<Self> {
+        let mut positions = [0; 12];
+        for (p, name) in positions.iter_mut().zip(COLUMN_NAMES) {
+            *p = columns
+                .iter()
+                .position(|c| c.name == name)
+                .ok_or(format!("orders has no column {name}"))?;
+        }
+        Ok(Self {
+            positions,
+            epoch: DateTime::parse_from_rfc3339("2023-01-01T00:00:00Z")?.with_timezone(&Utc),
+        })
+    }
+
+    fn fill(&mut self, page: &mut Vec<Row>, first: u64, n: usize) {
+        page.clear();
+        for i in first..first + n as u64 {
+            page.push(self.row(i));
+        }
+    }
+
+    fn row(&self, i: u64) -> Row {
+        let mut r = Rng(i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let created = self.epoch + chrono::Duration::seconds((i * 37 + r.below(30)) as i64);
+        let cents = 100 + r.below(500_000);
+        let tax = cents / 5;
+        let ship = (r.below(4) != 0).then(|| {
+            created.date_naive() + chrono::Duration::days(1 + r.below(10) as i64)
+        });
+        let note = (r.below(5) == 0).then(|| NOTES[r.below(4) as usize]);
+        let mut row = vec![Value::Null; 12];
+        let values = [
+            Value::Str(format!("ORD-acme-{i:08}")),
+            Value::Ts(created),
+            Value::Str(format!("CUST-{:06}", r.below(50_000))),
+            Value::Str(NAMES[r.below(NAMES.len() as u64) as usize].to_string()),
+            Value::Str(STATUSES[r.below(5) as usize].to_string()),
+            Value::Str(CURRENCIES[r.below(3) as usize].to_string()),
+            Value::Dec(format!("{}.{:02}", cents / 100, cents % 100)),
+            Value::Dec(format!("{}.{:02}", tax / 100, tax % 100)),
+            Value::Int(1 + r.below(20) as i64),
+            Value::Bool(r.below(2) == 0),
+            ship.map_or(Value::Null, Value::Date),
+            note.map_or(Value::Null, |n| Value::Str(n.to_string())),
+        ];
+        for (p, v) in self.positions.iter().zip(values) {
+            row[*p] = v;
+        }
+        row
+    }
+}
+
+/// xorshift64: fast and good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn size(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}

@@ -1,0 +1,829 @@
+//! DynamoDB: the metadata table (jobs, entries, markers, generations, counters) and the source
+//! tables (rows, read by Query on the tenant partition).
+//!
+//! Metadata layout, one table with `pk`/`sk`:
+//! | item | pk | sk | notes |
+//! |---|---|---|---|
+//! | job | `JOB#{id}` | `JOB` | `doc` JSON + `version` for compare-and-set |
+//! | cache entry | `T#{tenant}` | `E#{key}` | `doc` JSON; `gsi1pk`/`gsi1sk` = fresh-until hour bucket, for the warmer |
+//! | in-flight marker | `T#{tenant}` | `M#{key}` | `job_id`, written with a condition |
+//! | generation | `T#{tenant}` | `G` or `G#U#{user}` | `gen`, bumped to invalidate |
+//! | counters | `T#{tenant}` | `S#{dataset}` | `hits`, `misses`, `stale_hits` |
+//! Every item that should go away carries `expires_at` (epoch seconds, the table's TTL attribute);
+//! readers still check deadlines themselves because TTL deletion is lazy.
+
+use std::collections::{BTreeMap, HashMap};
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, TransactWriteItem,
+};
+use aws_sdk_dynamodb::Client;
+use chrono::{DateTime, Duration, DurationRound, NaiveDate, TimeZone, Utc};
+
+use super::sdk_error;
+use crate::catalog::ColumnType;
+use crate::domain::value::is_decimal_text;
+use crate::domain::{CacheEntry, CacheKey, Generation, Job, Row, Value};
+use crate::ports::{
+    DatasetStats, HitKind, MetadataStore, Page, PortError, PortResult, RowSource, SourceQuery,
+};
+
+type Item = HashMap<String, AttributeValue>;
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn key(pk: String, sk: String) -> Item {
+    HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
+}
+
+fn tenant_pk(tenant: &str) -> String {
+    format!("T#{tenant}")
+}
+
+fn entry_sk(key: &CacheKey) -> String {
+    format!("E#{key}")
+}
+
+fn marker_sk(key: &CacheKey) -> String {
+    format!("M#{key}")
+}
+
+fn job_pk(id: &str) -> String {
+    format!("JOB#{id}")
+}
+
+fn user_gen_sk(user: &str) -> String {
+    format!("G#U#{user}")
+}
+
+/// Fixed width, so string order is time order in the expiry index.
+fn sortable(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+fn hour_bucket(t: DateTime<Utc>) -> String {
+    format!("EXP#{}", t.format("%Y-%m-%dT%H"))
+}
+
+fn get_s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
+}
+
+fn get_n(item: &Item, name: &str) -> u64 {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> PortError {
+    PortError::failed("decode metadata", format!("{what}: {e}"), false)
+}
+
+impl TryFrom<Item> for Job {
+    type Error = PortError;
+    fn try_from(item: Item) -> Result<Self, Self::Error> {
+        let doc = get_s(&item, "doc").ok_or_else(|| corrupt("job", "no doc attribute"))?;
+        serde_json::from_str(doc).map_err(|e| corrupt("job", e))
+    }
+}
+
+impl TryFrom<Item> for CacheEntry {
+    type Error = PortError;
+    fn try_from(item: Item) -> Result<Self, Self::Error> {
+        let doc = get_s(&item, "doc").ok_or_else(|| corrupt("entry", "no doc attribute"))?;
+        let mut e: CacheEntry = serde_json::from_str(doc).map_err(|e| corrupt("entry", e))?;
+        // Hits are counted in place (ADD), not in the document.
+        e.hits = get_n(&item, "hits");
+        e.last_hit_at = get_s(&item, "last_hit_at")
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        Ok(e)
+    }
+}
+
+fn job_item(job: &Job) -> PortResult<Item> {
+    let doc = serde_json::to_string(job).map_err(|e| corrupt("job", e))?;
+    let mut item = key(job_pk(&job.job_id), "JOB".into());
+    item.insert("doc".into(), s(doc));
+    item.insert("version".into(), n(job.version));
+    item.insert("tenant".into(), s(&job.tenant));
+    item.insert("status".into(), s(job.status.as_str()));
+    item.insert("expires_at".into(), n(job.expires_at.timestamp()));
+    Ok(item)
+}
+
+fn entry_item(e: &CacheEntry) -> PortResult<Item> {
+    let doc = serde_json::to_string(e).map_err(|err| corrupt("entry", err))?;
+    let mut item = key(tenant_pk(&e.tenant), entry_sk(&e.cache_key));
+    item.insert("doc".into(), s(doc));
+    item.insert("dataset".into(), s(&e.spec.dataset));
+    item.insert("rows".into(), n(e.rows));
+    item.insert("bytes".into(), n(e.bytes));
+    item.insert("gen_t".into(), n(e.generation.tenant));
+    item.insert("stale_until".into(), n(e.stale_until.timestamp()));
+    item.insert("hits".into(), n(e.hits));
+    if let Some(t) = e.last_hit_at {
+        item.insert("last_hit_at".into(), s(t.to_rfc3339()));
+    }
+    item.insert("gsi1pk".into(), s(hour_bucket(e.fresh_until)));
+    item.insert(
+        "gsi1sk".into(),
+        s(format!("{}#{}#{}", sortable(e.fresh_until), e.tenant, e.cache_key)),
+    );
+    // Metadata outlives the file's usefulness by a day, then TTL removes it.
+    item.insert(
+        "expires_at".into(),
+        n((e.stale_until + Duration::days(1)).timestamp()),
+    );
+    Ok(item)
+}
+
+fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(e: &E) -> bool {
+    e.code() == Some("ConditionalCheckFailedException")
+}
+
+#[derive(Clone)]
+pub struct MetaStore {
+    client: Client,
+    table: String,
+}
+
+impl MetaStore {
+    pub fn new(client: Client, table: &str) -> Self {
+        Self {
+            client,
+            table: table.to_string(),
+        }
+    }
+
+    /// BatchGetItem with strongly consistent reads, retrying unprocessed keys.
+    async fn batch_get(&self, keys: Vec<Item>) -> PortResult<Vec<Item>> {
+        let mut pending = Some(
+            KeysAndAttributes::builder()
+                .set_keys(Some(keys))
+                .consistent_read(true)
+                .build()
+                .map_err(|e| PortError::failed("batch get", e.to_string(), false))?,
+        );
+        let mut out = Vec::new();
+        let mut round = 0u32;
+        while let Some(req) = pending.take() {
+            let resp = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, req)
+                .send()
+                .await
+                .map_err(|e| sdk_error("metadata batch get", e))?;
+            if let Some(mut items) = resp.responses {
+                out.extend(items.remove(&self.table).unwrap_or_default());
+            }
+            pending = resp
+                .unprocessed_keys
+                .and_then(|mut u| u.remove(&self.table))
+                .filter(|k| !k.keys.is_empty());
+            if pending.is_some() {
+                round += 1;
+                if round > 8 {
+                    return Err(PortError::failed(
+                        "metadata batch get",
+                        "keys stayed unprocessed",
+                        true,
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20 << round.min(6))).await;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_item(&self, pk: String, sk: String) -> PortResult<Option<Item>> {
+        let resp = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk, sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("metadata get", e))?;
+        Ok(resp.item)
+    }
+
+    async fn generation_of(&self, tenant: &str, user: &str) -> PortResult<Generation> {
+        let items = self
+            .batch_get(vec![
+                key(tenant_pk(tenant), "G".into()),
+                key(tenant_pk(tenant), user_gen_sk(user)),
+            ])
+            .await?;
+        Ok(generation_from(&items, user))
+    }
+
+    async fn query_all(
+        &self,
+        build: impl Fn(
+            aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+        ) -> aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+    ) -> PortResult<Vec<Item>> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let resp = build(self.client.query().table_name(&self.table))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error("metadata query", e))?;
+            out.extend(resp.items.unwrap_or_default());
+            match resp.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+fn generation_from(items: &[Item], user: &str) -> Generation {
+    let mut g = Generation::default();
+    let user_sk = user_gen_sk(user);
+    for item in items {
+        match get_s(item, "sk") {
+            Some("G") => g.tenant = get_n(item, "gen"),
+            Some(sk) if sk == user_sk => g.user = get_n(item, "gen"),
+            _ => {}
+        }
+    }
+    g
+}
+
+#[async_trait]
+impl MetadataStore for MetaStore {
+    async fn lookup(
+        &self,
+        tenant: &str,
+        user: &str,
+        key_: &CacheKey,
+    ) -> PortResult<(Option<CacheEntry>, Generation)> {
+        let items = self
+            .batch_get(vec![
+                key(tenant_pk(tenant), entry_sk(key_)),
+                key(tenant_pk(tenant), "G".into()),
+                key(tenant_pk(tenant), user_gen_sk(user)),
+            ])
+            .await?;
+        let mut generation = generation_from(&items, user);
+        let entry = items
+            .into_iter()
+            .find(|i| get_s(i, "sk").is_some_and(|sk| sk.starts_with("E#")))
+            .map(CacheEntry::try_from)
+            .transpose()?;
+        // The generation that matters is the one of the user the entry was built for.
+        if let Some(e) = &entry {
+            if e.user != user {
+                generation.user = self
+                    .get_item(tenant_pk(tenant), user_gen_sk(&e.user))
+                    .await?
+                    .map_or(0, |i| get_n(&i, "gen"));
+            }
+        }
+        Ok((entry, generation))
+    }
+
+    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
+        let counter = match kind {
+            HitKind::Hit => "hits",
+            HitKind::Stale => "stale_hits",
+            HitKind::Miss => "misses",
+        };
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(tenant_pk(tenant), format!("S#{dataset}"))))
+            .update_expression("ADD #c :one SET dataset = :d")
+            .expression_attribute_names("#c", counter)
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":d", s(dataset))
+            .send()
+            .await
+            .map_err(|e| sdk_error("count", e))?;
+        Ok(())
+    }
+
+    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(tenant_pk(&entry.tenant), entry_sk(&entry.cache_key))))
+            .update_expression("ADD hits :one SET last_hit_at = :now")
+            // Never resurrect an entry deleted in the meantime.
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", s(now.to_rfc3339()))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Ok(()),
+            Err(e) => Err(sdk_error("touch entry", e)),
+        }
+    }
+
+    async fn create_job(
+        &self,
+        job: &Job,
+        marker_until: DateTime<Utc>,
+        replacing: Option<&str>,
+    ) -> PortResult<Option<String>> {
+        let now = job.created_at;
+        let mut marker = key(tenant_pk(&job.tenant), marker_sk(&job.cache_key));
+        marker.insert("job_id".into(), s(&job.job_id));
+        marker.insert("expires_at".into(), n(marker_until.timestamp()));
+        let mut marker_put = Put::builder().table_name(&self.table).set_item(Some(marker));
+        marker_put = match replacing {
+            None => marker_put
+                .condition_expression("attribute_not_exists(pk) OR expires_at < :now")
+                .expression_attribute_values(":now", n(now.timestamp())),
+            Some(old) => marker_put
+                .condition_expression("job_id = :old")
+                .expression_attribute_values(":old", s(old)),
+        };
+        let job_put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(job_item(job)?))
+            .condition_expression("attribute_not_exists(pk)");
+        let build = |p: aws_sdk_dynamodb::types::builders::PutBuilder| {
+            p.build()
+                .map_err(|e| PortError::failed("create job", e.to_string(), false))
+        };
+        let res = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(build(marker_put)?).build())
+            .transact_items(TransactWriteItem::builder().put(build(job_put)?).build())
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(None),
+            Err(e) => {
+                let marker_lost = e
+                    .as_service_error()
+                    .and_then(|se| match se {
+                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(tc) => tc.cancellation_reasons.as_ref(),
+                        _ => None,
+                    })
+                    .and_then(|r| r.first())
+                    .and_then(|r| r.code.as_deref())
+                    == Some("ConditionalCheckFailed");
+                if !marker_lost {
+                    return Err(sdk_error("create job", e));
+                }
+                match self
+                    .get_item(tenant_pk(&job.tenant), marker_sk(&job.cache_key))
+                    .await?
+                    .as_ref()
+                    .and_then(|m| get_s(m, "job_id"))
+                {
+                    Some(id) => Ok(Some(id.to_string())),
+                    None => Err(PortError::Conflict("marker released meanwhile".into())),
+                }
+            }
+        }
+    }
+
+    async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>> {
+        self.get_item(job_pk(job_id), "JOB".into())
+            .await?
+            .map(Job::try_from)
+            .transpose()
+    }
+
+    async fn put_job(&self, job: &Job) -> PortResult<()> {
+        let res = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(job_item(job)?))
+            .condition_expression("version = :prev")
+            .expression_attribute_values(":prev", n(job.version.saturating_sub(1)))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Err(
+                PortError::Conflict(format!("job {} changed meanwhile", job.job_id)),
+            ),
+            Err(e) => Err(sdk_error("put job", e)),
+        }
+    }
+
+    async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()> {
+        let job_put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(job_item(job)?))
+            .condition_expression("version = :prev")
+            .expression_attribute_values(":prev", n(job.version.saturating_sub(1)))
+            .build()
+            .map_err(|e| PortError::failed("complete job", e.to_string(), false))?;
+        let entry_put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(entry_item(entry)?))
+            .build()
+            .map_err(|e| PortError::failed("complete job", e.to_string(), false))?;
+        let res = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(job_put).build())
+            .transact_items(TransactWriteItem::builder().put(entry_put).build())
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_transaction_canceled_exception()) =>
+            {
+                Err(PortError::Conflict(format!(
+                    "job {} changed before completion",
+                    job.job_id
+                )))
+            }
+            Err(e) => Err(sdk_error("complete job", e)),
+        }
+    }
+
+    async fn release_marker(&self, tenant: &str, key_: &CacheKey, job_id: &str) -> PortResult<()> {
+        let res = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(tenant_pk(tenant), marker_sk(key_))))
+            .condition_expression("job_id = :j")
+            .expression_attribute_values(":j", s(job_id))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Ok(()),
+            Err(e) => Err(sdk_error("release marker", e)),
+        }
+    }
+
+    async fn expiring_entries(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> PortResult<Vec<CacheEntry>> {
+        let mut out = Vec::new();
+        let mut bucket = from
+            .duration_trunc(Duration::hours(1))
+            .map_err(|e| PortError::failed("expiring entries", e.to_string(), false))?;
+        while bucket < to {
+            let items = self
+                .query_all(|q| {
+                    q.index_name("by_expiry")
+                        .key_condition_expression("gsi1pk = :b AND gsi1sk BETWEEN :from AND :to")
+                        .expression_attribute_values(":b", s(hour_bucket(bucket)))
+                        .expression_attribute_values(":from", s(sortable(from)))
+                        // `~` sorts after `#`, so every key of the last millisecond is included.
+                        .expression_attribute_values(":to", s(format!("{}~", sortable(to))))
+                })
+                .await?;
+            for item in items {
+                out.push(CacheEntry::try_from(item)?);
+            }
+            bucket += Duration::hours(1);
+        }
+        out.retain(|e| e.fresh_until >= from && e.fresh_until < to);
+        Ok(out)
+    }
+
+    async fn delete_entry(&self, tenant: &str, key_: &CacheKey) -> PortResult<()> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(tenant_pk(tenant), entry_sk(key_))))
+            .send()
+            .await
+            .map_err(|e| sdk_error("delete entry", e))?;
+        Ok(())
+    }
+
+    async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()> {
+        let sk = user.map_or_else(|| "G".to_string(), user_gen_sk);
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(tenant_pk(tenant), sk)))
+            .update_expression("ADD gen :one")
+            .expression_attribute_values(":one", n(1))
+            .send()
+            .await
+            .map_err(|e| sdk_error("bump generation", e))?;
+        Ok(())
+    }
+
+    async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
+        self.generation_of(tenant, user).await
+    }
+
+    async fn stats(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+    ) -> PortResult<BTreeMap<String, DatasetStats>> {
+        let pk = tenant_pk(tenant);
+        let counters = self
+            .query_all(|q| {
+                q.key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+                    .expression_attribute_values(":pk", s(&pk))
+                    .expression_attribute_values(":p", s("S#"))
+            })
+            .await?;
+        let mut out: BTreeMap<String, DatasetStats> = BTreeMap::new();
+        for c in &counters {
+            let Some(ds) = get_s(c, "dataset") else { continue };
+            let st = out.entry(ds.to_string()).or_default();
+            st.hits = get_n(c, "hits");
+            st.misses = get_n(c, "misses");
+            st.stale_hits = get_n(c, "stale_hits");
+        }
+        let tenant_gen = self
+            .get_item(pk.clone(), "G".into())
+            .await?
+            .map_or(0, |i| get_n(&i, "gen"));
+        let entries = self
+            .query_all(|q| {
+                q.key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+                    .projection_expression("dataset, #r, bytes, gen_t, stale_until")
+                    .expression_attribute_names("#r", "rows")
+                    .expression_attribute_values(":pk", s(&pk))
+                    .expression_attribute_values(":p", s("E#"))
+            })
+            .await?;
+        for e in &entries {
+            let live = get_n(e, "gen_t") == tenant_gen && get_n(e, "stale_until") as i64 > now.timestamp();
+            let Some(ds) = get_s(e, "dataset").filter(|_| live) else { continue };
+            let st = out.entry(ds.to_string()).or_default();
+            st.entries += 1;
+            st.bytes += get_n(e, "bytes");
+            st.rows += get_n(e, "rows");
+        }
+        Ok(out)
+    }
+}
+
+/// Reads source rows with Query on the tenant partition (or the range index), never Scan.
+#[derive(Clone)]
+pub struct DynamoSource {
+    client: Client,
+}
+
+impl DynamoSource {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+}
+
+#[async_trait]
+impl RowSource for DynamoSource {
+    async fn read_page(&self, q: &SourceQuery, cursor: Option<&str>) -> PortResult<Page> {
+        let mut names: HashMap<String, String> = HashMap::new();
+        let mut values: HashMap<String, AttributeValue> = HashMap::new();
+        names.insert("#t".into(), q.tenant_attribute.clone());
+        values.insert(":t".into(), s(&q.tenant));
+        let mut key_cond = "#t = :t".to_string();
+        let mut req = self.client.query().table_name(&q.table);
+        if let Some(r) = &q.range {
+            req = req.index_name(&r.index);
+            names.insert("#r".into(), r.attribute.clone());
+            match (&r.from, &r.to) {
+                (Some(f), Some(t)) => {
+                    key_cond.push_str(" AND #r BETWEEN :from AND :to");
+                    values.insert(":from".into(), s(f));
+                    values.insert(":to".into(), s(t));
+                }
+                (Some(f), None) => {
+                    key_cond.push_str(" AND #r >= :from");
+                    values.insert(":from".into(), s(f));
+                }
+                (None, Some(t)) => {
+                    key_cond.push_str(" AND #r <= :to");
+                    values.insert(":to".into(), s(t));
+                }
+                (None, None) => {}
+            }
+        }
+        let mut filter = Vec::new();
+        for (i, (attr, ty, value)) in q.filters.iter().enumerate() {
+            names.insert(format!("#f{i}"), attr.clone());
+            values.insert(format!(":f{i}"), filter_value(*ty, value));
+            filter.push(format!("#f{i} = :f{i}"));
+        }
+        let projection: Vec<String> = q
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (attr, _))| {
+                names.insert(format!("#c{i}"), attr.clone());
+                format!("#c{i}")
+            })
+            .collect();
+        if !filter.is_empty() {
+            req = req.filter_expression(filter.join(" AND "));
+        }
+        let resp = req
+            .key_condition_expression(key_cond)
+            .projection_expression(projection.join(", "))
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .set_exclusive_start_key(cursor.map(decode_cursor).transpose()?)
+            .set_limit(q.page_size)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(|e| sdk_error("source query", e))?;
+        let read_capacity = resp
+            .consumed_capacity
+            .as_ref()
+            .and_then(|c| c.capacity_units)
+            .unwrap_or(0.0);
+        let next = match resp.last_evaluated_key {
+            Some(k) if !k.is_empty() => Some(encode_cursor(&k)?),
+            _ => None,
+        };
+        let mut rows = Vec::with_capacity(resp.items.as_ref().map_or(0, Vec::len));
+        for mut item in resp.items.unwrap_or_default() {
+            let row: Row = q
+                .columns
+                .iter()
+                .map(|(attr, ty)| to_value(attr, *ty, item.remove(attr)))
+                .collect::<PortResult<_>>()?;
+            rows.push(row);
+        }
+        Ok(Page {
+            rows,
+            next,
+            read_capacity,
+        })
+    }
+}
+
+fn filter_value(ty: ColumnType, value: &str) -> AttributeValue {
+    match ty {
+        ColumnType::Integer | ColumnType::Decimal => n(value),
+        ColumnType::Boolean => AttributeValue::Bool(value == "true"),
+        _ => s(value),
+    }
+}
+
+fn data_error(attr: &str, ty: ColumnType, got: &AttributeValue) -> PortError {
+    PortError::Data(format!(
+        "attribute `{attr}` should hold a {} but holds {got:?}",
+        ty.as_str()
+    ))
+}
+
+/// One source attribute to a cell of the column's type; a mismatch is a data error, never a silent
+/// blank.
+pub fn to_value(attr: &str, ty: ColumnType, v: Option<AttributeValue>) -> PortResult<Value> {
+    let Some(v) = v else { return Ok(Value::Null) };
+    if matches!(v, AttributeValue::Null(_)) {
+        return Ok(Value::Null);
+    }
+    let text = match &v {
+        AttributeValue::S(t) | AttributeValue::N(t) => Some(t.as_str()),
+        _ => None,
+    };
+    let out = match ty {
+        // By value: text cells are the bulk of most exports, so move the string, don't copy it.
+        ColumnType::String => {
+            return match v {
+                AttributeValue::S(t) | AttributeValue::N(t) => Ok(Value::Str(t)),
+                AttributeValue::Bool(b) => Ok(Value::Str(b.to_string())),
+                other => Err(data_error(attr, ty, &other)),
+            }
+        }
+        ColumnType::Integer => text.and_then(|t| t.parse().ok()).map(Value::Int),
+        ColumnType::Decimal => text
+            .filter(|t| is_decimal_text(t))
+            .map(|t| Value::Dec(t.to_string())),
+        ColumnType::Boolean => match &v {
+            AttributeValue::Bool(b) => Some(Value::Bool(*b)),
+            _ => match text {
+                Some("true") | Some("1") => Some(Value::Bool(true)),
+                Some("false") | Some("0") => Some(Value::Bool(false)),
+                _ => None,
+            },
+        },
+        ColumnType::Timestamp => match &v {
+            AttributeValue::N(t) => t
+                .parse::<f64>()
+                .ok()
+                .and_then(|secs| {
+                    Utc.timestamp_opt(secs.trunc() as i64, (secs.fract() * 1e9) as u32)
+                        .single()
+                })
+                .map(Value::Ts),
+            _ => text
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| Value::Ts(t.with_timezone(&Utc))),
+        },
+        ColumnType::Date => text
+            .and_then(|t| NaiveDate::parse_from_str(t, "%Y-%m-%d").ok())
+            .map(Value::Date),
+    };
+    out.ok_or_else(|| data_error(attr, ty, &v))
+}
+
+/// LastEvaluatedKey as JSON text, so a checkpoint can carry it. Keys hold only S and N.
+fn encode_cursor(k: &Item) -> PortResult<String> {
+    let mut map = serde_json::Map::new();
+    for (name, v) in k {
+        let (t, val) = match v {
+            AttributeValue::S(x) => ("S", x),
+            AttributeValue::N(x) => ("N", x),
+            other => {
+                return Err(PortError::failed(
+                    "source cursor",
+                    format!("unsupported key attribute {name}: {other:?}"),
+                    false,
+                ))
+            }
+        };
+        map.insert(name.clone(), serde_json::json!({ t: val }));
+    }
+    Ok(serde_json::Value::Object(map).to_string())
+}
+
+fn decode_cursor(text: &str) -> PortResult<Item> {
+    let bad = |m: &str| PortError::failed("source cursor", m.to_string(), false);
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
+    let obj = v.as_object().ok_or_else(|| bad("not an object"))?;
+    let mut out = HashMap::new();
+    for (name, typed) in obj {
+        let av = if let Some(x) = typed.get("S").and_then(|x| x.as_str()) {
+            s(x)
+        } else if let Some(x) = typed.get("N").and_then(|x| x.as_str()) {
+            AttributeValue::N(x.to_string())
+        } else {
+            return Err(bad("unsupported attribute type"));
+        };
+        out.insert(name.clone(), av);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips() {
+        let k: Item = HashMap::from([
+            ("tenant_id".to_string(), s("acme")),
+            ("order_id".to_string(), s("ORD-1")),
+            ("n".to_string(), n(5)),
+        ]);
+        assert_eq!(decode_cursor(&encode_cursor(&k).unwrap()).unwrap(), k);
+    }
+
+    #[test]
+    fn values_convert_by_column_type_and_mismatches_are_errors() {
+        assert_eq!(to_value("a", ColumnType::Integer, Some(n(7))).unwrap(), Value::Int(7));
+        assert_eq!(
+            to_value("a", ColumnType::Decimal, Some(n("12.50"))).unwrap(),
+            Value::Dec("12.50".into())
+        );
+        assert_eq!(to_value("a", ColumnType::String, None).unwrap(), Value::Null);
+        assert_eq!(
+            to_value("a", ColumnType::Boolean, Some(AttributeValue::Bool(true))).unwrap(),
+            Value::Bool(true)
+        );
+        assert!(matches!(
+            to_value("a", ColumnType::Timestamp, Some(s("2024-01-01T00:00:00Z"))).unwrap(),
+            Value::Ts(_)
+        ));
+        assert!(matches!(
+            to_value("amount", ColumnType::Integer, Some(s("x"))),
+            Err(PortError::Data(m)) if m.contains("amount")
+        ));
+        assert!(to_value("d", ColumnType::Date, Some(s("2024-13-01"))).is_err());
+    }
+
+    #[test]
+    fn expiry_index_keys_sort_by_time() {
+        let a = Utc.with_ymd_and_hms(2024, 1, 1, 9, 59, 59).unwrap();
+        let b = a + Duration::milliseconds(1500);
+        assert!(sortable(a) < sortable(b));
+        assert_eq!(hour_bucket(a), "EXP#2024-01-01T09");
+    }
+}

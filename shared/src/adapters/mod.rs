@@ -1,0 +1,91 @@
+//! AWS adapters of the ports, one module per service, and the wiring that builds [`Deps`] from one
+//! `SdkConfig` ("config is expensive, clients are cheap").
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::ports::{PortError, SystemClock};
+use crate::services::Deps;
+
+pub mod dynamodb;
+pub mod s3;
+pub mod sqs;
+
+/// Error codes after which the same call may well succeed.
+const RETRYABLE_CODES: [&str; 9] = [
+    "ThrottlingException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "SlowDown",
+    "InternalError",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "TransactionConflictException",
+];
+
+/// Maps any SDK error to a [`PortError`], deciding whether a retry can help.
+pub(crate) fn sdk_error<E, R>(op: &str, err: SdkError<E, R>) -> PortError
+where
+    E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let retryable = match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(se) => se
+            .err()
+            .code()
+            .is_some_and(|c| RETRYABLE_CODES.contains(&c)),
+        _ => false,
+    };
+    let message = match err.code() {
+        Some(code) => format!("{code}: {}", err.message().unwrap_or("no message")),
+        None => aws_sdk_dynamodb::error::DisplayErrorContext(&err).to_string(),
+    };
+    PortError::failed(op, message, retryable)
+}
+
+/// Builds every port from one `SdkConfig`.
+pub fn deps_from_aws(
+    sdk: &aws_config::SdkConfig,
+    config: Config,
+    catalog: Catalog,
+) -> Deps {
+    let ddb = aws_sdk_dynamodb::Client::new(sdk);
+    let s3_conf = aws_sdk_s3::config::Builder::from(sdk)
+        .force_path_style(config.s3_force_path_style)
+        .build();
+    let s3 = aws_sdk_s3::Client::from_conf(s3_conf);
+    let sqs = aws_sdk_sqs::Client::new(sdk);
+    Deps {
+        meta: Arc::new(dynamodb::MetaStore::new(ddb.clone(), &config.meta_table)),
+        source: Arc::new(dynamodb::DynamoSource::new(ddb)),
+        files: Arc::new(s3::S3Files::new(s3, &config.bucket)),
+        queue: Arc::new(sqs::SqsQueue::new(sqs, &config.queue_url)),
+        clock: Arc::new(SystemClock),
+        catalog: Arc::new(catalog),
+        config: Arc::new(config),
+    }
+}
+
+/// Cold start for every function: config from env, catalog validated, AWS clients built once.
+pub async fn deps_from_env() -> Result<Deps, StartupError> {
+    let config = Config::from_env()?;
+    let catalog = Catalog::load(config.catalog_path.as_deref())?;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    Ok(deps_from_aws(&sdk, config, catalog))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+}

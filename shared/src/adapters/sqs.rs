@@ -1,0 +1,62 @@
+//! SQS: the job queue. Messages carry a job id and a kind; the job record holds the truth.
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::MessageAttributeValue;
+use aws_sdk_sqs::Client;
+
+use super::sdk_error;
+use crate::domain::JobMessage;
+use crate::ports::{JobQueue, PortError, PortResult};
+
+#[derive(Clone)]
+pub struct SqsQueue {
+    client: Client,
+    url: String,
+}
+
+impl SqsQueue {
+    pub fn new(client: Client, url: &str) -> Self {
+        Self {
+            client,
+            url: url.to_string(),
+        }
+    }
+}
+
+#[async_trait]
+impl JobQueue for SqsQueue {
+    async fn enqueue(&self, msg: &JobMessage) -> PortResult<()> {
+        let body = serde_json::to_string(msg)
+            .map_err(|e| PortError::failed("enqueue", e.to_string(), false))?;
+        let kind = serde_json::to_value(msg.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let attr = MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(kind)
+            .build()
+            .map_err(|e| PortError::failed("enqueue", e.to_string(), false))?;
+        self.client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(body)
+            .message_attributes("kind", attr)
+            .send()
+            .await
+            .map_err(|e| sdk_error("enqueue", e))?;
+        Ok(())
+    }
+
+    async fn retry_after(&self, receipt_handle: &str, seconds: i32) -> PortResult<()> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.url)
+            .receipt_handle(receipt_handle)
+            .visibility_timeout(seconds.clamp(0, 43_200))
+            .send()
+            .await
+            .map_err(|e| sdk_error("retry later", e))?;
+        Ok(())
+    }
+}

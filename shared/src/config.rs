@@ -1,0 +1,275 @@
+//! Configuration, read once from the environment at cold start into typed values.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::encode::{EncodeSettings, XLSX_MAX_ROWS_PER_SHEET};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("environment variable {0} is required")]
+    Missing(&'static str),
+    #[error("environment variable {name}={value:?} is invalid: {message}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub meta_table: String,
+    pub bucket: String,
+    pub queue_url: String,
+    pub source_table_prefix: String,
+    pub catalog_path: Option<PathBuf>,
+    pub tenant_claim: String,
+    pub local_jwt_secret: Option<String>,
+    pub presign_ttl: Duration,
+    pub s3_force_path_style: bool,
+    pub log_format: LogFormat,
+    pub worker: WorkerSettings,
+    pub warmer: WarmerSettings,
+    pub encode: EncodeSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Parts are cut at page boundaries once at least this many bytes are buffered (S3's minimum
+    /// for every part but the last is 5 MiB).
+    pub part_size: usize,
+    pub lease: Duration,
+    pub progress_interval: Duration,
+    /// Checkpoint and hand over to a continuation when less than this is left before the deadline.
+    pub deadline_margin: Duration,
+    /// Attempts before a job is failed for good (matches the queue's maxReceiveCount).
+    pub max_attempts: u32,
+    /// Items per source Query page (None = DynamoDB's 1 MB pages).
+    pub page_size: Option<i32>,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            part_size: 8 * 1024 * 1024,
+            lease: Duration::from_secs(960),
+            progress_interval: Duration::from_secs(3),
+            deadline_margin: Duration::from_secs(60),
+            max_attempts: 5,
+            page_size: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WarmerSettings {
+    pub interval: Duration,
+    pub hit_window: Duration,
+}
+
+impl Default for WarmerSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(900),
+            hit_window: Duration::from_secs(86_400),
+        }
+    }
+}
+
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+pub const MAX_PRESIGN_TTL: u64 = 900;
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// The same as `from_env`, from any map: tests build configs without touching the process env.
+    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| env.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let required = |k: &'static str| get(k).ok_or(ConfigError::Missing(k));
+        let secs = |k: &'static str, default: u64| -> Result<Duration, ConfigError> {
+            match get(k) {
+                None => Ok(Duration::from_secs(default)),
+                Some(v) => v
+                    .parse::<u64>()
+                    .map(Duration::from_secs)
+                    .map_err(|_| ConfigError::Invalid {
+                        name: k,
+                        value: v,
+                        message: "expected a whole number of seconds".into(),
+                    }),
+            }
+        };
+        let flag = |k: &'static str| -> Result<bool, ConfigError> {
+            match get(k).as_deref() {
+                None | Some("false") | Some("0") => Ok(false),
+                Some("true") | Some("1") => Ok(true),
+                Some(v) => Err(ConfigError::Invalid {
+                    name: k,
+                    value: v.to_string(),
+                    message: "expected true or false".into(),
+                }),
+            }
+        };
+        let number = |k: &'static str, default: u64| -> Result<u64, ConfigError> {
+            match get(k) {
+                None => Ok(default),
+                Some(v) => v.parse::<u64>().map_err(|_| ConfigError::Invalid {
+                    name: k,
+                    value: v,
+                    message: "expected a whole number".into(),
+                }),
+            }
+        };
+
+        let presign_ttl = secs("PRESIGN_TTL_SECONDS", 300)?;
+        if presign_ttl.as_secs() == 0 || presign_ttl.as_secs() > MAX_PRESIGN_TTL {
+            return Err(ConfigError::Invalid {
+                name: "PRESIGN_TTL_SECONDS",
+                value: presign_ttl.as_secs().to_string(),
+                message: format!("must be between 1 and {MAX_PRESIGN_TTL}"),
+            });
+        }
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(v) => {
+                return Err(ConfigError::Invalid {
+                    name: "LOG_FORMAT",
+                    value: v.into(),
+                    message: "expected json or text".into(),
+                })
+            }
+        };
+        let defaults = WorkerSettings::default();
+        let part_size = number("PART_SIZE_BYTES", defaults.part_size as u64)? as usize;
+        if part_size < MIN_PART_SIZE {
+            return Err(ConfigError::Invalid {
+                name: "PART_SIZE_BYTES",
+                value: part_size.to_string(),
+                message: format!("S3 parts must be at least {MIN_PART_SIZE} bytes"),
+            });
+        }
+        let page_size = match number("SOURCE_PAGE_SIZE", 0)? {
+            0 => None,
+            n => Some(i32::try_from(n).map_err(|_| ConfigError::Invalid {
+                name: "SOURCE_PAGE_SIZE",
+                value: n.to_string(),
+                message: "too large".into(),
+            })?),
+        };
+        let rows_per_sheet = number("XLSX_ROWS_PER_SHEET", XLSX_MAX_ROWS_PER_SHEET as u64)?;
+        if !(2..=XLSX_MAX_ROWS_PER_SHEET as u64).contains(&rows_per_sheet) {
+            return Err(ConfigError::Invalid {
+                name: "XLSX_ROWS_PER_SHEET",
+                value: rows_per_sheet.to_string(),
+                message: format!("must be between 2 and {XLSX_MAX_ROWS_PER_SHEET} (header included)"),
+            });
+        }
+        let encode_defaults = EncodeSettings::default();
+        let zip_level = number("XLSX_ZIP_LEVEL", encode_defaults.xlsx_zip_level as u64)?;
+        if zip_level > 9 {
+            return Err(ConfigError::Invalid {
+                name: "XLSX_ZIP_LEVEL",
+                value: zip_level.to_string(),
+                message: "must be 0..=9".into(),
+            });
+        }
+
+        Ok(Self {
+            meta_table: required("META_TABLE")?,
+            bucket: required("EXPORT_BUCKET")?,
+            queue_url: required("JOB_QUEUE_URL")?,
+            source_table_prefix: get("SOURCE_TABLE_PREFIX").unwrap_or_default(),
+            catalog_path: get("CATALOG_PATH").map(PathBuf::from),
+            tenant_claim: get("TENANT_CLAIM").unwrap_or_else(|| "tenant_id".into()),
+            local_jwt_secret: get("LOCAL_JWT_SECRET"),
+            presign_ttl,
+            s3_force_path_style: flag("S3_FORCE_PATH_STYLE")?,
+            log_format,
+            worker: WorkerSettings {
+                part_size,
+                lease: secs("LEASE_SECONDS", defaults.lease.as_secs())?,
+                progress_interval: secs(
+                    "PROGRESS_INTERVAL_SECONDS",
+                    defaults.progress_interval.as_secs(),
+                )?,
+                deadline_margin: secs(
+                    "DEADLINE_MARGIN_SECONDS",
+                    defaults.deadline_margin.as_secs(),
+                )?,
+                max_attempts: number("MAX_ATTEMPTS", defaults.max_attempts as u64)? as u32,
+                page_size,
+            },
+            warmer: WarmerSettings {
+                interval: secs("WARM_INTERVAL_SECONDS", 900)?,
+                hit_window: secs("WARM_HIT_WINDOW_SECONDS", 86_400)?,
+            },
+            encode: EncodeSettings {
+                xlsx_rows_per_sheet: rows_per_sheet as u32,
+                xlsx_zip_level: zip_level as u8,
+                tmp_dir: get("EXPORT_TMP_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or(encode_defaults.tmp_dir),
+                gzip_level: encode_defaults.gzip_level,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> HashMap<String, String> {
+        [
+            ("META_TABLE", "m"),
+            ("EXPORT_BUCKET", "b"),
+            ("JOB_QUEUE_URL", "q"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn defaults_apply_and_required_values_are_named() {
+        let c = Config::from_map(&base()).unwrap();
+        assert_eq!(c.tenant_claim, "tenant_id");
+        assert_eq!(c.presign_ttl, Duration::from_secs(300));
+        assert!(c.local_jwt_secret.is_none());
+        let mut env = base();
+        env.remove("JOB_QUEUE_URL");
+        assert_eq!(
+            Config::from_map(&env).unwrap_err(),
+            ConfigError::Missing("JOB_QUEUE_URL")
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        for (k, v) in [
+            ("PRESIGN_TTL_SECONDS", "3600"),
+            ("PART_SIZE_BYTES", "1000"),
+            ("S3_FORCE_PATH_STYLE", "yes please"),
+            ("LOG_FORMAT", "xml"),
+            ("XLSX_ROWS_PER_SHEET", "2000000"),
+        ] {
+            let mut env = base();
+            env.insert(k.into(), v.into());
+            assert!(
+                matches!(Config::from_map(&env), Err(ConfigError::Invalid { name, .. }) if name == k),
+                "{k}={v}"
+            );
+        }
+    }
+}

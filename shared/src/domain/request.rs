@@ -1,0 +1,867 @@
+//! An export request, from raw query or JSON input to a normalised [`ExportSpec`] and its cache key.
+//!
+//! Normalisation is what makes the cache work: two requests that produce the same bytes must
+//! produce the same key (column order, filter order, spelling of booleans, time-zone offsets of
+//! `from`/`to` do not matter), and anything that changes the bytes must change the key.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{Catalog, ColumnType, Dataset};
+use crate::encode::ENCODER_VERSION;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Format {
+    #[serde(rename = "csv")]
+    Csv,
+    #[serde(rename = "xlsx")]
+    Xlsx,
+    #[serde(rename = "csv.gz")]
+    CsvGz,
+}
+
+impl Format {
+    pub const ALLOWED: &'static str = "csv, csv.gz, xlsx";
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "csv" => Some(Self::Csv),
+            "xlsx" => Some(Self::Xlsx),
+            "csv.gz" | "csvgz" | "csv-gz" => Some(Self::CsvGz),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Csv => "csv",
+            Self::Xlsx => "xlsx",
+            Self::CsvGz => "csv.gz",
+        }
+    }
+
+    /// File name extension, also used in S3 keys.
+    pub fn extension(self) -> &'static str {
+        self.as_str()
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Csv => "text/csv; charset=utf-8",
+            Self::Xlsx => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            Self::CsvGz => "application/gzip",
+        }
+    }
+
+    pub fn is_csv(self) -> bool {
+        matches!(self, Self::Csv | Self::CsvGz)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Delimiter {
+    #[default]
+    Comma,
+    Semicolon,
+    Tab,
+}
+
+impl Delimiter {
+    pub const ALLOWED: &'static str = "comma, semicolon, tab";
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "comma" | "," => Some(Self::Comma),
+            "semicolon" | ";" => Some(Self::Semicolon),
+            "tab" | "\t" => Some(Self::Tab),
+            _ => None,
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            Self::Comma => b',',
+            Self::Semicolon => b';',
+            Self::Tab => b'\t',
+        }
+    }
+
+    fn is_comma(&self) -> bool {
+        *self == Self::Comma
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Everything that decides the bytes of a file, normalised. Stored in jobs and cache entries so a
+/// refresh rebuilds exactly the same request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportSpec {
+    pub dataset: String,
+    pub format: Format,
+    /// Selected columns, always in catalog order: the file's column order is the catalog's.
+    pub columns: Vec<String>,
+    /// Filter column -> normalised value.
+    #[serde(default)]
+    pub filters: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<DateTime<Utc>>,
+    /// IANA zone for timestamps in the file; `None` is UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tz: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub bom: bool,
+    #[serde(default, skip_serializing_if = "Delimiter::is_comma")]
+    pub delimiter: Delimiter,
+}
+
+impl ExportSpec {
+    pub fn time_zone(&self) -> chrono_tz::Tz {
+        self.tz
+            .as_deref()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(chrono_tz::UTC)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("unknown dataset `{name}`")]
+    UnknownDataset { name: String, allowed: Vec<String> },
+    #[error("invalid export request")]
+    Invalid(Vec<FieldError>),
+}
+
+/// What the caller sent, before any validation. Built from a query string or a JSON body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawExportRequest {
+    pub dataset: String,
+    pub format: Option<String>,
+    pub columns: Option<Vec<String>>,
+    /// In arrival order, duplicates kept so they can be refused.
+    pub filters: Vec<(String, String)>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub max_stale: Option<String>,
+    pub tz: Option<String>,
+    pub bom: Option<String>,
+    pub delimiter: Option<String>,
+    /// Problems found while reading the raw input itself (repeated or mistyped parameters).
+    pub input_errors: Vec<FieldError>,
+}
+
+const QUERY_OPTIONS: [&str; 8] = [
+    "format",
+    "columns",
+    "from",
+    "to",
+    "max_stale",
+    "tz",
+    "bom",
+    "delimiter",
+];
+
+impl RawExportRequest {
+    /// `GET /exports/{dataset}?...`: every parameter that is not an option is a filter.
+    pub fn from_query(dataset: &str, pairs: Vec<(String, String)>) -> Self {
+        let mut raw = Self {
+            dataset: dataset.to_string(),
+            ..Self::default()
+        };
+        let mut seen: Vec<String> = Vec::new();
+        for (k, v) in pairs {
+            if QUERY_OPTIONS.contains(&k.as_str()) {
+                if seen.contains(&k) {
+                    raw.input_errors
+                        .push(FieldError::new(&k, "given more than once; give it once"));
+                    continue;
+                }
+                seen.push(k.clone());
+                let slot = match k.as_str() {
+                    "format" => &mut raw.format,
+                    "from" => &mut raw.from,
+                    "to" => &mut raw.to,
+                    "max_stale" => &mut raw.max_stale,
+                    "tz" => &mut raw.tz,
+                    "bom" => &mut raw.bom,
+                    "delimiter" => &mut raw.delimiter,
+                    _ => {
+                        raw.columns = Some(split_list(&v));
+                        continue;
+                    }
+                };
+                *slot = Some(v);
+            } else {
+                raw.filters.push((k, v));
+            }
+        }
+        raw
+    }
+
+    /// `POST /exports` with `{dataset, format, columns, filters: {}, from, to, max_stale, ...}`.
+    pub fn from_json(body: &serde_json::Value) -> Self {
+        let mut raw = Self::default();
+        let Some(obj) = body.as_object() else {
+            raw.input_errors.push(FieldError::new(
+                "body",
+                "must be a JSON object like {\"dataset\": \"orders\", \"format\": \"csv\"}",
+            ));
+            return raw;
+        };
+        const KNOWN: [&str; 10] = [
+            "dataset",
+            "format",
+            "columns",
+            "filters",
+            "from",
+            "to",
+            "max_stale",
+            "tz",
+            "bom",
+            "delimiter",
+        ];
+        for key in obj.keys() {
+            if !KNOWN.contains(&key.as_str()) {
+                raw.input_errors.push(FieldError::new(
+                    key,
+                    format!("unknown field; allowed: {}", KNOWN.join(", ")),
+                ));
+            }
+        }
+        match obj.get("dataset") {
+            Some(serde_json::Value::String(s)) => raw.dataset = s.clone(),
+            Some(_) => raw
+                .input_errors
+                .push(FieldError::new("dataset", "must be a string")),
+            None => raw
+                .input_errors
+                .push(FieldError::new("dataset", "is required")),
+        }
+        let mut scalar = |name: &str| -> Option<String> {
+            match obj.get(name) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => match scalar_text(v) {
+                    Some(s) => Some(s),
+                    None => {
+                        raw.input_errors.push(FieldError::new(
+                            name,
+                            "must be a string, number or boolean",
+                        ));
+                        None
+                    }
+                },
+            }
+        };
+        let format = scalar("format");
+        let from = scalar("from");
+        let to = scalar("to");
+        let max_stale = scalar("max_stale");
+        let tz = scalar("tz");
+        let bom = scalar("bom");
+        let delimiter = scalar("delimiter");
+        raw.format = format;
+        raw.from = from;
+        raw.to = to;
+        raw.max_stale = max_stale;
+        raw.tz = tz;
+        raw.bom = bom;
+        raw.delimiter = delimiter;
+        match obj.get("columns") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(s)) => raw.columns = Some(split_list(s)),
+            Some(serde_json::Value::Array(items)) => {
+                let mut cols = Vec::new();
+                for item in items {
+                    match item.as_str() {
+                        Some(s) => cols.push(s.trim().to_string()),
+                        None => raw.input_errors.push(FieldError::new(
+                            "columns",
+                            "must be an array of column names",
+                        )),
+                    }
+                }
+                raw.columns = Some(cols);
+            }
+            Some(_) => raw.input_errors.push(FieldError::new(
+                "columns",
+                "must be an array of column names or a comma list",
+            )),
+        }
+        match obj.get("filters") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Object(map)) => {
+                for (k, v) in map {
+                    match scalar_text(v) {
+                        Some(s) => raw.filters.push((k.clone(), s)),
+                        None => raw.input_errors.push(FieldError::new(
+                            format!("filters.{k}"),
+                            "must be a string, number or boolean",
+                        )),
+                    }
+                }
+            }
+            Some(_) => raw.input_errors.push(FieldError::new(
+                "filters",
+                "must be an object of column -> value",
+            )),
+        }
+        raw
+    }
+}
+
+fn scalar_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',').map(|c| c.trim().to_string()).collect()
+}
+
+/// A validated request: the spec that decides the bytes, plus how stale a file the caller takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRequest {
+    pub spec: ExportSpec,
+    /// Seconds of staleness accepted; `None` means whatever the dataset's stale window allows.
+    pub max_stale: Option<u64>,
+}
+
+pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequest, RequestError> {
+    let Some(ds) = catalog.get(raw.dataset.trim()) else {
+        // A malformed body that also lacks a dataset is a 400, not a 404.
+        if !raw.input_errors.is_empty() {
+            return Err(RequestError::Invalid(raw.input_errors.clone()));
+        }
+        return Err(RequestError::UnknownDataset {
+            name: raw.dataset.clone(),
+            allowed: catalog.names().iter().map(|s| s.to_string()).collect(),
+        });
+    };
+    let mut errors = raw.input_errors.clone();
+
+    let format = match raw.format.as_deref() {
+        None => Format::Csv,
+        Some(f) => Format::parse(f).unwrap_or_else(|| {
+            errors.push(FieldError::new(
+                "format",
+                format!("`{f}` is not a format; allowed: {}", Format::ALLOWED),
+            ));
+            Format::Csv
+        }),
+    };
+
+    let columns = normalise_columns(ds, raw.columns.as_deref(), &mut errors);
+    let filters = normalise_filters(ds, &raw.filters, &mut errors);
+
+    let from = parse_instant("from", raw.from.as_deref(), ds, &mut errors);
+    let to = parse_instant("to", raw.to.as_deref(), ds, &mut errors);
+    if let (Some(f), Some(t)) = (from, to) {
+        if f > t {
+            errors.push(FieldError::new("to", "must not be before `from`"));
+        }
+    }
+
+    let max_stale = raw.max_stale.as_deref().and_then(|s| {
+        s.trim().parse::<u64>().ok().or_else(|| {
+            errors.push(FieldError::new(
+                "max_stale",
+                format!("`{s}` is not a number of seconds (0 = must be fresh)"),
+            ));
+            None
+        })
+    });
+
+    let tz = raw.tz.as_deref().and_then(|t| {
+        match t.trim().parse::<chrono_tz::Tz>() {
+            Ok(chrono_tz::UTC) | Ok(chrono_tz::Etc::UTC) => None,
+            Ok(zone) => Some(zone.name().to_string()),
+            Err(_) => {
+                errors.push(FieldError::new(
+                    "tz",
+                    format!("`{t}` is not an IANA time zone name (e.g. UTC, Europe/Paris, America/New_York)"),
+                ));
+                None
+            }
+        }
+    });
+
+    let csv_only = |name: &str, errors: &mut Vec<FieldError>| {
+        if !format.is_csv() {
+            errors.push(FieldError::new(
+                name,
+                format!("applies to csv and csv.gz only, not {}", format.as_str()),
+            ));
+        }
+    };
+    let bom = match raw.bom.as_deref() {
+        None => false,
+        Some(b) => {
+            csv_only("bom", &mut errors);
+            parse_bool(b).unwrap_or_else(|| {
+                errors.push(FieldError::new("bom", "must be true or false"));
+                false
+            })
+        }
+    };
+    let delimiter = match raw.delimiter.as_deref() {
+        None => Delimiter::Comma,
+        Some(d) => {
+            csv_only("delimiter", &mut errors);
+            Delimiter::parse(d).unwrap_or_else(|| {
+                errors.push(FieldError::new(
+                    "delimiter",
+                    format!("`{d}` is not a delimiter; allowed: {}", Delimiter::ALLOWED),
+                ));
+                Delimiter::Comma
+            })
+        }
+    };
+
+    if !errors.is_empty() {
+        return Err(RequestError::Invalid(errors));
+    }
+    Ok(ExportRequest {
+        spec: ExportSpec {
+            dataset: ds.name.clone(),
+            format,
+            columns,
+            filters,
+            from,
+            to,
+            tz,
+            bom,
+            delimiter,
+        },
+        max_stale,
+    })
+}
+
+fn normalise_columns(
+    ds: &Dataset,
+    requested: Option<&[String]>,
+    errors: &mut Vec<FieldError>,
+) -> Vec<String> {
+    let all = || ds.columns.iter().map(|c| c.name.clone()).collect();
+    let Some(requested) = requested else {
+        return all();
+    };
+    let mut wanted = vec![false; ds.columns.len()];
+    let mut any = false;
+    for name in requested {
+        if name.is_empty() {
+            errors.push(FieldError::new(
+                "columns",
+                "contains an empty column name; give a comma list of column names",
+            ));
+            continue;
+        }
+        match ds.column(name) {
+            Some((i, _)) => {
+                wanted[i] = true;
+                any = true;
+            }
+            None => errors.push(FieldError::new(
+                "columns",
+                format!(
+                    "`{name}` is not a column of `{}`; allowed: {}",
+                    ds.name,
+                    ds.column_names().join(", ")
+                ),
+            )),
+        }
+    }
+    if !any && errors.is_empty() {
+        errors.push(FieldError::new("columns", "select at least one column"));
+    }
+    ds.columns
+        .iter()
+        .zip(wanted)
+        .filter(|(_, w)| *w)
+        .map(|(c, _)| c.name.clone())
+        .collect()
+}
+
+fn normalise_filters(
+    ds: &Dataset,
+    given: &[(String, String)],
+    errors: &mut Vec<FieldError>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (name, value) in given {
+        let Some(col) = ds
+            .filters
+            .iter()
+            .map(|&i| &ds.columns[i])
+            .find(|c| &c.name == name)
+        else {
+            let allowed = ds.filter_names();
+            errors.push(FieldError::new(
+                name,
+                if allowed.is_empty() {
+                    format!("`{}` takes no filters", ds.name)
+                } else {
+                    format!(
+                        "is not a filter of `{}`; allowed filters: {} (and from/to on {})",
+                        ds.name,
+                        allowed.join(", "),
+                        ds.range_column().map_or("nothing", |c| c.name.as_str())
+                    )
+                },
+            ));
+            continue;
+        };
+        if out.contains_key(name) {
+            errors.push(FieldError::new(
+                name,
+                "given more than once; one value per filter",
+            ));
+            continue;
+        }
+        match normalise_value(col.ty, value) {
+            Ok(v) => {
+                out.insert(name.clone(), v);
+            }
+            Err(m) => errors.push(FieldError::new(name, m)),
+        }
+    }
+    out
+}
+
+/// Filter values in their canonical spelling, so `paid=TRUE` and `paid=1` share a key.
+pub fn normalise_value(ty: ColumnType, value: &str) -> Result<String, String> {
+    match ty {
+        ColumnType::String => {
+            if value.is_empty() {
+                Err("must not be empty".into())
+            } else {
+                Ok(value.to_string())
+            }
+        }
+        ColumnType::Integer => value
+            .trim()
+            .parse::<i64>()
+            .map(|i| i.to_string())
+            .map_err(|_| format!("`{value}` is not an integer")),
+        ColumnType::Boolean => parse_bool(value)
+            .map(|b| b.to_string())
+            .ok_or_else(|| format!("`{value}` is not a boolean; use true or false")),
+        ColumnType::Date => NaiveDate::parse_from_str(value.trim(), "%Y-%m-%d")
+            .map(|d| d.format("%Y-%m-%d").to_string())
+            .map_err(|_| format!("`{value}` is not a date; use YYYY-MM-DD")),
+        ColumnType::Decimal | ColumnType::Timestamp => {
+            Err("this column cannot be filtered by equality".into())
+        }
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_instant(
+    field: &str,
+    value: Option<&str>,
+    ds: &Dataset,
+    errors: &mut Vec<FieldError>,
+) -> Option<DateTime<Utc>> {
+    let value = value?;
+    if ds.range.is_none() {
+        errors.push(FieldError::new(
+            field,
+            format!("`{}` has no time range; from/to are not allowed", ds.name),
+        ));
+        return None;
+    }
+    match DateTime::parse_from_rfc3339(value.trim()) {
+        Ok(t) => Some(t.with_timezone(&Utc)),
+        Err(_) => {
+            errors.push(FieldError::new(
+                field,
+                format!("`{value}` is not an RFC 3339 timestamp (e.g. 2024-05-01T00:00:00Z)"),
+            ));
+            None
+        }
+    }
+}
+
+/// Identifies one cached file: a hex SHA-256 over everything that changes its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CacheKey(pub String);
+
+impl CacheKey {
+    /// `user` is `Some` only for user-scoped datasets.
+    pub fn derive(tenant: &str, user: Option<&str>, spec: &ExportSpec) -> Self {
+        let mut h = Sha256::new();
+        // Length-prefixed parts: no value can be shifted into its neighbour.
+        for part in [
+            "export-cache",
+            ENCODER_VERSION,
+            tenant,
+            user.unwrap_or(""),
+            &serde_json::to_string(spec).unwrap_or_default(),
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        Self(hex::encode(h.finalize()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn catalog() -> Catalog {
+        Catalog::builtin().unwrap()
+    }
+
+    fn q(dataset: &str, pairs: &[(&str, &str)]) -> RawExportRequest {
+        RawExportRequest::from_query(
+            dataset,
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn key(pairs: &[(&str, &str)]) -> CacheKey {
+        let r = normalise(&catalog(), &q("orders", pairs)).unwrap();
+        CacheKey::derive("acme", None, &r.spec)
+    }
+
+    fn errors(pairs: &[(&str, &str)]) -> Vec<FieldError> {
+        match normalise(&catalog(), &q("orders", pairs)) {
+            Err(RequestError::Invalid(e)) => e,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_csv_with_all_columns_in_catalog_order() {
+        let r = normalise(&catalog(), &q("orders", &[])).unwrap();
+        assert_eq!(r.spec.format, Format::Csv);
+        assert_eq!(r.spec.columns[0], "order_id");
+        assert_eq!(r.spec.columns.len(), 12);
+        assert_eq!(
+            key(&[]),
+            key(&[("columns", &catalog().get("orders").unwrap().column_names().join(","))]),
+            "naming every column is the default"
+        );
+    }
+
+    #[test]
+    fn column_order_and_filter_order_do_not_change_the_key() {
+        let a = key(&[("columns", "amount,order_id"), ("status", "paid"), ("currency", "EUR")]);
+        let b = key(&[("currency", "EUR"), ("columns", "order_id, amount"), ("status", "paid")]);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn equivalent_spellings_share_a_key() {
+        assert_eq!(key(&[("paid", "TRUE")]), key(&[("paid", "1")]));
+        assert_eq!(
+            key(&[("from", "2024-01-01T01:00:00+01:00")]),
+            key(&[("from", "2024-01-01T00:00:00Z")])
+        );
+        assert_eq!(key(&[("format", "CSV")]), key(&[]));
+        assert_eq!(key(&[("tz", "UTC")]), key(&[]));
+        assert_eq!(key(&[("delimiter", "comma"), ("bom", "false")]), key(&[]));
+    }
+
+    #[test]
+    fn anything_that_changes_the_bytes_changes_the_key() {
+        let base = key(&[]);
+        for variant in [
+            vec![("format", "xlsx")],
+            vec![("format", "csv.gz")],
+            vec![("columns", "order_id")],
+            vec![("status", "paid")],
+            vec![("from", "2024-01-01T00:00:00Z")],
+            vec![("to", "2024-01-01T00:00:00Z")],
+            vec![("tz", "Europe/Paris")],
+            vec![("bom", "true")],
+            vec![("delimiter", "semicolon")],
+        ] {
+            assert_ne!(key(&variant), base, "{variant:?}");
+        }
+        let spec = normalise(&catalog(), &q("orders", &[])).unwrap().spec;
+        assert_ne!(
+            CacheKey::derive("acme", None, &spec),
+            CacheKey::derive("globex", None, &spec)
+        );
+        assert_ne!(
+            CacheKey::derive("acme", Some("u1"), &spec),
+            CacheKey::derive("acme", Some("u2"), &spec)
+        );
+    }
+
+    #[test]
+    fn max_stale_does_not_change_the_key() {
+        assert_eq!(key(&[("max_stale", "0")]), key(&[]));
+    }
+
+    #[test]
+    fn unknown_dataset_lists_the_allowed_ones() {
+        match normalise(&catalog(), &q("invoices", &[])) {
+            Err(RequestError::UnknownDataset { name, allowed }) => {
+                assert_eq!(name, "invoices");
+                assert_eq!(allowed, vec!["customers", "orders"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_inputs_name_the_field_and_what_is_allowed() {
+        let e = errors(&[("format", "pdf")]);
+        assert_eq!(e[0].field, "format");
+        assert!(e[0].message.contains("csv, csv.gz, xlsx"));
+
+        let e = errors(&[("columns", "order_id,colour")]);
+        assert_eq!(e[0].field, "columns");
+        assert!(e[0].message.contains("colour") && e[0].message.contains("order_id"));
+
+        let e = errors(&[("colour", "red")]);
+        assert_eq!(e[0].field, "colour");
+        assert!(e[0].message.contains("status, currency, paid"));
+
+        let e = errors(&[("from", "yesterday")]);
+        assert_eq!(e[0].field, "from");
+        assert!(e[0].message.contains("RFC 3339"));
+
+        let e = errors(&[("from", "2024-02-01T00:00:00Z"), ("to", "2024-01-01T00:00:00Z")]);
+        assert_eq!(e[0].field, "to");
+
+        assert_eq!(errors(&[("paid", "maybe")])[0].field, "paid");
+        assert_eq!(errors(&[("tz", "Mars/Olympus")])[0].field, "tz");
+        assert_eq!(errors(&[("max_stale", "-1")])[0].field, "max_stale");
+        assert_eq!(errors(&[("status", "paid"), ("status", "shipped")])[0].field, "status");
+        assert_eq!(errors(&[("format", "xlsx"), ("bom", "true")])[0].field, "bom");
+        assert_eq!(errors(&[("delimiter", "pipe")])[0].field, "delimiter");
+    }
+
+    #[test]
+    fn all_errors_are_reported_at_once() {
+        let e = errors(&[("format", "pdf"), ("colour", "red"), ("from", "x")]);
+        let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, vec!["format", "colour", "from"]);
+    }
+
+    #[test]
+    fn json_body_normalises_like_the_query() {
+        let body = serde_json::json!({
+            "dataset": "orders", "format": "csv", "columns": ["amount", "order_id"],
+            "filters": {"status": "paid", "paid": true}, "from": "2024-01-01T00:00:00Z"
+        });
+        let from_json = normalise(&catalog(), &RawExportRequest::from_json(&body)).unwrap();
+        let from_query = normalise(
+            &catalog(),
+            &q(
+                "orders",
+                &[
+                    ("columns", "order_id,amount"),
+                    ("paid", "true"),
+                    ("status", "paid"),
+                    ("from", "2024-01-01T00:00:00Z"),
+                ],
+            ),
+        )
+        .unwrap();
+        assert_eq!(from_json, from_query);
+    }
+
+    #[test]
+    fn json_body_errors_name_fields() {
+        let raw = RawExportRequest::from_json(&serde_json::json!({"dataset": 3, "colour": 1}));
+        match normalise(&catalog(), &raw) {
+            Err(RequestError::Invalid(e)) => {
+                let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
+                assert!(fields.contains(&"dataset") && fields.contains(&"colour"), "{fields:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let raw = RawExportRequest::from_json(&serde_json::json!([1, 2]));
+        assert!(matches!(normalise(&catalog(), &raw), Err(RequestError::Invalid(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn key_ignores_column_and_filter_permutations(
+            cols in proptest::sample::subsequence(
+                vec!["order_id", "created_at", "customer_id", "status", "amount", "paid", "note"], 1..7),
+            seed in any::<u64>(),
+            status in "[a-z]{1,8}",
+            paid in any::<bool>(),
+        ) {
+            let mut shuffled = cols.clone();
+            // Deterministic shuffle from the seed.
+            let n = shuffled.len();
+            for i in (1..n).rev() {
+                let j = (seed.rotate_left(i as u32) as usize) % (i + 1);
+                shuffled.swap(i, j);
+            }
+            let paid_s = paid.to_string();
+            let a = key(&[("columns", &cols.join(",")), ("status", &status), ("paid", &paid_s)]);
+            let b = key(&[("paid", if paid { "1" } else { "0" }), ("columns", &shuffled.join(",")), ("status", &status)]);
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn different_filter_values_never_collide(a in "[a-z]{1,12}", b in "[a-z]{1,12}") {
+            prop_assume!(a != b);
+            prop_assert_ne!(key(&[("status", &a)]), key(&[("status", &b)]));
+        }
+
+        #[test]
+        fn arbitrary_query_input_never_panics(
+            pairs in proptest::collection::vec(("[a-z_]{1,10}", ".{0,20}"), 0..8)
+        ) {
+            let raw = RawExportRequest::from_query("orders", pairs);
+            let _ = normalise(&catalog(), &raw);
+        }
+    }
+}

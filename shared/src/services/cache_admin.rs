@@ -1,0 +1,78 @@
+//! Invalidation and statistics: `DELETE /exports/cache...` and `GET /exports/cache/stats`.
+
+use std::collections::BTreeMap;
+
+use super::{require_scope, Deps, ServiceError};
+use crate::domain::identity::{SCOPE_ADMIN, SCOPE_READ};
+use crate::domain::request::normalise;
+use crate::domain::{CacheKey, Identity, RawExportRequest};
+use crate::ports::DatasetStats;
+
+/// Stops serving the one entry the request would hit.
+pub async fn invalidate_entry(
+    deps: &Deps,
+    who: &Identity,
+    raw: &RawExportRequest,
+) -> Result<(), ServiceError> {
+    require_scope(who, SCOPE_READ)?;
+    let req = normalise(&deps.catalog, raw)?;
+    let user_scoped = deps
+        .catalog
+        .get(&req.spec.dataset)
+        .is_some_and(|d| d.user_scoped);
+    let key = CacheKey::derive(&who.tenant, user_scoped.then_some(who.user.as_str()), &req.spec);
+    deps.meta.delete_entry(&who.tenant, &key).await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Tenant,
+    User,
+}
+
+/// Stops serving every entry of the tenant (admins only) or of the caller.
+pub async fn invalidate_scope(deps: &Deps, who: &Identity, scope: Scope) -> Result<(), ServiceError> {
+    match scope {
+        Scope::Tenant => {
+            require_scope(who, SCOPE_ADMIN)?;
+            deps.meta.bump_generation(&who.tenant, None).await?;
+        }
+        Scope::User => {
+            require_scope(who, SCOPE_READ)?;
+            deps.meta.bump_generation(&who.tenant, Some(&who.user)).await?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub stale_hits: u64,
+    pub hit_rate: f64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub rows: u64,
+    pub by_dataset: BTreeMap<String, DatasetStats>,
+}
+
+pub async fn stats(deps: &Deps, who: &Identity) -> Result<CacheStats, ServiceError> {
+    require_scope(who, SCOPE_READ)?;
+    let by_dataset = deps.meta.stats(&who.tenant, deps.clock.now()).await?;
+    let sum = |f: fn(&DatasetStats) -> u64| by_dataset.values().map(f).sum::<u64>();
+    let (hits, misses, stale_hits) = (sum(|d| d.hits), sum(|d| d.misses), sum(|d| d.stale_hits));
+    let served = hits + stale_hits;
+    let total = served + misses;
+    Ok(CacheStats {
+        hits,
+        misses,
+        stale_hits,
+        hit_rate: if total == 0 { 0.0 } else { served as f64 / total as f64 },
+        entries: sum(|d| d.entries),
+        bytes: sum(|d| d.bytes),
+        rows: sum(|d| d.rows),
+        by_dataset,
+    })
+}

@@ -1,0 +1,64 @@
+//! The use cases, one module each; the function crates only translate events to these calls.
+
+use std::sync::Arc;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::ports::{Clock, JobQueue, MetadataStore, ObjectStore, PortError, RowSource};
+
+pub mod cache_admin;
+pub mod export;
+pub mod jobs;
+pub mod process;
+pub mod warm;
+
+/// Everything a use case may touch, built once per cold start.
+#[derive(Clone)]
+pub struct Deps {
+    pub config: Arc<Config>,
+    pub catalog: Arc<Catalog>,
+    pub meta: Arc<dyn MetadataStore>,
+    pub files: Arc<dyn ObjectStore>,
+    pub queue: Arc<dyn JobQueue>,
+    pub source: Arc<dyn RowSource>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// How long job records and in-flight markers are kept (DynamoDB TTL); files under `exports/`
+/// expire after the same time through the bucket's lifecycle rule.
+pub const KEEP_RECORDS_FOR_DAYS: i64 = 7;
+
+/// A marker outlives any job that still runs; it is only a safety net for jobs that vanished.
+pub const MARKER_HOURS: i64 = 6;
+
+/// Errors a caller can act on; the API maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Request(#[from] crate::domain::RequestError),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal: {0}")]
+    Internal(#[from] PortError),
+}
+
+pub(crate) fn require_scope(
+    who: &crate::domain::Identity,
+    scope: &str,
+) -> Result<(), ServiceError> {
+    if who.has_scope(scope) {
+        Ok(())
+    } else {
+        Err(ServiceError::Forbidden(format!(
+            "this needs the `{scope}` scope, which the token does not grant"
+        )))
+    }
+}

@@ -1,0 +1,353 @@
+//! In-memory fakes of the ports, for fast unit tests of the use cases (feature `test-util`).
+//! They keep the same conditional-write rules as the DynamoDB adapter, so races behave alike.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration as StdDuration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::domain::{CacheEntry, CacheKey, Generation, Job, JobMessage, Row, UploadedPart};
+use crate::ports::{
+    Clock, DatasetStats, HitKind, JobQueue, MetadataStore, ObjectStore, Page, PortError,
+    PortResult, RowSource, SourceQuery,
+};
+use crate::services::Deps;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+pub struct MemoryMeta {
+    pub jobs: Mutex<HashMap<String, Job>>,
+    pub entries: Mutex<HashMap<(String, CacheKey), CacheEntry>>,
+    pub markers: Mutex<HashMap<(String, CacheKey), (String, DateTime<Utc>)>>,
+    pub generations: Mutex<HashMap<(String, String), u64>>,
+    pub counters: Mutex<HashMap<(String, String), DatasetStats>>,
+}
+
+impl MemoryMeta {
+    fn gen(&self, tenant: &str, user: &str) -> Generation {
+        let g = lock(&self.generations);
+        Generation {
+            tenant: g.get(&(tenant.into(), String::new())).copied().unwrap_or(0),
+            user: g.get(&(tenant.into(), user.into())).copied().unwrap_or(0),
+        }
+    }
+}
+
+#[async_trait]
+impl MetadataStore for MemoryMeta {
+    async fn lookup(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<(Option<CacheEntry>, Generation)> {
+        let entry = lock(&self.entries).get(&(tenant.into(), key.clone())).cloned();
+        let owner = entry.as_ref().map_or(user, |e| e.user.as_str());
+        Ok((entry.clone(), self.gen(tenant, owner)))
+    }
+
+    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
+        let mut c = lock(&self.counters);
+        let s = c.entry((tenant.into(), dataset.into())).or_default();
+        match kind {
+            HitKind::Hit => s.hits += 1,
+            HitKind::Stale => s.stale_hits += 1,
+            HitKind::Miss => s.misses += 1,
+        }
+        Ok(())
+    }
+
+    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
+        if let Some(e) = lock(&self.entries).get_mut(&(entry.tenant.clone(), entry.cache_key.clone())) {
+            e.hits += 1;
+            e.last_hit_at = Some(now);
+        }
+        Ok(())
+    }
+
+    async fn create_job(&self, job: &Job, marker_until: DateTime<Utc>, replacing: Option<&str>) -> PortResult<Option<String>> {
+        let mut markers = lock(&self.markers);
+        let k = (job.tenant.clone(), job.cache_key.clone());
+        if let Some((holder, until)) = markers.get(&k) {
+            let free = match replacing {
+                None => *until < job.created_at,
+                Some(old) => holder == old,
+            };
+            if !free {
+                return Ok(Some(holder.clone()));
+            }
+        } else if replacing.is_some() {
+            return Err(PortError::Conflict("marker gone".into()));
+        }
+        let mut jobs = lock(&self.jobs);
+        if jobs.contains_key(&job.job_id) {
+            return Err(PortError::Conflict("job exists".into()));
+        }
+        markers.insert(k, (job.job_id.clone(), marker_until));
+        jobs.insert(job.job_id.clone(), job.clone());
+        Ok(None)
+    }
+
+    async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>> {
+        Ok(lock(&self.jobs).get(job_id).cloned())
+    }
+
+    async fn put_job(&self, job: &Job) -> PortResult<()> {
+        let mut jobs = lock(&self.jobs);
+        match jobs.get(&job.job_id) {
+            Some(old) if old.version + 1 == job.version => {
+                jobs.insert(job.job_id.clone(), job.clone());
+                Ok(())
+            }
+            _ => Err(PortError::Conflict(format!("job {} changed", job.job_id))),
+        }
+    }
+
+    async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()> {
+        self.put_job(job).await?;
+        lock(&self.entries).insert((entry.tenant.clone(), entry.cache_key.clone()), entry.clone());
+        Ok(())
+    }
+
+    async fn release_marker(&self, tenant: &str, key: &CacheKey, job_id: &str) -> PortResult<()> {
+        let mut m = lock(&self.markers);
+        let k = (tenant.to_string(), key.clone());
+        if m.get(&k).is_some_and(|(holder, _)| holder == job_id) {
+            m.remove(&k);
+        }
+        Ok(())
+    }
+
+    async fn expiring_entries(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> PortResult<Vec<CacheEntry>> {
+        Ok(lock(&self.entries)
+            .values()
+            .filter(|e| e.fresh_until >= from && e.fresh_until < to)
+            .cloned()
+            .collect())
+    }
+
+    async fn delete_entry(&self, tenant: &str, key: &CacheKey) -> PortResult<()> {
+        lock(&self.entries).remove(&(tenant.to_string(), key.clone()));
+        Ok(())
+    }
+
+    async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()> {
+        *lock(&self.generations)
+            .entry((tenant.into(), user.unwrap_or("").into()))
+            .or_default() += 1;
+        Ok(())
+    }
+
+    async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
+        Ok(self.gen(tenant, user))
+    }
+
+    async fn stats(&self, tenant: &str, now: DateTime<Utc>) -> PortResult<BTreeMap<String, DatasetStats>> {
+        let mut out: BTreeMap<String, DatasetStats> = lock(&self.counters)
+            .iter()
+            .filter(|((t, _), _)| t == tenant)
+            .map(|((_, d), s)| (d.clone(), s.clone()))
+            .collect();
+        let tenant_gen = self.gen(tenant, "").tenant;
+        for e in lock(&self.entries).values() {
+            if e.tenant == tenant && e.generation.tenant == tenant_gen && e.stale_until > now {
+                let s = out.entry(e.spec.dataset.clone()).or_default();
+                s.entries += 1;
+                s.bytes += e.bytes;
+                s.rows += e.rows;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryFiles {
+    pub objects: Mutex<HashMap<String, Vec<u8>>>,
+    pub uploads: Mutex<HashMap<String, (String, BTreeMap<i32, Vec<u8>>)>>,
+    pub aborted: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl ObjectStore for MemoryFiles {
+    async fn start_upload(&self, key: &str, _ct: &str, _name: &str) -> PortResult<String> {
+        let id = uuid::Uuid::new_v4().to_string();
+        lock(&self.uploads).insert(id.clone(), (key.to_string(), BTreeMap::new()));
+        Ok(id)
+    }
+
+    async fn upload_part(&self, _key: &str, upload_id: &str, number: i32, body: Vec<u8>) -> PortResult<String> {
+        let mut u = lock(&self.uploads);
+        let (_, parts) = u
+            .get_mut(upload_id)
+            .ok_or_else(|| PortError::failed("upload part", "no such upload", false))?;
+        let etag = hex::encode(Sha256::digest(&body));
+        parts.insert(number, body);
+        Ok(etag)
+    }
+
+    async fn complete_upload(&self, key: &str, upload_id: &str, parts: &[UploadedPart]) -> PortResult<()> {
+        let (_, stored) = lock(&self.uploads)
+            .remove(upload_id)
+            .ok_or_else(|| PortError::failed("complete upload", "no such upload", false))?;
+        let mut body = Vec::new();
+        for p in parts {
+            let part = stored
+                .get(&p.number)
+                .ok_or_else(|| PortError::failed("complete upload", "missing part", false))?;
+            body.extend_from_slice(part);
+        }
+        lock(&self.objects).insert(key.to_string(), body);
+        Ok(())
+    }
+
+    async fn abort_upload(&self, _key: &str, upload_id: &str) -> PortResult<()> {
+        lock(&self.uploads).remove(upload_id);
+        lock(&self.aborted).push(upload_id.to_string());
+        Ok(())
+    }
+
+    async fn put_object(&self, key: &str, body: Vec<u8>, _ct: &str) -> PortResult<()> {
+        lock(&self.objects).insert(key.to_string(), body);
+        Ok(())
+    }
+
+    async fn digest(&self, key: &str) -> PortResult<(u64, String)> {
+        let o = lock(&self.objects);
+        let body = o
+            .get(key)
+            .ok_or_else(|| PortError::failed("digest", "no such object", false))?;
+        Ok((body.len() as u64, hex::encode(Sha256::digest(body))))
+    }
+
+    async fn presign_get(&self, key: &str, file_name: &str, ttl: StdDuration) -> PortResult<String> {
+        Ok(format!("memory://{key}?name={file_name}&ttl={}", ttl.as_secs()))
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryQueue {
+    pub sent: Mutex<Vec<JobMessage>>,
+    pub fail: Mutex<bool>,
+}
+
+impl MemoryQueue {
+    pub fn drain(&self) -> Vec<JobMessage> {
+        std::mem::take(&mut *lock(&self.sent))
+    }
+}
+
+#[async_trait]
+impl JobQueue for MemoryQueue {
+    async fn enqueue(&self, msg: &JobMessage) -> PortResult<()> {
+        if *lock(&self.fail) {
+            return Err(PortError::failed("enqueue", "queue down", true));
+        }
+        lock(&self.sent).push(msg.clone());
+        Ok(())
+    }
+
+    async fn retry_after(&self, _receipt: &str, _seconds: i32) -> PortResult<()> {
+        Ok(())
+    }
+}
+
+/// Rows per tenant, served in pages of `page_rows`; counts pages read.
+#[derive(Default)]
+pub struct MemorySource {
+    pub rows: Mutex<HashMap<String, Vec<Row>>>,
+    pub page_rows: usize,
+    pub pages_read: Mutex<u64>,
+}
+
+#[async_trait]
+impl RowSource for MemorySource {
+    async fn read_page(&self, q: &SourceQuery, cursor: Option<&str>) -> PortResult<Page> {
+        *lock(&self.pages_read) += 1;
+        let all = lock(&self.rows).get(&q.tenant).cloned().unwrap_or_default();
+        let start: usize = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
+        let end = (start + self.page_rows.max(1)).min(all.len());
+        Ok(Page {
+            rows: all[start..end].to_vec(),
+            next: (end < all.len()).then(|| end.to_string()),
+            read_capacity: 0.5,
+        })
+    }
+}
+
+pub struct ManualClock(pub Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn new(t: DateTime<Utc>) -> Self {
+        Self(Mutex::new(t))
+    }
+    pub fn advance(&self, d: chrono::Duration) {
+        *lock(&self.0) += d;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *lock(&self.0)
+    }
+}
+
+/// A `Config` for tests: small parts are not allowed by S3, but the fakes take any size.
+pub fn test_config() -> Config {
+    let env: HashMap<String, String> = [
+        ("META_TABLE", "meta"),
+        ("EXPORT_BUCKET", "bucket"),
+        ("JOB_QUEUE_URL", "queue"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    match Config::from_map(&env) {
+        Ok(c) => c,
+        Err(e) => panic!("test config: {e}"),
+    }
+}
+
+pub struct Fakes {
+    pub meta: Arc<MemoryMeta>,
+    pub files: Arc<MemoryFiles>,
+    pub queue: Arc<MemoryQueue>,
+    pub source: Arc<MemorySource>,
+    pub clock: Arc<ManualClock>,
+    pub deps: Deps,
+}
+
+pub fn fakes(config: Config, page_rows: usize) -> Fakes {
+    let meta = Arc::new(MemoryMeta::default());
+    let files = Arc::new(MemoryFiles::default());
+    let queue = Arc::new(MemoryQueue::default());
+    let source = Arc::new(MemorySource {
+        page_rows,
+        ..MemorySource::default()
+    });
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let catalog = match Catalog::builtin() {
+        Ok(c) => c,
+        Err(e) => panic!("builtin catalog: {e}"),
+    };
+    let deps = Deps {
+        config: Arc::new(config),
+        catalog: Arc::new(catalog),
+        meta: meta.clone(),
+        files: files.clone(),
+        queue: queue.clone(),
+        source: source.clone(),
+        clock: clock.clone(),
+    };
+    Fakes {
+        meta,
+        files,
+        queue,
+        source,
+        clock,
+        deps,
+    }
+}

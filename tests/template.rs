@@ -1,0 +1,802 @@
+//! template.yaml is deployed as is, and cfn-lint accepts typos such as `ReportBatchItemFailure`:
+//! these tests pin the properties the code relies on, then provision the template into the local
+//! emulator to show the local stack is built from the same definitions.
+
+use std::collections::BTreeSet;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_dynamodb::types::{KeyType, ProjectionType, TimeToLiveStatus};
+use aws_sdk_sqs::types::QueueAttributeName;
+use infra::provision::{self, Provisioned};
+use infra::template::{
+    self, BillingMode, KeyElement, Projection, StackSpecs, Template, LOCAL_ACCOUNT_ID,
+};
+use serde_yaml::Value;
+
+const STACK: &str = "export-cache";
+const FUNCTIONS: [(&str, &str); 3] = [
+    ("ApiFunction", "export-api"),
+    ("WorkerFunction", "export-worker"),
+    ("WarmerFunction", "export-warmer"),
+];
+
+fn template() -> Template {
+    Template::load(&provision::template_path()).expect("template.yaml parses")
+}
+
+fn specs() -> StackSpecs {
+    template()
+        .stack_specs(STACK, LOCAL_ACCOUNT_ID, "us-east-1")
+        .expect("template resolves for the local stack")
+}
+
+fn key(attribute: &str, key_type: template::KeyType) -> KeyElement {
+    KeyElement {
+        attribute: attribute.to_owned(),
+        key_type,
+    }
+}
+
+/// `!Name arg` (or the long `Fn::Name`/`Ref` form) as (Name, arg).
+fn intrinsic(v: &Value) -> Option<(String, &Value)> {
+    match v {
+        Value::Tagged(t) => Some((
+            t.tag.to_string().trim_start_matches('!').to_owned(),
+            &t.value,
+        )),
+        Value::Mapping(m) if m.len() == 1 => {
+            let (k, arg) = m.iter().next()?;
+            let k = k.as_str()?;
+            Some((k.strip_prefix("Fn::").unwrap_or(k).to_owned(), arg))
+        }
+        _ => None,
+    }
+}
+
+fn is_ref_to(v: &Value, logical_id: &str) -> bool {
+    matches!(intrinsic(v), Some((name, Value::String(id))) if name == "Ref" && id == logical_id)
+}
+
+fn is_arn_of(v: &Value, logical_id: &str) -> bool {
+    match intrinsic(v) {
+        Some((name, Value::String(s))) if name == "GetAtt" => s == &format!("{logical_id}.Arn"),
+        Some((name, Value::Sequence(parts))) if name == "GetAtt" => {
+            parts.first().and_then(Value::as_str) == Some(logical_id)
+                && parts.get(1).and_then(Value::as_str) == Some("Arn")
+        }
+        _ => false,
+    }
+}
+
+/// Every logical id a value mentions through Ref, GetAtt or `${Id...}` in Sub.
+fn referenced_ids(v: &Value, out: &mut BTreeSet<String>) {
+    if let Some((name, arg)) = intrinsic(v) {
+        match (name.as_str(), arg) {
+            ("Ref", Value::String(id)) => {
+                out.insert(id.clone());
+            }
+            ("GetAtt", Value::String(s)) => {
+                out.insert(s.split('.').next().unwrap_or_default().to_owned());
+            }
+            ("Sub", Value::String(s)) => {
+                for part in s.split("${").skip(1) {
+                    let var = part.split('}').next().unwrap_or_default();
+                    out.insert(var.split('.').next().unwrap_or_default().to_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    match v {
+        Value::Sequence(items) => items.iter().for_each(|i| referenced_ids(i, out)),
+        Value::Mapping(m) => m.values().for_each(|i| referenced_ids(i, out)),
+        Value::Tagged(t) => referenced_ids(&t.value, out),
+        _ => {}
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Sequence(items) => items.iter().flat_map(strings).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The IAM statements of a function's `Policies`, failing on anything that is not an explicit
+/// policy document (SAM policy templates and managed policy names grant more than we audit).
+fn statements(t: &Template, function: &str) -> Vec<Value> {
+    let policies = t
+        .properties(function)
+        .and_then(|p| p.get("Policies"))
+        .and_then(Value::as_sequence)
+        .unwrap_or_else(|| panic!("{function} declares Policies as a list"));
+    policies
+        .iter()
+        .flat_map(|policy| {
+            let statement = policy.get("Statement").unwrap_or_else(|| {
+                panic!("{function}: every policy is an explicit document, found {policy:?}")
+            });
+            statement
+                .as_sequence()
+                .cloned()
+                .unwrap_or_else(|| vec![statement.clone()])
+        })
+        .collect()
+}
+
+fn actions(statement: &Value) -> Vec<String> {
+    strings(&statement["Action"])
+}
+
+fn statement_ids(statement: &Value) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    referenced_ids(&statement["Resource"], &mut ids);
+    ids
+}
+
+fn events_of_type<'a>(t: &'a Template, function: &str, ty: &str) -> Vec<(String, &'a Value)> {
+    t.properties(function)
+        .and_then(|p| p.get("Events"))
+        .and_then(Value::as_mapping)
+        .map(|events| {
+            events
+                .iter()
+                .filter(|(_, e)| e["Type"].as_str() == Some(ty))
+                .map(|(name, e)| {
+                    (
+                        name.as_str().unwrap_or_default().to_owned(),
+                        &e["Properties"],
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn worker_reports_batch_item_failures() {
+    let t = template();
+    let sqs = events_of_type(&t, "WorkerFunction", "SQS");
+    assert_eq!(sqs.len(), 1, "the worker has exactly one SQS trigger");
+    let (_, props) = &sqs[0];
+    assert!(is_arn_of(&props["Queue"], "JobQueue"), "{props:?}");
+    assert_eq!(props["BatchSize"].as_u64(), Some(1));
+    assert_eq!(
+        strings(&props["FunctionResponseTypes"]),
+        vec!["ReportBatchItemFailures"]
+    );
+}
+
+#[test]
+fn queue_visibility_is_at_least_six_times_worker_timeout() {
+    let t = template();
+    let timeout = t
+        .function_property("WorkerFunction", "Timeout")
+        .and_then(Value::as_u64)
+        .expect("worker declares a timeout");
+    assert_eq!(timeout, 900, "the worker runs as long as Lambda allows");
+    let queue = specs().queue("JobQueue").unwrap().clone();
+    let visibility = u64::from(queue.visibility_timeout.expect("VisibilityTimeout set"));
+    assert!(
+        visibility >= 6 * timeout,
+        "visibility {visibility}s < 6 x worker timeout {timeout}s"
+    );
+}
+
+#[test]
+fn dlq_after_bounded_receives() {
+    let specs = specs();
+    let queue = specs.queue("JobQueue").unwrap();
+    let redrive = queue
+        .redrive
+        .as_ref()
+        .expect("JobQueue has a RedrivePolicy");
+    assert_eq!(redrive.target_logical_id, "JobDlq");
+    assert_eq!(redrive.max_receive_count, 5);
+    let dlq = specs.queue("JobDlq").unwrap();
+    assert!(dlq.redrive.is_none(), "the DLQ is the end of the line");
+    assert_eq!(dlq.message_retention_period, Some(14 * 24 * 3600));
+    assert!(
+        dlq.message_retention_period > queue.message_retention_period.or(Some(4 * 24 * 3600)),
+        "dead messages must outlive their originals"
+    );
+    assert!(queue.sqs_managed_sse && dlq.sqs_managed_sse);
+}
+
+#[test]
+fn functions_are_arm64_al2023_built_with_cargo_lambda() {
+    let t = template();
+    let declared: BTreeSet<&str> = t
+        .logical_ids_of_type("AWS::Serverless::Function")
+        .into_iter()
+        .collect();
+    assert_eq!(
+        declared,
+        FUNCTIONS.iter().map(|(id, _)| *id).collect::<BTreeSet<_>>()
+    );
+    for (id, binary) in FUNCTIONS {
+        let prop = |key| t.function_property(id, key).cloned().unwrap_or(Value::Null);
+        assert_eq!(prop("Runtime").as_str(), Some("provided.al2023"), "{id}");
+        assert_eq!(strings(&prop("Architectures")), vec!["arm64"], "{id}");
+        assert_eq!(prop("Handler").as_str(), Some("bootstrap"), "{id}");
+        assert_eq!(prop("CodeUri").as_str(), Some("."), "{id}");
+        let metadata = &t.resource(id).unwrap()["Metadata"];
+        assert_eq!(
+            metadata["BuildMethod"].as_str(),
+            Some("rust-cargolambda"),
+            "{id}"
+        );
+        assert_eq!(
+            metadata["BuildProperties"]["Binary"].as_str(),
+            Some(binary),
+            "{id}"
+        );
+    }
+}
+
+#[test]
+fn worker_has_room_for_large_xlsx_exports() {
+    let t = template();
+    let prop = |key| {
+        t.function_property("WorkerFunction", key)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(prop("EphemeralStorage")["Size"].as_u64(), Some(10240));
+    assert_eq!(prop("MemorySize").as_u64(), Some(1024));
+}
+
+#[test]
+fn meta_table_has_ttl_and_expiry_index() {
+    let specs = specs();
+    let meta = specs.table("MetaTable").unwrap();
+    assert_eq!(meta.name, "export-cache-meta");
+    assert_eq!(meta.billing_mode, BillingMode::PayPerRequest);
+    assert_eq!(
+        meta.key_schema,
+        vec![
+            key("pk", template::KeyType::Hash),
+            key("sk", template::KeyType::Range)
+        ]
+    );
+    assert_eq!(meta.ttl_attribute.as_deref(), Some("expires_at"));
+    assert!(meta.sse_enabled);
+    let [gsi] = meta.gsis.as_slice() else {
+        panic!("MetaTable has exactly one GSI: {:?}", meta.gsis)
+    };
+    assert_eq!(gsi.name, "by_expiry");
+    assert_eq!(
+        gsi.key_schema,
+        vec![
+            key("gsi1pk", template::KeyType::Hash),
+            key("gsi1sk", template::KeyType::Range)
+        ]
+    );
+    assert_eq!(gsi.projection, Projection::All);
+}
+
+#[test]
+fn source_tables_are_partitioned_by_tenant_with_created_at_index() {
+    let specs = specs();
+    // The catalog names tables without the stack prefix; the functions add SOURCE_TABLE_PREFIX.
+    for (id, catalog_name, sort_key) in [
+        ("OrdersTable", "orders", "order_id"),
+        ("CustomersTable", "customers", "customer_id"),
+    ] {
+        let table = specs.table(id).unwrap();
+        assert_eq!(table.name, format!("export-cache-{catalog_name}"));
+        assert_eq!(
+            table.name,
+            format!("{}{catalog_name}", specs.source_table_prefix)
+        );
+        assert_eq!(table.billing_mode, BillingMode::PayPerRequest);
+        assert_eq!(
+            table.key_schema,
+            vec![
+                key("tenant_id", template::KeyType::Hash),
+                key(sort_key, template::KeyType::Range)
+            ]
+        );
+        let [gsi] = table.gsis.as_slice() else {
+            panic!("{id} has exactly one GSI")
+        };
+        assert_eq!(gsi.name, "by_created_at");
+        assert_eq!(
+            gsi.key_schema,
+            vec![
+                key("tenant_id", template::KeyType::Hash),
+                key("created_at", template::KeyType::Range)
+            ]
+        );
+        assert_eq!(gsi.projection, Projection::All);
+    }
+}
+
+#[test]
+fn bucket_is_private_encrypted_and_expires_exports() {
+    let t = template();
+    assert_eq!(specs().bucket.name, "export-cache-files-123456789012");
+    let props = t.properties("ExportBucket").expect("ExportBucket");
+    let block = &props["PublicAccessBlockConfiguration"];
+    for setting in [
+        "BlockPublicAcls",
+        "BlockPublicPolicy",
+        "IgnorePublicAcls",
+        "RestrictPublicBuckets",
+    ] {
+        assert_eq!(block[setting].as_bool(), Some(true), "{setting}");
+    }
+    assert_eq!(
+        props["OwnershipControls"]["Rules"][0]["ObjectOwnership"].as_str(),
+        Some("BucketOwnerEnforced")
+    );
+    assert_eq!(
+        props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+            ["ServerSideEncryptionByDefault"]["SSEAlgorithm"]
+            .as_str(),
+        Some("AES256")
+    );
+
+    let rules = &specs().bucket.lifecycle_rules;
+    let rule = rules
+        .iter()
+        .find(|r| r.prefix.as_deref() == Some("exports/"))
+        .expect("a lifecycle rule on exports/");
+    assert!(rule.enabled);
+    assert_eq!(rule.expiration_days, Some(7));
+    assert_eq!(rule.abort_incomplete_multipart_days, Some(1));
+
+    let policies: Vec<&str> = t.logical_ids_of_type("AWS::S3::BucketPolicy");
+    let denies_plain_http = policies.iter().any(|id| {
+        let p = t.properties(id).unwrap();
+        is_ref_to(&p["Bucket"], "ExportBucket")
+            && p["PolicyDocument"]["Statement"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|s| {
+                    s["Effect"].as_str() == Some("Deny")
+                        && s["Condition"]["Bool"]["aws:SecureTransport"].as_str() == Some("false")
+                })
+    });
+    assert!(denies_plain_http, "a bucket policy denies non-TLS access");
+}
+
+#[test]
+fn api_cannot_read_source_tables() {
+    let t = template();
+    for statement in statements(&t, "ApiFunction") {
+        let ids = statement_ids(&statement);
+        assert!(
+            !ids.contains("OrdersTable") && !ids.contains("CustomersTable"),
+            "the API must not reach the source tables: {statement:?}"
+        );
+    }
+}
+
+#[test]
+fn worker_reads_source_tables_only_by_query() {
+    let t = template();
+    let mut covered = BTreeSet::new();
+    for statement in statements(&t, "WorkerFunction") {
+        let ids = statement_ids(&statement);
+        for source in ["OrdersTable", "CustomersTable"] {
+            if ids.contains(source) {
+                assert_eq!(actions(&statement), vec!["dynamodb:Query"], "{statement:?}");
+                covered.insert(source);
+            }
+        }
+    }
+    assert_eq!(covered.len(), 2, "the worker can query both source tables");
+}
+
+#[test]
+fn function_policies_name_their_resources() {
+    let t = template();
+    for (id, _) in FUNCTIONS {
+        for statement in statements(&t, id) {
+            assert_eq!(statement["Effect"].as_str(), Some("Allow"), "{id}");
+            for action in actions(&statement) {
+                assert!(!action.contains('*'), "{id}: wildcard action {action}");
+            }
+            assert!(
+                !strings(&statement["Resource"]).iter().any(|r| r == "*"),
+                "{id}: statement on every resource: {statement:?}"
+            );
+            assert!(!statement_ids(&statement).is_empty(), "{id}: {statement:?}");
+        }
+    }
+}
+
+#[test]
+fn every_function_can_enqueue_only_on_the_job_queue() {
+    let t = template();
+    for (id, _) in FUNCTIONS {
+        let sends: Vec<_> = statements(&t, id)
+            .into_iter()
+            .filter(|s| actions(s).iter().any(|a| a.starts_with("sqs:")))
+            .collect();
+        assert!(!sends.is_empty(), "{id} can send to the job queue");
+        for s in sends {
+            assert_eq!(actions(&s), vec!["sqs:SendMessage"], "{id}");
+            assert!(is_arn_of(&s["Resource"], "JobQueue"), "{id}: {s:?}");
+        }
+    }
+}
+
+#[test]
+fn every_contract_route_is_declared() {
+    let t = template();
+    let routes: BTreeSet<(String, String)> = events_of_type(&t, "ApiFunction", "HttpApi")
+        .into_iter()
+        .map(|(name, p)| {
+            assert!(
+                is_ref_to(&p["ApiId"], "ExportApi"),
+                "{name} is on ExportApi"
+            );
+            (
+                p["Method"].as_str().unwrap_or_default().to_uppercase(),
+                p["Path"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(String, String)> = [
+        ("GET", "/exports/{dataset}"),
+        ("POST", "/exports"),
+        ("GET", "/exports/jobs/{job_id}"),
+        ("GET", "/exports/jobs/{job_id}/download"),
+        ("DELETE", "/exports/cache/{dataset}"),
+        ("DELETE", "/exports/cache"),
+        ("GET", "/exports/cache/stats"),
+        ("GET", "/health"),
+    ]
+    .into_iter()
+    .map(|(m, p)| (m.to_owned(), p.to_owned()))
+    .collect();
+    assert_eq!(routes, expected);
+}
+
+#[test]
+fn health_needs_no_authorizer() {
+    let t = template();
+    let auth = &t.properties("ExportApi").expect("ExportApi")["Auth"];
+    let default = auth["DefaultAuthorizer"]
+        .as_str()
+        .expect("a default authorizer");
+    let authorizer = &auth["Authorizers"][default];
+    assert_eq!(
+        authorizer["IdentitySource"].as_str(),
+        Some("$request.header.Authorization")
+    );
+    assert!(is_ref_to(
+        &authorizer["JwtConfiguration"]["issuer"],
+        "JwtIssuer"
+    ));
+    assert!(authorizer["JwtConfiguration"]["audience"]
+        .as_sequence()
+        .is_some_and(|a| a.iter().any(|v| is_ref_to(v, "JwtAudience"))));
+
+    for (name, props) in events_of_type(&t, "ApiFunction", "HttpApi") {
+        let authorizer = props["Auth"]["Authorizer"].as_str();
+        if props["Path"].as_str() == Some("/health") {
+            assert_eq!(authorizer, Some("NONE"), "{name}");
+        } else {
+            assert_eq!(authorizer, None, "{name} keeps the JWT authorizer");
+        }
+    }
+}
+
+#[test]
+fn functions_get_the_contract_environment() {
+    let t = template();
+    for (id, _) in FUNCTIONS {
+        let env = t.function_environment(id);
+        assert!(is_ref_to(&env["META_TABLE"], "MetaTable"), "{id}");
+        assert!(is_ref_to(&env["EXPORT_BUCKET"], "ExportBucket"), "{id}");
+        assert!(is_ref_to(&env["JOB_QUEUE_URL"], "JobQueue"), "{id}");
+        assert!(
+            matches!(intrinsic(&env["SOURCE_TABLE_PREFIX"]),
+                Some((name, Value::String(s))) if name == "Sub" && s == "${AWS::StackName}-"),
+            "{id}"
+        );
+        assert!(env.contains_key("TENANT_CLAIM"), "{id}");
+        assert_eq!(env["LOG_FORMAT"].as_str(), Some("json"), "{id}");
+    }
+    assert_eq!(
+        specs().source_table_prefix,
+        "export-cache-",
+        "SOURCE_TABLE_PREFIX resolves to the stack prefix"
+    );
+}
+
+#[test]
+fn warmer_interval_matches_its_schedule() {
+    let t = template();
+    let schedules = events_of_type(&t, "WarmerFunction", "Schedule");
+    let [(_, props)] = schedules.as_slice() else {
+        panic!("the warmer has one schedule")
+    };
+    assert_eq!(props["Schedule"].as_str(), Some("rate(15 minutes)"));
+    let env = t.function_environment("WarmerFunction");
+    let interval = &env["WARM_INTERVAL_SECONDS"];
+    let seconds = interval
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| interval.as_u64().map(|n| n.to_string()));
+    assert_eq!(seconds.as_deref(), Some("900"));
+}
+
+#[test]
+fn outputs_name_the_stack_resources() {
+    let t = template();
+    let outputs = t.root()["Outputs"].as_mapping().expect("Outputs");
+    for name in ["ApiUrl", "ExportBucketName", "JobQueueUrl", "MetaTableName"] {
+        assert!(outputs.contains_key(name), "output {name}");
+    }
+    assert!(is_ref_to(&outputs["JobQueueUrl"]["Value"], "JobQueue"));
+    assert!(is_ref_to(&outputs["MetaTableName"]["Value"], "MetaTable"));
+    assert!(is_ref_to(
+        &outputs["ExportBucketName"]["Value"],
+        "ExportBucket"
+    ));
+}
+
+#[test]
+fn samconfig_enables_the_cargo_lambda_build() {
+    let path = provision::template_path().with_file_name("samconfig.toml");
+    let text = std::fs::read_to_string(&path).expect("samconfig.toml next to template.yaml");
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    assert!(lines.contains(&"beta_features = true"), "{text}");
+    assert!(lines.contains(&"stack_name = \"export-cache\""), "{text}");
+}
+
+fn emulator_sdk_required() -> String {
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| {
+        panic!(
+            "AWS_ENDPOINT_URL is not set: this test provisions into the local AWS emulator. \
+             Run `make test`, which starts the emulator and sets it."
+        )
+    })
+}
+
+#[tokio::test]
+async fn provisioned_stack_matches_the_template() {
+    emulator_sdk_required();
+    let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let stack = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let specs = template()
+        .stack_specs(&stack, LOCAL_ACCOUNT_ID, "us-east-1")
+        .unwrap();
+
+    let p = provision::provision(&sdk, &provision::template_path(), &stack)
+        .await
+        .expect("provision");
+    // Checks run in their own task so a failed assertion still reaches the teardown.
+    let checked = tokio::spawn({
+        let (sdk, p) = (sdk.clone(), p.clone());
+        async move { check_provisioned(&sdk, &p, &specs).await }
+    })
+    .await;
+    let torn_down = provision::teardown(&sdk, &p).await;
+    match checked {
+        Ok(result) => result.unwrap(),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+    torn_down.expect("teardown");
+    assert_nothing_left(&sdk, &p).await;
+}
+
+async fn check_provisioned(
+    sdk: &aws_config::SdkConfig,
+    p: &Provisioned,
+    specs: &StackSpecs,
+) -> anyhow::Result<()> {
+    assert_eq!(p.names.meta_table, format!("{}-meta", p.names.stack));
+    assert_eq!(p.names.orders_table, format!("{}-orders", p.names.stack));
+    assert_eq!(
+        p.names.customers_table,
+        format!("{}-customers", p.names.stack)
+    );
+    assert_eq!(p.names.source_table_prefix, format!("{}-", p.names.stack));
+    assert_eq!(
+        p.names.bucket,
+        format!("{}-files-{LOCAL_ACCOUNT_ID}", p.names.stack)
+    );
+    assert_eq!(p.names.queue_name, format!("{}-jobs", p.names.stack));
+    assert_eq!(p.names.dlq_name, format!("{}-jobs-dlq", p.names.stack));
+
+    let again = provision::provision(sdk, &provision::template_path(), &p.names.stack).await?;
+    assert_eq!(&again, p, "provisioning twice is harmless");
+
+    let dynamo = aws_sdk_dynamodb::Client::new(sdk);
+    for spec in &specs.tables {
+        let table = dynamo
+            .describe_table()
+            .table_name(&spec.name)
+            .send()
+            .await?
+            .table
+            .expect("table description");
+        let keys = |schema: &[aws_sdk_dynamodb::types::KeySchemaElement]| -> Vec<(String, bool)> {
+            schema
+                .iter()
+                .map(|k| {
+                    (
+                        k.attribute_name().to_owned(),
+                        *k.key_type() == KeyType::Hash,
+                    )
+                })
+                .collect()
+        };
+        let expected = |schema: &[KeyElement]| -> Vec<(String, bool)> {
+            schema
+                .iter()
+                .map(|k| (k.attribute.clone(), k.key_type == template::KeyType::Hash))
+                .collect()
+        };
+        assert_eq!(
+            keys(table.key_schema()),
+            expected(&spec.key_schema),
+            "{}",
+            spec.name
+        );
+        assert_eq!(table.global_secondary_indexes().len(), spec.gsis.len());
+        for gsi in &spec.gsis {
+            let actual = table
+                .global_secondary_indexes()
+                .iter()
+                .find(|i| i.index_name() == Some(gsi.name.as_str()))
+                .unwrap_or_else(|| panic!("{} has index {}", spec.name, gsi.name));
+            assert_eq!(keys(actual.key_schema()), expected(&gsi.key_schema));
+            assert_eq!(
+                actual.projection().and_then(|p| p.projection_type()),
+                Some(&ProjectionType::All)
+            );
+        }
+        let ttl = dynamo
+            .describe_time_to_live()
+            .table_name(&spec.name)
+            .send()
+            .await?;
+        let ttl = ttl.time_to_live_description();
+        match &spec.ttl_attribute {
+            Some(attribute) => {
+                assert_eq!(
+                    ttl.and_then(|d| d.attribute_name()),
+                    Some(attribute.as_str())
+                );
+                assert_eq!(
+                    ttl.and_then(|d| d.time_to_live_status()),
+                    Some(&TimeToLiveStatus::Enabled)
+                );
+            }
+            None => assert_ne!(
+                ttl.and_then(|d| d.time_to_live_status()),
+                Some(&TimeToLiveStatus::Enabled)
+            ),
+        }
+    }
+
+    let sqs = aws_sdk_sqs::Client::new(sdk);
+    let attributes = |url: String| {
+        let sqs = sqs.clone();
+        async move {
+            sqs.get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::All)
+                .send()
+                .await
+                .map(|out| out.attributes.unwrap_or_default())
+        }
+    };
+    let queue = attributes(p.queue_url.clone()).await?;
+    let dlq = attributes(p.dlq_url.clone()).await?;
+    assert_eq!(
+        queue[&QueueAttributeName::VisibilityTimeout],
+        specs
+            .queue("JobQueue")?
+            .visibility_timeout
+            .unwrap()
+            .to_string()
+    );
+    let redrive: serde_json::Value =
+        serde_json::from_str(&queue[&QueueAttributeName::RedrivePolicy])?;
+    assert_eq!(
+        redrive["deadLetterTargetArn"].as_str(),
+        Some(dlq[&QueueAttributeName::QueueArn].as_str())
+    );
+    assert_eq!(
+        redrive["maxReceiveCount"].to_string().trim_matches('"'),
+        "5"
+    );
+    assert_eq!(
+        dlq[&QueueAttributeName::MessageRetentionPeriod],
+        (14 * 24 * 3600).to_string()
+    );
+
+    let s3 = s3_client(sdk);
+    s3.head_bucket().bucket(&p.names.bucket).send().await?;
+    let lifecycle = s3
+        .get_bucket_lifecycle_configuration()
+        .bucket(&p.names.bucket)
+        .send()
+        .await?;
+    let rule = lifecycle
+        .rules()
+        .iter()
+        .find(|r| r.filter().and_then(|f| f.prefix()) == Some("exports/"))
+        .expect("lifecycle rule on exports/");
+    assert_eq!(rule.expiration().and_then(|e| e.days()), Some(7));
+    assert_eq!(
+        rule.abort_incomplete_multipart_upload()
+            .and_then(|a| a.days_after_initiation()),
+        Some(1)
+    );
+
+    // Teardown must cope with what a run leaves behind: files and an unfinished upload.
+    s3.put_object()
+        .bucket(&p.names.bucket)
+        .key("exports/t/file.csv")
+        .body(b"a,b\r\n".to_vec().into())
+        .send()
+        .await?;
+    s3.create_multipart_upload()
+        .bucket(&p.names.bucket)
+        .key("exports/t/partial.csv")
+        .send()
+        .await?;
+    Ok(())
+}
+
+fn s3_client(sdk: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+async fn assert_nothing_left(sdk: &aws_config::SdkConfig, p: &Provisioned) {
+    let dynamo = aws_sdk_dynamodb::Client::new(sdk);
+    for table in [
+        &p.names.meta_table,
+        &p.names.orders_table,
+        &p.names.customers_table,
+    ] {
+        let err = dynamo
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .expect_err("table deleted");
+        assert!(
+            err.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()),
+            "{table}: {err:?}"
+        );
+    }
+    let s3 = s3_client(sdk);
+    assert!(
+        s3.head_bucket()
+            .bucket(&p.names.bucket)
+            .send()
+            .await
+            .is_err(),
+        "bucket deleted"
+    );
+    let sqs = aws_sdk_sqs::Client::new(sdk);
+    for name in [&p.names.queue_name, &p.names.dlq_name] {
+        let err = sqs
+            .get_queue_url()
+            .queue_name(name)
+            .send()
+            .await
+            .expect_err("queue deleted");
+        assert!(
+            err.as_service_error()
+                .is_some_and(|e| e.is_queue_does_not_exist()),
+            "{name}: {err:?}"
+        );
+    }
+}
