@@ -26,13 +26,19 @@ const DEFAULT_ROWS: [u64; 2] = [100_000, 1_000_000];
 const DEFAULT_CASES: [&str; 4] = ["csv", "csv.gz", "xlsx@1", "xlsx@6"];
 
 fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     if let [flag, case, rows] = args.as_slice() {
         if flag == "--case" {
             return child(case, rows.parse()?);
         }
     }
-    let mut rows: Vec<u64> = args.iter().filter_map(|a| a.replace('_', "").parse().ok()).collect();
+    let mut rows: Vec<u64> = args
+        .iter()
+        .filter_map(|a| a.replace('_', "").parse().ok())
+        .collect();
     if rows.is_empty() {
         rows = match std::env::var("BENCH_ROWS") {
             Ok(v) => v
@@ -82,7 +88,7 @@ fn main() -> Res<()> {
 fn case_label(case: &str) -> String {
     let settings = EncodeSettings::default();
     match case.split_once('@') {
-        Some((f, l)) if f == "xlsx" => format!("xlsx (zip level {l})"),
+        Some(("xlsx", l)) => format!("xlsx (zip level {l})"),
         Some((f, l)) => format!("{f} (level {l})"),
         None if case == "csv.gz" => format!("csv.gz (level {})", settings.gzip_level),
         None if case == "xlsx" => format!("xlsx (zip level {})", settings.xlsx_zip_level),
@@ -112,7 +118,11 @@ impl Measurement {
             .filter_map(|w| w.split_once('='))
             .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
             .collect();
-        let get = |k: &str| kv.get(k).copied().ok_or(format!("child printed no {k}: {s}"));
+        let get = |k: &str| {
+            kv.get(k)
+                .copied()
+                .ok_or(format!("child printed no {k}: {s}"))
+        };
         Ok(Self {
             elapsed: Duration::from_nanos(get("elapsed_ns")?),
             bytes: get("bytes")?,
@@ -277,9 +287,8 @@ impl Orders {
         let created = self.epoch + chrono::Duration::seconds((i * 37 + r.below(30)) as i64);
         let cents = 100 + r.below(500_000);
         let tax = cents / 5;
-        let ship = (r.below(4) != 0).then(|| {
-            created.date_naive() + chrono::Duration::days(1 + r.below(10) as i64)
-        });
+        let ship = (r.below(4) != 0)
+            .then(|| created.date_naive() + chrono::Duration::days(1 + r.below(10) as i64));
         let note = (r.below(5) == 0).then(|| NOTES[r.below(4) as usize]);
         let mut row = vec![Value::Null; 12];
         let values = [

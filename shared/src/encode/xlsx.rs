@@ -292,7 +292,8 @@ fn decimal(s: &str) -> Option<(f64, usize)> {
         return None;
     }
     let x: f64 = s.parse().ok()?;
-    x.is_finite().then_some((x, frac.len().min(MAX_NUMBER_DIGITS)))
+    x.is_finite()
+        .then_some((x, frac.len().min(MAX_NUMBER_DIGITS)))
 }
 
 /// Days from 0001-01-01 to 1899-12-30, the day Excel's serial 0 falls on for dates from March 1900.
@@ -425,7 +426,9 @@ impl XlsxEncoder {
                 .collect(),
             base_name: sheet_base_name(dataset),
             tmp_dir: settings.tmp_dir.clone(),
-            rows_per_sheet: settings.xlsx_rows_per_sheet.clamp(2, XLSX_MAX_ROWS_PER_SHEET),
+            rows_per_sheet: settings
+                .xlsx_rows_per_sheet
+                .clamp(2, XLSX_MAX_ROWS_PER_SHEET),
             sheets: 0,
             row: 0,
             broken: false,
@@ -702,7 +705,12 @@ mod tests {
                 Value::Date(ymd(1899, 1, 1)),
             ],
         ];
-        let book = encode(cols, &[rows], chrono_tz::Europe::Paris, &settings(dir.path(), 100));
+        let book = encode(
+            cols,
+            &[rows],
+            chrono_tz::Europe::Paris,
+            &settings(dir.path(), 100),
+        );
         assert_eq!(book.finished_sheets, 1);
         assert_eq!(book.truncated, 0);
         assert_eq!(book.formulas, 0);
@@ -726,10 +734,18 @@ mod tests {
         assert_eq!(datetime_parts(&r[5]), (2024, 7, 1, 12, 0, 0, 250));
         assert_eq!(datetime_parts(&r[6]), (2024, 2, 29, 0, 0, 0, 0));
 
-        assert!(cells[2].iter().all(|c| *c == Data::Empty), "nulls are empty cells: {:?}", cells[2]);
+        assert!(
+            cells[2].iter().all(|c| *c == Data::Empty),
+            "nulls are empty cells: {:?}",
+            cells[2]
+        );
 
         let r = &cells[3];
-        assert_eq!(r[0], Data::String("null".into()), "only a real text says null");
+        assert_eq!(
+            r[0],
+            Data::String("null".into()),
+            "only a real text says null"
+        );
         // Beyond Excel's 15 digits numbers stay exact as text instead of being rounded.
         assert_eq!(r[1], Data::String("1234567890123456789".into()));
         assert_eq!(r[2], Data::Float(-0.01));
@@ -744,10 +760,19 @@ mod tests {
     #[test]
     fn timestamps_in_utc_and_far_dates_keep_their_value() {
         let dir = tempfile::tempdir().unwrap();
-        let cols = vec![col("t", ColumnType::Timestamp, false), col("d", ColumnType::Date, false)];
+        let cols = vec![
+            col("t", ColumnType::Timestamp, false),
+            col("d", ColumnType::Date, false),
+        ];
         let rows = vec![
-            vec![Value::Ts(utc("1999-12-31T23:59:59Z")), Value::Date(ymd(1900, 1, 1))],
-            vec![Value::Ts(utc("2038-01-19T03:14:07Z")), Value::Date(ymd(9999, 12, 31))],
+            vec![
+                Value::Ts(utc("1999-12-31T23:59:59Z")),
+                Value::Date(ymd(1900, 1, 1)),
+            ],
+            vec![
+                Value::Ts(utc("2038-01-19T03:14:07Z")),
+                Value::Date(ymd(9999, 12, 31)),
+            ],
         ];
         let book = encode(cols, &[rows], chrono_tz::UTC, &settings(dir.path(), 100));
         let cells = &book.sheets[0].1;
@@ -760,8 +785,18 @@ mod tests {
     #[test]
     fn formula_starts_are_text_with_the_quote_prefix_and_numbers_are_not_touched() {
         let dir = tempfile::tempdir().unwrap();
-        let cols = vec![col("s", ColumnType::String, false), col("i", ColumnType::Integer, false)];
-        let starts = ["=HYPERLINK(\"http://x\",\"y\")", "+1", "-1", "@SUM(A1)", "\tx", "\rx"];
+        let cols = vec![
+            col("s", ColumnType::String, false),
+            col("i", ColumnType::Integer, false),
+        ];
+        let starts = [
+            "=HYPERLINK(\"http://x\",\"y\")",
+            "+1",
+            "-1",
+            "@SUM(A1)",
+            "\tx",
+            "\rx",
+        ];
         let rows: Vec<Row> = starts
             .iter()
             .map(|s| vec![Value::Str(s.to_string()), Value::Int(-1)])
@@ -778,15 +813,26 @@ mod tests {
     #[test]
     fn rows_roll_over_to_numbered_sheets_each_with_its_header() {
         let dir = tempfile::tempdir().unwrap();
-        let cols = vec![col("n", ColumnType::Integer, false), col("s", ColumnType::String, false)];
-        let header = vec![Data::String("n label".into()), Data::String("s label".into())];
+        let cols = vec![
+            col("n", ColumnType::Integer, false),
+            col("s", ColumnType::String, false),
+        ];
+        let header = vec![
+            Data::String("n label".into()),
+            Data::String("s label".into()),
+        ];
         let rows = |n: i64| -> Vec<Row> {
             (0..n)
                 .map(|i| vec![Value::Int(i), Value::Str(format!("r{i}"))])
                 .collect()
         };
         // Header + 3 rows fill the sheet exactly.
-        let book = encode(cols.clone(), &[rows(3)], chrono_tz::UTC, &settings(dir.path(), 4));
+        let book = encode(
+            cols.clone(),
+            &[rows(3)],
+            chrono_tz::UTC,
+            &settings(dir.path(), 4),
+        );
         assert_eq!(book.finished_sheets, 1);
         assert_eq!(book.sheets.len(), 1);
         assert_eq!(book.sheets[0].0, "things");
@@ -794,7 +840,12 @@ mod tests {
 
         // One more row starts a second sheet, also when it comes in another page.
         for pages in [vec![rows(4)], vec![rows(3), rows(4)[3..].to_vec()]] {
-            let book = encode(cols.clone(), &pages, chrono_tz::UTC, &settings(dir.path(), 4));
+            let book = encode(
+                cols.clone(),
+                &pages,
+                chrono_tz::UTC,
+                &settings(dir.path(), 4),
+            );
             assert_eq!(book.finished_sheets, 2);
             let names: Vec<&str> = book.sheets.iter().map(|(n, _)| n.as_str()).collect();
             assert_eq!(names, ["things", "things 2"]);
@@ -802,7 +853,10 @@ mod tests {
             assert_eq!(book.sheets[0].1[3][0], Data::Float(2.0));
             assert_eq!(
                 book.sheets[1].1,
-                vec![header.clone(), vec![Data::Float(3.0), Data::String("r3".into())]]
+                vec![
+                    header.clone(),
+                    vec![Data::Float(3.0), Data::String("r3".into())]
+                ]
             );
         }
 
@@ -810,7 +864,10 @@ mod tests {
         let book = encode(cols, &[rows(7)], chrono_tz::UTC, &settings(dir.path(), 4));
         assert_eq!(book.finished_sheets, 3);
         let firsts: Vec<&Data> = book.sheets.iter().map(|(_, r)| &r[1][0]).collect();
-        assert_eq!(firsts, [&Data::Float(0.0), &Data::Float(3.0), &Data::Float(6.0)]);
+        assert_eq!(
+            firsts,
+            [&Data::Float(0.0), &Data::Float(3.0), &Data::Float(6.0)]
+        );
         assert_eq!(book.sheets[2].0, "things 3");
     }
 
@@ -848,7 +905,10 @@ mod tests {
             assert!(s.starts_with(first), "{}", &s[..10]);
             assert!(s.ends_with(TRUNCATION_MARKER));
             let units = utf16_len(s);
-            assert!(units <= MAX_CELL_CHARS && units >= MAX_CELL_CHARS - 1, "{units}");
+            assert!(
+                (MAX_CELL_CHARS - 1..=MAX_CELL_CHARS).contains(&units),
+                "{units}"
+            );
         }
         assert_eq!(cells[4][0], Data::String(fits));
     }
@@ -882,10 +942,14 @@ mod tests {
         let s = settings(dir.path(), 1000);
         let empty = |p: &Path| std::fs::read_dir(p).unwrap().count() == 0;
 
-        let mut e: Box<dyn Encoder> =
-            Box::new(XlsxEncoder::new("orders", orders.columns.clone(), chrono_tz::UTC, &s).unwrap());
+        let mut e: Box<dyn Encoder> = Box::new(
+            XlsxEncoder::new("orders", orders.columns.clone(), chrono_tz::UTC, &s).unwrap(),
+        );
         e.write_rows(&rows).unwrap();
-        assert!(open_handles_into(dir.path()) >= 3, "one staged file per sheet");
+        assert!(
+            open_handles_into(dir.path()) >= 3,
+            "one staged file per sheet"
+        );
         assert!(empty(dir.path()), "staged sheets have no name to leak");
         let finished = e.finish().unwrap();
         assert_eq!(finished.sheets, 3);

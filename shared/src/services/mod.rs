@@ -62,3 +62,6 @@ pub(crate) fn require_scope(
         )))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,311 @@
+//! Use-case tests over the in-memory fakes: fast, deterministic, and racing the same conditional
+//! writes as the DynamoDB adapter. The same flows run against the emulator in `tests/`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chrono::{Duration, NaiveDate, TimeZone, Utc};
+
+use super::cache_admin::{invalidate_scope, Scope};
+use super::export::{request_export, ExportAnswer};
+use super::jobs::{download_url, job_for};
+use super::process::{process_job, Outcome};
+use super::warm::warm;
+use super::ServiceError;
+use crate::catalog::{Catalog, BUILTIN_CATALOG};
+use crate::domain::identity::{SCOPE_ADMIN, SCOPE_READ};
+use crate::domain::{Identity, JobMessage, JobStatus, MessageKind, RawExportRequest, Row, Value};
+use crate::testing::{fakes, test_config, Fakes};
+
+fn who(tenant: &str) -> Identity {
+    Identity {
+        tenant: tenant.into(),
+        user: "alice".into(),
+        scopes: BTreeSet::from([SCOPE_READ.to_string(), SCOPE_ADMIN.to_string()]),
+    }
+}
+
+fn order_rows(n: usize) -> Vec<Row> {
+    (0..n)
+        .map(|i| {
+            vec![
+                Value::Str(format!("ORD-{i:06}")),
+                Value::Ts(Utc.timestamp_opt(1_700_000_000 + i as i64 * 60, 0).unwrap()),
+                Value::Str(format!("C{}", i % 7)),
+                Value::Str(if i % 5 == 0 { "=cmd()".into() } else { format!("Name, {i}") }),
+                Value::Str("paid".into()),
+                Value::Str("EUR".into()),
+                Value::Dec(format!("{}.{:02}", i, i % 100)),
+                Value::Dec("0.10".into()),
+                Value::Int(i as i64 % 9),
+                Value::Bool(i % 2 == 0),
+                Value::Date(NaiveDate::from_ymd_opt(2024, 1, 1 + (i % 28) as u32).unwrap()),
+                if i % 3 == 0 { Value::Null } else { Value::Str(format!("note \"{i}\"")) },
+            ]
+        })
+        .collect()
+}
+
+/// Fakes with small parts and pages so a few dozen rows cross several part boundaries.
+fn setup(rows: usize) -> Fakes {
+    setup_with(rows, Catalog::builtin().unwrap())
+}
+
+fn setup_with(rows: usize, catalog: Catalog) -> Fakes {
+    let mut config = test_config();
+    config.worker.part_size = 300;
+    let mut f = fakes(config, 10);
+    f.deps.catalog = Arc::new(catalog);
+    for t in ["acme", "globex"] {
+        f.source.rows.lock().unwrap().insert(t.into(), order_rows(rows));
+    }
+    f
+}
+
+fn orders(pairs: &[(&str, &str)]) -> RawExportRequest {
+    RawExportRequest::from_query(
+        "orders",
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    )
+}
+
+fn far_deadline(f: &Fakes) -> chrono::DateTime<Utc> {
+    f.deps.clock.now() + Duration::minutes(15)
+}
+
+async fn miss(f: &Fakes, tenant: &str, req: &RawExportRequest) -> String {
+    match request_export(&f.deps, &who(tenant), req).await.unwrap() {
+        ExportAnswer::Job { job, .. } => job.job_id,
+        other => panic!("expected a miss, got {other:?}"),
+    }
+}
+
+async fn run_queue(f: &Fakes) -> Vec<Outcome> {
+    let mut out = Vec::new();
+    loop {
+        let msgs = f.queue.drain();
+        if msgs.is_empty() {
+            return out;
+        }
+        for m in msgs {
+            out.push(process_job(&f.deps, &m, "w1", far_deadline(f)).await.unwrap());
+        }
+    }
+}
+
+fn only_object(f: &Fakes, suffix: &str) -> Vec<u8> {
+    let objects = f.files.objects.lock().unwrap();
+    let files: Vec<_> = objects.iter().filter(|(k, _)| k.ends_with(suffix)).collect();
+    assert_eq!(files.len(), 1, "{:?}", objects.keys().collect::<Vec<_>>());
+    files[0].1.clone()
+}
+
+#[tokio::test]
+async fn miss_then_hit_serves_the_same_file() {
+    let f = setup(57);
+    let job_id = miss(&f, "acme", &orders(&[])).await;
+    let outcomes = run_queue(&f).await;
+    assert_eq!(outcomes, vec![Outcome::Succeeded { rows: 57, bytes: only_object(&f, ".csv").len() as u64 }]);
+    let pages_after_miss = *f.source.pages_read.lock().unwrap();
+
+    let hit = request_export(&f.deps, &who("acme"), &orders(&[])).await.unwrap();
+    let ExportAnswer::File { entry, stale, .. } = hit else { panic!("expected a hit") };
+    assert!(!stale);
+    assert_eq!(entry.job_id, job_id);
+    assert_eq!(entry.rows, 57);
+    assert_eq!(*f.source.pages_read.lock().unwrap(), pages_after_miss, "a hit reads nothing");
+
+    let file = String::from_utf8(only_object(&f, ".csv")).unwrap();
+    assert!(file.starts_with("Order ID,Created at,"));
+    assert_eq!(file.matches("\r\n").count(), 58, "header + rows");
+    assert!(file.contains("'=cmd()"), "formula neutralised");
+    let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert!(job.pages_read >= 6 && job.read_capacity > 0.0);
+    assert!(only_object(&f, ".manifest.json").len() > 10);
+}
+
+#[tokio::test]
+async fn concurrent_identical_misses_join_one_job() {
+    let f = setup(5);
+    let reqs: Vec<_> = (0..12)
+        .map(|i| {
+            // Same export, spelled differently.
+            let cols = if i % 2 == 0 { "amount,order_id" } else { "order_id,amount" };
+            orders(&[("columns", cols), ("status", "paid")])
+        })
+        .collect();
+    let caller = who("acme");
+    let answers =
+        futures::future::join_all(reqs.iter().map(|r| request_export(&f.deps, &caller, r))).await;
+    let ids: BTreeSet<String> = answers
+        .into_iter()
+        .map(|a| match a.unwrap() {
+            ExportAnswer::Job { job, .. } => job.job_id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(f.queue.drain().len(), 1, "one message for one job");
+}
+
+#[tokio::test]
+async fn duplicate_and_concurrent_deliveries_make_one_file() {
+    let f = setup(40);
+    let job_id = miss(&f, "acme", &orders(&[])).await;
+    let msg = f.queue.drain().remove(0);
+    let deadline = far_deadline(&f);
+    let (a, b) = tokio::join!(
+        process_job(&f.deps, &msg, "w1", deadline),
+        process_job(&f.deps, &msg, "w2", deadline)
+    );
+    let results = [a, b];
+    assert_eq!(results.iter().filter(|r| matches!(r, Ok(Outcome::Succeeded { .. }))).count(), 1);
+    assert!(
+        results.iter().all(|r| matches!(
+            r,
+            Ok(Outcome::Succeeded { .. }) | Ok(Outcome::AlreadyFinished) | Err(super::process::RetryLater::Busy { .. })
+        )),
+        "{results:?}"
+    );
+    // A late redelivery finds the job finished.
+    assert_eq!(process_job(&f.deps, &msg, "w3", deadline).await.unwrap(), Outcome::AlreadyFinished);
+    only_object(&f, ".csv");
+    assert_eq!(job_for(&f.deps, &who("acme"), &job_id).await.unwrap().status, JobStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn failed_job_aborts_its_upload_and_serves_nothing() {
+    let small = Catalog::from_toml(&BUILTIN_CATALOG.replace("row_limit = 5000000", "row_limit = 25")).unwrap();
+    let f = setup_with(60, small);
+    let job_id = miss(&f, "acme", &orders(&[])).await;
+    let outcomes = run_queue(&f).await;
+    assert_eq!(outcomes, vec![Outcome::Failed { code: "row_limit_exceeded".into() }]);
+    assert_eq!(f.files.aborted.lock().unwrap().len(), 1);
+    assert!(f.files.objects.lock().unwrap().is_empty(), "no file, not even a manifest");
+    let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
+    assert_eq!(job.error.unwrap().code, "row_limit_exceeded");
+    // The failure released the key: the next request starts a new job instead of joining.
+    let again = miss(&f, "acme", &orders(&[])).await;
+    assert_ne!(again, job_id);
+    assert!(matches!(
+        download_url(&f.deps, &who("acme"), &job_id).await,
+        Err(ServiceError::NotReady(_))
+    ));
+}
+
+#[tokio::test]
+async fn continuation_before_the_deadline_yields_the_identical_file() {
+    let f = setup(83);
+    // Uninterrupted reference run for tenant globex (same rows).
+    miss(&f, "globex", &orders(&[])).await;
+    run_queue(&f).await;
+    let reference = only_object(&f, ".csv");
+
+    let job_id = miss(&f, "acme", &orders(&[])).await;
+    let msg = f.queue.drain().remove(0);
+    // The deadline is already inside the margin: hand over after the first page.
+    let tight = f.deps.clock.now() + Duration::seconds(30);
+    let first = process_job(&f.deps, &msg, "w1", tight).await.unwrap();
+    assert!(matches!(first, Outcome::Continued { .. }), "{first:?}");
+    let cont = f.queue.drain();
+    assert_eq!(cont, vec![JobMessage { job_id: job_id.clone(), kind: MessageKind::Continue }]);
+    let mut outcome = process_job(&f.deps, &cont[0], "w2", tight).await.unwrap();
+    // Each continuation makes progress; finish with a roomy deadline.
+    while let Outcome::Continued { .. } = outcome {
+        let next = f.queue.drain().remove(0);
+        outcome = process_job(&f.deps, &next, "w3", far_deadline(&f)).await.unwrap();
+    }
+    assert!(matches!(outcome, Outcome::Succeeded { rows: 83, .. }), "{outcome:?}");
+    let objects = f.files.objects.lock().unwrap();
+    let resumed = objects
+        .iter()
+        .find(|(k, _)| k.contains("/acme/") && k.ends_with(".csv"))
+        .unwrap()
+        .1;
+    assert_eq!(resumed, &reference);
+    let job = f.meta.jobs.lock().unwrap().get(&job_id).cloned().unwrap();
+    assert!(job.continuations >= 1);
+    assert_eq!(
+        job.sha256.unwrap(),
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&reference))
+    );
+}
+
+#[tokio::test]
+async fn expired_entry_is_a_miss_again_and_stale_is_served_with_a_refresh() {
+    let f = setup(12);
+    let first = miss(&f, "acme", &orders(&[])).await;
+    run_queue(&f).await;
+    // orders: fresh 900 s, stale window 3600 s.
+    f.clock.advance(Duration::seconds(1000));
+    match request_export(&f.deps, &who("acme"), &orders(&[])).await.unwrap() {
+        ExportAnswer::File { stale: true, .. } => {}
+        other => panic!("expected a stale hit, got {other:?}"),
+    }
+    assert_eq!(f.queue.drain().len(), 1, "the stale hit queued a refresh");
+    // A caller that accepts no staleness joins that refresh instead.
+    match request_export(&f.deps, &who("acme"), &orders(&[("max_stale", "0")])).await.unwrap() {
+        ExportAnswer::Job { joined: true, .. } => {}
+        other => panic!("expected to join the refresh, got {other:?}"),
+    }
+    f.clock.advance(Duration::seconds(5000));
+    let fresh_miss = miss(&f, "acme", &orders(&[])).await;
+    assert_ne!(fresh_miss, first);
+}
+
+#[tokio::test]
+async fn other_tenants_job_is_not_found() {
+    let f = setup(3);
+    let job_id = miss(&f, "acme", &orders(&[])).await;
+    assert!(matches!(job_for(&f.deps, &who("globex"), &job_id).await, Err(ServiceError::NotFound(_))));
+    assert!(matches!(job_for(&f.deps, &who("acme"), "nope").await, Err(ServiceError::NotFound(_))));
+    // And tenants never share files: the same request for globex is its own miss.
+    run_queue(&f).await;
+    let other = miss(&f, "globex", &orders(&[])).await;
+    assert_ne!(other, job_id);
+}
+
+#[tokio::test]
+async fn invalidating_the_tenant_hides_its_entries() {
+    let f = setup(3);
+    miss(&f, "acme", &orders(&[])).await;
+    run_queue(&f).await;
+    let mut reader = who("acme");
+    reader.scopes.remove(SCOPE_ADMIN);
+    assert!(matches!(
+        invalidate_scope(&f.deps, &reader, Scope::Tenant).await,
+        Err(ServiceError::Forbidden(_))
+    ));
+    invalidate_scope(&f.deps, &who("acme"), Scope::Tenant).await.unwrap();
+    miss(&f, "acme", &orders(&[])).await;
+}
+
+#[tokio::test]
+async fn warmer_refreshes_only_hit_entries_about_to_expire() {
+    let f = setup(3);
+    miss(&f, "acme", &orders(&[])).await; // will be hit
+    miss(&f, "acme", &orders(&[("status", "paid")])).await; // never hit
+    miss(&f, "globex", &orders(&[])).await; // hit, but fresh for long
+    run_queue(&f).await;
+    request_export(&f.deps, &who("acme"), &orders(&[])).await.unwrap();
+    f.clock.advance(Duration::seconds(300));
+    request_export(&f.deps, &who("globex"), &orders(&[])).await.unwrap();
+    // Shift globex's entry far into the future.
+    for e in f.meta.entries.lock().unwrap().values_mut() {
+        if e.tenant == "globex" {
+            e.fresh_until += Duration::hours(5);
+        }
+    }
+    // The next run is 900 s away; acme's entries go stale at +900 s.
+    let report = warm(&f.deps, f.deps.clock.now()).await.unwrap();
+    assert_eq!(report.enqueued, 1, "{report:?}");
+    assert_eq!(report.skipped_cold, 1, "{report:?}");
+    let sent = f.queue.drain();
+    let job = f.meta.jobs.lock().unwrap().get(&sent[0].job_id).cloned().unwrap();
+    assert_eq!(job.tenant, "acme");
+    assert!(job.spec.filters.is_empty());
+    // A second run joins the in-flight refresh instead of queuing another.
+    let again = warm(&f.deps, f.deps.clock.now()).await.unwrap();
+    assert_eq!((again.enqueued, again.joined), (0, 1));
+}
