@@ -32,19 +32,19 @@ start_bg() {
   log "started $name (pid $BG_PID, log ${logfile#"$ROOT"/})"
 }
 
-# stop_group PID NAME : SIGTERM to the process group, SIGKILL after 5 s.
+# stop_group PID NAME : SIGTERM to the process group, SIGKILL after 10 s.
 stop_group() {
   local pid="${1:-}" name="${2:-process}"
   [[ -n "$pid" ]] || return 0
   if alive "$pid"; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     local i
-    for i in $(seq 1 50); do
+    for i in $(seq 1 100); do
       alive "$pid" || break
       sleep 0.1
     done
     if alive "$pid"; then
-      log "$name did not stop in 5 s; killing its process group"
+      log "$name did not stop in 10 s; killing its process group"
       kill -KILL -- "-$pid" 2>/dev/null || true
     fi
   fi

@@ -50,7 +50,7 @@ impl BridgeConfig {
             queue_url: queue_url.into(),
             watch: watch.into(),
             schedule_secs: 900,
-            wait_secs: 5,
+            wait_secs: 3,
             invoke_timeout: Duration::from_secs(1_800),
             rule_name: "export-cache-warmer-schedule".to_owned(),
         }

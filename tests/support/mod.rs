@@ -1,1 +1,281 @@
+//! Integration-test harness: a uniquely named stack in the local AWS emulator (provisioned from
+//! template.yaml, seeded with the demo data), the real adapters, the API router called in-process,
+//! and the worker fed from the real SQS queue the way the Lambda trigger does.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_config::{BehaviorVersion, SdkConfig};
+use axum::body::Body;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use infra::provision::{provision, teardown, template_path, Provisioned};
+use shared::adapters::deps_from_aws;
+use shared::catalog::Catalog;
+use shared::config::Config;
+use shared::services::Deps;
+use shared::testing::ManualClock;
+
+pub const SECRET: &str = "integration-test-secret";
+
+pub async fn sdk() -> SdkConfig {
+    assert!(
+        std::env::var("AWS_ENDPOINT_URL").is_ok(),
+        "AWS_ENDPOINT_URL is not set: these tests talk to the local AWS emulator; run them with `make test`"
+    );
+    aws_config::defaults(BehaviorVersion::latest()).load().await
+}
+
+pub struct Stack {
+    pub sdk: SdkConfig,
+    pub p: Provisioned,
+    pub deps: Deps,
+    pub clock: Arc<ManualClock>,
+    pub queue_arn: String,
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+            .to_str()
+            .unwrap()
+    }
+}
+
+impl Stack {
+    /// A fresh stack with `rows` orders per tenant (acme, globex), and extra config.
+    pub async fn new(rows: u64, extra: &[(&str, &str)]) -> Self {
+        let sdk = sdk().await;
+        let stack = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let p = provision(&sdk, &template_path(), &stack).await.unwrap();
+        if rows > 0 {
+            infra::seed::seed(
+                &sdk,
+                &p.names.orders_table,
+                &p.names.customers_table,
+                &["acme", "globex"],
+                rows,
+            )
+            .await
+            .unwrap();
+        }
+        let mut env: HashMap<String, String> = [
+            ("META_TABLE", p.names.meta_table.as_str()),
+            ("EXPORT_BUCKET", p.names.bucket.as_str()),
+            ("JOB_QUEUE_URL", p.queue_url.as_str()),
+            ("SOURCE_TABLE_PREFIX", p.names.source_table_prefix.as_str()),
+            ("LOCAL_JWT_SECRET", SECRET),
+            ("S3_FORCE_PATH_STYLE", "true"),
+            ("LOG_FORMAT", "text"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        let config = Config::from_map(&env).unwrap();
+        let mut deps = deps_from_aws(&sdk, config, Catalog::builtin().unwrap());
+        let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+        deps.clock = clock.clone();
+        let queue_arn = aws_sdk_sqs::Client::new(&sdk)
+            .get_queue_attributes()
+            .queue_url(&p.queue_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap()
+            .remove(&aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .unwrap();
+        Self {
+            sdk,
+            p,
+            deps,
+            clock,
+            queue_arn,
+        }
+    }
+
+    pub async fn teardown(self) {
+        teardown(&self.sdk, &self.p).await.unwrap();
+    }
+
+    pub fn token(&self, tenant: &str, scopes: &[&str]) -> String {
+        infra::token::dev_token(SECRET, tenant, "alice", scopes, 600).unwrap()
+    }
+
+    pub fn reader(&self, tenant: &str) -> String {
+        self.token(tenant, &["exports:read"])
+    }
+
+    /// One request through the API router, as API Gateway would hand it over.
+    pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let resp = api::router(self.deps.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, uri: &str, token: &str) -> Answer {
+        self.call(Method::GET, uri, Some(token), None).await
+    }
+
+    /// Plays the SQS trigger: receive a batch from the real queue, invoke the worker handler,
+    /// delete what it did not report as failed. Returns the number of messages handled.
+    pub async fn run_worker_once(&self) -> usize {
+        let sqs = aws_sdk_sqs::Client::new(&self.sdk);
+        let resp = sqs
+            .receive_message()
+            .queue_url(&self.p.queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(0)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .unwrap();
+        let messages = resp.messages.unwrap_or_default();
+        if messages.is_empty() {
+            return 0;
+        }
+        let queue = infra::bridge::QueueIdentity::from_arn(&self.queue_arn).unwrap();
+        let event = infra::bridge::sqs_event(&queue, &messages);
+        let deadline = self.clock.0.lock().map(|t| *t).unwrap() + chrono::Duration::minutes(15);
+        let answer = worker::handle_batch(&self.deps, event, "test-worker", deadline).await;
+        let failed: Vec<String> = answer
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.clone())
+            .collect();
+        for m in &messages {
+            if !failed.contains(m.message_id.as_ref().unwrap()) {
+                sqs.delete_message()
+                    .queue_url(&self.p.queue_url)
+                    .receipt_handle(m.receipt_handle.as_ref().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+        messages.len()
+    }
+
+    /// Runs the worker until the queue is empty.
+    pub async fn run_worker(&self) -> usize {
+        let mut total = 0;
+        loop {
+            let n = self.run_worker_once().await;
+            if n == 0 {
+                return total;
+            }
+            total += n;
+        }
+    }
+
+    /// Messages waiting in the queue (received and left to reappear).
+    pub async fn queued_messages(&self) -> Vec<String> {
+        let sqs = aws_sdk_sqs::Client::new(&self.sdk);
+        let mut bodies = Vec::new();
+        loop {
+            let resp = sqs
+                .receive_message()
+                .queue_url(&self.p.queue_url)
+                .max_number_of_messages(10)
+                .visibility_timeout(30)
+                .send()
+                .await
+                .unwrap();
+            let batch = resp.messages.unwrap_or_default();
+            if batch.is_empty() {
+                return bodies;
+            }
+            bodies.extend(batch.into_iter().filter_map(|m| m.body));
+        }
+    }
+
+    pub fn s3(&self) -> aws_sdk_s3::Client {
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&self.sdk)
+                .force_path_style(true)
+                .build(),
+        )
+    }
+
+    /// Keys of the export files (not manifests) in the bucket.
+    pub async fn export_files(&self) -> Vec<String> {
+        let resp = self
+            .s3()
+            .list_objects_v2()
+            .bucket(&self.p.names.bucket)
+            .prefix("exports/")
+            .send()
+            .await
+            .unwrap();
+        resp.contents
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|o| o.key)
+            .filter(|k| !k.ends_with(".manifest.json"))
+            .collect()
+    }
+
+    /// Follows a presigned URL like a browser would.
+    pub async fn fetch(&self, url: &str) -> (reqwest::StatusCode, HeaderMap, Vec<u8>) {
+        let resp = reqwest::get(url).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        (status, headers, resp.bytes().await.unwrap().to_vec())
+    }
+
+    /// Requests an export, expects a miss, runs the worker, and returns the finished job id.
+    pub async fn export_through_worker(&self, uri: &str, token: &str) -> String {
+        let miss = self.get(uri, token).await;
+        assert_eq!(miss.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&miss.body));
+        let job_id = miss.json()["job_id"].as_str().unwrap().to_string();
+        self.run_worker().await;
+        let status = self.get(&format!("/exports/jobs/{job_id}"), token).await.json();
+        assert_eq!(status["status"], "succeeded", "{status}");
+        job_id
+    }
+}

@@ -28,7 +28,7 @@ USAGE: devstack <command> [--flag value]...
   seed      [--stack export-cache] [--rows 20000] [--tenants acme,globex]
         write deterministic orders (and rows/10 customers) for each tenant
   bridge    [--stack export-cache] [--watch http://127.0.0.1:9000] [--schedule-secs 900]
-            [--queue-url URL] [--wait-secs 5]
+            [--queue-url URL] [--wait-secs 3]
         play the SQS trigger (export-worker) and the schedule (export-warmer) until Ctrl-C
   demo      [--api http://127.0.0.1:9000/lambda-url/export-api] [--tenant acme] [--user alice]
             [--dataset orders] [--format csv]
@@ -263,7 +263,7 @@ async fn cmd_bridge(flags: Flags) -> anyhow::Result<()> {
     let mut cfg = BridgeConfig::new(queue_url, flags.or("watch", DEFAULT_WATCH));
     cfg.schedule_secs = flags.number("schedule-secs", 900)?;
     cfg.wait_secs =
-        i32::try_from(flags.number("wait-secs", 5)?.clamp(1, 20)).context("--wait-secs")?;
+        i32::try_from(flags.number("wait-secs", 3)?.clamp(1, 20)).context("--wait-secs")?;
     cfg.rule_name = format!("{}-warmer-schedule", flags.or("stack", DEFAULT_STACK));
     bridge::run(&sdk, cfg, shutdown_signal()).await
 }
