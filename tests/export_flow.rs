@@ -13,7 +13,10 @@ const ALL: &[&str] = &["exports:read", "exports:admin"];
 
 /// What a spreadsheet-safe CSV cell of a seeded text attribute must be.
 fn neutralised(s: &str) -> String {
-    if matches!(s.as_bytes().first(), Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')) {
+    if matches!(
+        s.as_bytes().first(),
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
+    ) {
         format!("'{s}")
     } else {
         s.to_string()
@@ -78,9 +81,15 @@ async fn miss_then_hit_serves_byte_identical_seeded_rows_without_reading_the_sou
     // Enough rows for two multipart parts of 5 MiB.
     const ROWS: u64 = 48_000;
     let stack = Stack::new(0, &[("PART_SIZE_BYTES", "5242880")]).await;
-    infra::seed::seed(&stack.sdk, &stack.p.names.orders_table, &stack.p.names.customers_table, &["acme"], ROWS)
-        .await
-        .unwrap();
+    infra::seed::seed(
+        &stack.sdk,
+        &stack.p.names.orders_table,
+        &stack.p.names.customers_table,
+        &["acme"],
+        ROWS,
+    )
+    .await
+    .unwrap();
     let token = stack.reader("acme");
 
     let miss = stack.get("/exports/orders?format=csv", &token).await;
@@ -91,40 +100,72 @@ async fn miss_then_hit_serves_byte_identical_seeded_rows_without_reading_the_sou
     assert_eq!(miss.header("location"), format!("/exports/jobs/{job_id}"));
     assert_eq!(miss.json()["status"], "queued");
 
-    let not_ready = stack.get(&format!("/exports/jobs/{job_id}/download"), &token).await;
+    let not_ready = stack
+        .get(&format!("/exports/jobs/{job_id}/download"), &token)
+        .await;
     assert_problem(&not_ready, StatusCode::CONFLICT, None);
 
     assert_eq!(stack.run_worker().await, 1);
-    let status = stack.get(&format!("/exports/jobs/{job_id}"), &token).await.json();
+    let status = stack
+        .get(&format!("/exports/jobs/{job_id}"), &token)
+        .await
+        .json();
     assert_eq!(status["status"], "succeeded", "{status}");
     assert_eq!(status["rows_written"], ROWS);
     assert_eq!(status["rows_total"], ROWS);
     assert_eq!(status["progress"], 1.0);
     assert!(status["pages_read"].as_u64().unwrap() >= 2, "{status}");
     assert!(status["read_capacity"].as_f64().unwrap() > 0.0, "{status}");
-    assert_eq!(status["download_url"], format!("/exports/jobs/{job_id}/download"));
+    assert_eq!(
+        status["download_url"],
+        format!("/exports/jobs/{job_id}/download")
+    );
 
-    let dl = stack.get(&format!("/exports/jobs/{job_id}/download"), &token).await;
+    let dl = stack
+        .get(&format!("/exports/jobs/{job_id}/download"), &token)
+        .await;
     assert_eq!(dl.status, StatusCode::SEE_OTHER);
     let (code, headers, first) = stack.fetch(dl.header("location")).await;
     assert!(code.is_success());
     let disposition = headers["content-disposition"].to_str().unwrap();
-    assert!(disposition.contains("filename=\"orders-") && disposition.ends_with(".csv\""), "{disposition}");
+    assert!(
+        disposition.contains("filename=\"orders-") && disposition.ends_with(".csv\""),
+        "{disposition}"
+    );
     assert_eq!(status["bytes_written"], first.len() as u64);
-    assert_eq!(status["sha256"], hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&first)));
+    assert_eq!(
+        status["sha256"],
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&first))
+    );
 
     // The file holds exactly the seeded rows, in sort-key order, header first.
     let records = parse_csv(&first);
     assert_eq!(records.len() as u64, ROWS + 1);
     assert_eq!(records[0][0], "Order ID");
     for (i, rec) in records[1..].iter().enumerate() {
-        assert_eq!(rec, &expected_order_cells(&infra::seed::order_item("acme", i as u64)), "row {i}");
+        assert_eq!(
+            rec,
+            &expected_order_cells(&infra::seed::order_item("acme", i as u64)),
+            "row {i}"
+        );
     }
     // It was uploaded in more than one part.
     let files = stack.export_files().await;
     assert_eq!(files.len(), 1);
-    let head = stack.s3().head_object().bucket(&stack.p.names.bucket).key(&files[0]).send().await.unwrap();
-    assert!(head.e_tag().unwrap().ends_with("-2\""), "{:?} for {} bytes", head.e_tag(), first.len());
+    let head = stack
+        .s3()
+        .head_object()
+        .bucket(&stack.p.names.bucket)
+        .key(&files[0])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        head.e_tag().unwrap().ends_with("-2\""),
+        "{:?} for {} bytes",
+        head.e_tag(),
+        first.len()
+    );
 
     // Prove the hit reads nothing: remove the source table entirely.
     aws_sdk_dynamodb::Client::new(&stack.sdk)
@@ -134,16 +175,28 @@ async fn miss_then_hit_serves_byte_identical_seeded_rows_without_reading_the_sou
         .await
         .unwrap();
     let hit = stack.get("/exports/orders?format=csv", &token).await;
-    assert_eq!(hit.status, StatusCode::SEE_OTHER, "{}", String::from_utf8_lossy(&hit.body));
+    assert_eq!(
+        hit.status,
+        StatusCode::SEE_OTHER,
+        "{}",
+        String::from_utf8_lossy(&hit.body)
+    );
     assert_eq!(hit.header("x-export-cache"), "hit");
     assert_eq!(hit.header("x-export-id"), job_id);
     assert!(hit.header("age").parse::<u64>().is_ok());
-    assert_eq!(hit.header("etag"), format!("\"{}\"", status["sha256"].as_str().unwrap()));
+    assert_eq!(
+        hit.header("etag"),
+        format!("\"{}\"", status["sha256"].as_str().unwrap())
+    );
     let (_, _, second) = stack.fetch(hit.header("location")).await;
     assert_eq!(first, second, "the hit serves the same bytes");
 
     let stats = stack.get("/exports/cache/stats", &token).await.json();
-    assert_eq!((stats["hits"].as_u64(), stats["misses"].as_u64()), (Some(1), Some(1)), "{stats}");
+    assert_eq!(
+        (stats["hits"].as_u64(), stats["misses"].as_u64()),
+        (Some(1), Some(1)),
+        "{stats}"
+    );
     assert_eq!(stats["entries"], 1);
     assert_eq!(stats["bytes"], first.len() as u64);
     stack.teardown().await;
@@ -177,8 +230,15 @@ async fn concurrent_identical_misses_create_one_job() {
             Some(serde_json::json!({"dataset": "orders", "columns": ["order_id", "amount"], "filters": {"status": "paid"}})),
         )
         .await;
-    assert_eq!(post.json()["job_id"].as_str().unwrap(), ids.iter().next().unwrap());
-    assert_eq!(stack.queued_messages().await.len(), 1, "one message for one job");
+    assert_eq!(
+        post.json()["job_id"].as_str().unwrap(),
+        ids.iter().next().unwrap()
+    );
+    assert_eq!(
+        stack.queued_messages().await.len(),
+        1,
+        "one message for one job"
+    );
     stack.teardown().await;
 }
 
@@ -186,31 +246,57 @@ async fn concurrent_identical_misses_create_one_job() {
 async fn duplicate_sqs_delivery_makes_one_file() {
     let stack = Stack::new(300, &[]).await;
     let token = stack.reader("acme");
-    let job_id = stack.get("/exports/orders", &token).await.json()["job_id"].as_str().unwrap().to_string();
+    let job_id = stack.get("/exports/orders", &token).await.json()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // The same message delivered again (SQS is at-least-once), and twice at the same time.
     let body = serde_json::json!({"job_id": job_id, "kind": "export"}).to_string();
     let sqs = aws_sdk_sqs::Client::new(&stack.sdk);
     for _ in 0..2 {
-        sqs.send_message().queue_url(&stack.p.queue_url).message_body(&body).send().await.unwrap();
+        sqs.send_message()
+            .queue_url(&stack.p.queue_url)
+            .message_body(&body)
+            .send()
+            .await
+            .unwrap();
     }
     let (a, b) = tokio::join!(stack.run_worker_once(), stack.run_worker_once());
     assert!(a + b >= 1);
     stack.run_worker().await;
     assert_eq!(stack.export_files().await.len(), 1);
-    let status = stack.get(&format!("/exports/jobs/{job_id}"), &token).await.json();
+    let status = stack
+        .get(&format!("/exports/jobs/{job_id}"), &token)
+        .await
+        .json();
     assert_eq!(status["status"], "succeeded");
     assert_eq!(status["rows_written"], 300);
-    assert!(stack.queued_messages().await.is_empty(), "every delivery was settled");
+    assert!(
+        stack.queued_messages().await.is_empty(),
+        "every delivery was settled"
+    );
     stack.teardown().await;
 }
 
 #[tokio::test]
 async fn other_tenants_job_id_is_404() {
     let stack = Stack::new(20, &[]).await;
-    let job_id = stack.export_through_worker("/exports/orders", &stack.reader("acme")).await;
+    let job_id = stack
+        .export_through_worker("/exports/orders", &stack.reader("acme"))
+        .await;
     let other = stack.reader("globex");
-    assert_problem(&stack.get(&format!("/exports/jobs/{job_id}"), &other).await, StatusCode::NOT_FOUND, None);
-    assert_problem(&stack.get(&format!("/exports/jobs/{job_id}/download"), &other).await, StatusCode::NOT_FOUND, None);
+    assert_problem(
+        &stack.get(&format!("/exports/jobs/{job_id}"), &other).await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    assert_problem(
+        &stack
+            .get(&format!("/exports/jobs/{job_id}/download"), &other)
+            .await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
     // And globex's identical request is its own miss, never acme's file.
     let theirs = stack.get("/exports/orders", &other).await;
     assert_eq!(theirs.status, StatusCode::ACCEPTED);
@@ -224,39 +310,76 @@ async fn bad_requests_get_problem_json_naming_the_field() {
     let token = stack.reader("acme");
     let unknown = stack.get("/exports/invoices", &token).await;
     assert_problem(&unknown, StatusCode::NOT_FOUND, Some("dataset"));
-    assert!(unknown.json()["detail"].as_str().unwrap().contains("orders"));
+    assert!(unknown.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("orders"));
     for (uri, field) in [
         ("/exports/orders?format=pdf", "format"),
         ("/exports/orders?columns=order_id,colour", "columns"),
         ("/exports/orders?colour=red", "colour"),
         ("/exports/orders?from=yesterday", "from"),
-        ("/exports/orders?from=2024-02-01T00:00:00Z&to=2024-01-01T00:00:00Z", "to"),
+        (
+            "/exports/orders?from=2024-02-01T00:00:00Z&to=2024-01-01T00:00:00Z",
+            "to",
+        ),
         ("/exports/orders?paid=maybe", "paid"),
         ("/exports/orders?tz=Mars/Olympus", "tz"),
         ("/exports/orders?max_stale=soon", "max_stale"),
         ("/exports/cache?scope=planet", "scope"),
     ] {
-        let method = if uri.starts_with("/exports/cache") { Method::DELETE } else { Method::GET };
+        let method = if uri.starts_with("/exports/cache") {
+            Method::DELETE
+        } else {
+            Method::GET
+        };
         let a = stack.call(method, uri, Some(&token), None).await;
         assert_problem(&a, StatusCode::BAD_REQUEST, Some(field));
-        let allowed = a.json()["errors"][0]["message"].as_str().unwrap().to_string();
+        let allowed = a.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(!allowed.is_empty(), "{uri}");
     }
-    let bad_json = stack.call(Method::POST, "/exports", Some(&token), None).await;
+    let bad_json = stack
+        .call(Method::POST, "/exports", Some(&token), None)
+        .await;
     assert_problem(&bad_json, StatusCode::BAD_REQUEST, Some("body"));
     // Identity: none, forged, or without the scope.
-    assert_problem(&stack.call(Method::GET, "/exports/orders", None, None).await, StatusCode::UNAUTHORIZED, None);
-    let forged = infra::token::dev_token("not-the-secret", "acme", "mallory", ALL, 600).unwrap();
-    assert_problem(&stack.get("/exports/orders", &forged).await, StatusCode::UNAUTHORIZED, None);
-    let no_scope = infra::token::dev_token(SECRET, "acme", "bob", &[], 600).unwrap();
-    assert_problem(&stack.get("/exports/orders", &no_scope).await, StatusCode::FORBIDDEN, None);
     assert_problem(
-        &stack.call(Method::DELETE, "/exports/cache?scope=tenant", Some(&token), None).await,
+        &stack.call(Method::GET, "/exports/orders", None, None).await,
+        StatusCode::UNAUTHORIZED,
+        None,
+    );
+    let forged = infra::token::dev_token("not-the-secret", "acme", "mallory", ALL, 600).unwrap();
+    assert_problem(
+        &stack.get("/exports/orders", &forged).await,
+        StatusCode::UNAUTHORIZED,
+        None,
+    );
+    let no_scope = infra::token::dev_token(SECRET, "acme", "bob", &[], 600).unwrap();
+    assert_problem(
+        &stack.get("/exports/orders", &no_scope).await,
+        StatusCode::FORBIDDEN,
+        None,
+    );
+    assert_problem(
+        &stack
+            .call(
+                Method::DELETE,
+                "/exports/cache?scope=tenant",
+                Some(&token),
+                None,
+            )
+            .await,
         StatusCode::FORBIDDEN,
         None,
     );
     // Health needs no identity.
-    assert_eq!(stack.call(Method::GET, "/health", None, None).await.status, StatusCode::OK);
+    assert_eq!(
+        stack.call(Method::GET, "/health", None, None).await.status,
+        StatusCode::OK
+    );
     stack.teardown().await;
 }
 
@@ -264,30 +387,84 @@ async fn bad_requests_get_problem_json_naming_the_field() {
 async fn expired_entry_is_a_miss_again_and_invalidation_hides_entries() {
     let stack = Stack::new(50, &[]).await;
     let token = stack.token("acme", ALL);
-    let first = stack.export_through_worker("/exports/orders?status=paid", &token).await;
-    assert_eq!(stack.get("/exports/orders?status=paid", &token).await.status, StatusCode::SEE_OTHER);
+    let first = stack
+        .export_through_worker("/exports/orders?status=paid", &token)
+        .await;
+    assert_eq!(
+        stack
+            .get("/exports/orders?status=paid", &token)
+            .await
+            .status,
+        StatusCode::SEE_OTHER
+    );
 
     // orders: fresh for 900 s, then servable stale for 3600 s; past that it is a miss.
-    stack.clock.advance(chrono::Duration::seconds(900 + 3600 + 1));
+    stack
+        .clock
+        .advance(chrono::Duration::seconds(900 + 3600 + 1));
     let again = stack.get("/exports/orders?status=paid", &token).await;
     assert_eq!(again.status, StatusCode::ACCEPTED);
     assert_eq!(again.header("x-export-cache"), "miss");
     let second = again.json()["job_id"].as_str().unwrap().to_string();
     assert_ne!(second, first);
     stack.run_worker().await;
-    assert_eq!(stack.get("/exports/orders?status=paid", &token).await.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        stack
+            .get("/exports/orders?status=paid", &token)
+            .await
+            .status,
+        StatusCode::SEE_OTHER
+    );
     // The old job's link is gone with its file's window.
-    assert_problem(&stack.get(&format!("/exports/jobs/{first}/download"), &token).await, StatusCode::GONE, None);
+    assert_problem(
+        &stack
+            .get(&format!("/exports/jobs/{first}/download"), &token)
+            .await,
+        StatusCode::GONE,
+        None,
+    );
 
     // Dropping the one entry, then the whole tenant, makes the next request a miss.
-    let del = stack.call(Method::DELETE, "/exports/cache/orders?status=paid", Some(&token), None).await;
+    let del = stack
+        .call(
+            Method::DELETE,
+            "/exports/cache/orders?status=paid",
+            Some(&token),
+            None,
+        )
+        .await;
     assert_eq!(del.status, StatusCode::NO_CONTENT);
-    assert_eq!(stack.get("/exports/orders?status=paid", &token).await.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        stack
+            .get("/exports/orders?status=paid", &token)
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
     stack.run_worker().await;
-    assert_eq!(stack.get("/exports/orders?status=paid", &token).await.status, StatusCode::SEE_OTHER);
-    let del = stack.call(Method::DELETE, "/exports/cache?scope=tenant", Some(&token), None).await;
+    assert_eq!(
+        stack
+            .get("/exports/orders?status=paid", &token)
+            .await
+            .status,
+        StatusCode::SEE_OTHER
+    );
+    let del = stack
+        .call(
+            Method::DELETE,
+            "/exports/cache?scope=tenant",
+            Some(&token),
+            None,
+        )
+        .await;
     assert_eq!(del.status, StatusCode::NO_CONTENT);
-    assert_eq!(stack.get("/exports/orders?status=paid", &token).await.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        stack
+            .get("/exports/orders?status=paid", &token)
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
     stack.teardown().await;
 }
 
@@ -304,7 +481,11 @@ async fn stale_entry_is_served_while_a_refresh_runs() {
     // A caller that must have fresh data joins the refresh.
     let strict = stack.get("/exports/orders?max_stale=0", &token).await;
     assert_eq!(strict.status, StatusCode::ACCEPTED);
-    assert_eq!(stack.queued_messages().await.len(), 1, "one refresh, joined by the strict caller");
+    assert_eq!(
+        stack.queued_messages().await.len(),
+        1,
+        "one refresh, joined by the strict caller"
+    );
     stack.teardown().await;
 }
 
@@ -315,25 +496,48 @@ async fn warmer_enqueues_exactly_the_hit_entries_about_to_expire() {
     // A: orders, hit after the export; expires within the next run (ttl 900 = interval).
     stack.export_through_worker("/exports/orders", &token).await;
     // B: orders filtered, never hit.
-    stack.export_through_worker("/exports/orders?status=paid", &token).await;
+    stack
+        .export_through_worker("/exports/orders?status=paid", &token)
+        .await;
     // C: customers, hit, but fresh for an hour: not due yet.
-    stack.export_through_worker("/exports/customers", &token).await;
+    stack
+        .export_through_worker("/exports/customers", &token)
+        .await;
     stack.clock.advance(chrono::Duration::seconds(60));
-    assert_eq!(stack.get("/exports/orders", &token).await.status, StatusCode::SEE_OTHER);
-    assert_eq!(stack.get("/exports/customers", &token).await.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        stack.get("/exports/orders", &token).await.status,
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(
+        stack.get("/exports/customers", &token).await.status,
+        StatusCode::SEE_OTHER
+    );
 
     let mut event: aws_lambda_events::event::eventbridge::EventBridgeEvent =
         serde_json::from_str(include_str!("../functions/warmer/events/schedule.json")).unwrap();
     event.time = Some(stack.clock.0.lock().map(|t| *t).unwrap() + chrono::Duration::seconds(60));
     let report = warmer::handle(&stack.deps, event.clone()).await.unwrap();
-    assert_eq!((report.candidates, report.enqueued, report.skipped_cold), (2, 1, 1), "{report:?}");
+    assert_eq!(
+        (report.candidates, report.enqueued, report.skipped_cold),
+        (2, 1, 1),
+        "{report:?}"
+    );
 
     let queued = stack.queued_messages().await;
     assert_eq!(queued.len(), 1);
     let msg: serde_json::Value = serde_json::from_str(&queued[0]).unwrap();
     assert_eq!(msg["kind"], "refresh");
-    let job = stack.get(&format!("/exports/jobs/{}", msg["job_id"].as_str().unwrap()), &token).await.json();
-    assert_eq!((job["dataset"].as_str(), job["kind"].as_str()), (Some("orders"), Some("refresh")));
+    let job = stack
+        .get(
+            &format!("/exports/jobs/{}", msg["job_id"].as_str().unwrap()),
+            &token,
+        )
+        .await
+        .json();
+    assert_eq!(
+        (job["dataset"].as_str(), job["kind"].as_str()),
+        (Some("orders"), Some("refresh"))
+    );
 
     // The next run joins the in-flight refresh rather than queuing a second one.
     let again = warmer::handle(&stack.deps, event).await.unwrap();
@@ -345,17 +549,36 @@ async fn warmer_enqueues_exactly_the_hit_entries_about_to_expire() {
 async fn authorizer_claims_identify_the_caller_in_aws() {
     let stack = Stack::new(5, &[]).await;
     // API Gateway's JWT authorizer verified the token; the claims arrive in the request context.
-    let req = lambda_http::request::from_str(include_str!("../functions/api/events/get-export.json")).unwrap();
+    let req =
+        lambda_http::request::from_str(include_str!("../functions/api/events/get-export.json"))
+            .unwrap();
     use tower::ServiceExt;
     let resp = api::router(stack.deps.clone()).oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     let job_id = resp.headers()["x-export-id"].to_str().unwrap().to_string();
     // The job belongs to the claims' tenant.
-    assert_eq!(stack.get(&format!("/exports/jobs/{job_id}"), &stack.reader("acme")).await.status, StatusCode::OK);
-    assert_eq!(stack.get(&format!("/exports/jobs/{job_id}"), &stack.reader("globex")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        stack
+            .get(&format!("/exports/jobs/{job_id}"), &stack.reader("acme"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        stack
+            .get(&format!("/exports/jobs/{job_id}"), &stack.reader("globex"))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
     // The health fixture answers without any identity.
-    let health = lambda_http::request::from_str(include_str!("../functions/api/events/health.json")).unwrap();
-    let resp = api::router(stack.deps.clone()).oneshot(health).await.unwrap();
+    let health =
+        lambda_http::request::from_str(include_str!("../functions/api/events/health.json"))
+            .unwrap();
+    let resp = api::router(stack.deps.clone())
+        .oneshot(health)
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     stack.teardown().await;
 }
@@ -365,7 +588,13 @@ async fn worker_fixture_for_an_unknown_job_is_settled_not_retried() {
     let stack = Stack::new(0, &[]).await;
     let event: aws_lambda_events::event::sqs::SqsEvent =
         serde_json::from_str(include_str!("../functions/worker/events/sqs-job.json")).unwrap();
-    let answer = worker::handle_batch(&stack.deps, event, "w", chrono::Utc::now() + chrono::Duration::minutes(5)).await;
+    let answer = worker::handle_batch(
+        &stack.deps,
+        event,
+        "w",
+        chrono::Utc::now() + chrono::Duration::minutes(5),
+    )
+    .await;
     assert!(answer.batch_item_failures.is_empty());
     // A body that is not a job message is reported as failed (it will end in the DLQ).
     let mut bad: aws_lambda_events::event::sqs::SqsEvent =

@@ -25,7 +25,10 @@ fn s<'a>(item: &'a HashMap<String, AttributeValue>, k: &str) -> Option<&'a str> 
 }
 
 fn neutralised(v: &str) -> String {
-    if matches!(v.as_bytes().first(), Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')) {
+    if matches!(
+        v.as_bytes().first(),
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
+    ) {
         format!("'{v}")
     } else {
         v.to_string()
@@ -34,11 +37,19 @@ fn neutralised(v: &str) -> String {
 
 /// Exports `uri`, downloads the file through the job's link, and returns (bytes, file name,
 /// job status, manifest).
-async fn export(stack: &Stack, uri: &str) -> (Vec<u8>, String, serde_json::Value, serde_json::Value) {
+async fn export(
+    stack: &Stack,
+    uri: &str,
+) -> (Vec<u8>, String, serde_json::Value, serde_json::Value) {
     let token = stack.reader("acme");
     let job_id = stack.export_through_worker(uri, &token).await;
-    let status = stack.get(&format!("/exports/jobs/{job_id}"), &token).await.json();
-    let dl = stack.get(&format!("/exports/jobs/{job_id}/download"), &token).await;
+    let status = stack
+        .get(&format!("/exports/jobs/{job_id}"), &token)
+        .await
+        .json();
+    let dl = stack
+        .get(&format!("/exports/jobs/{job_id}/download"), &token)
+        .await;
     assert_eq!(dl.status, StatusCode::SEE_OTHER);
     let (_, headers, bytes) = stack.fetch(dl.header("location")).await;
     let disposition = headers["content-disposition"].to_str().unwrap().to_string();
@@ -77,7 +88,12 @@ async fn export(stack: &Stack, uri: &str) -> (Vec<u8>, String, serde_json::Value
         .await
         .unwrap()
         .into_bytes();
-    (bytes, name, status, serde_json::from_slice(&manifest).unwrap())
+    (
+        bytes,
+        name,
+        status,
+        serde_json::from_slice(&manifest).unwrap(),
+    )
 }
 
 fn assert_manifest_describes(manifest: &serde_json::Value, file: &[u8], rows: u64, format: &str) {
@@ -89,7 +105,14 @@ fn assert_manifest_describes(manifest: &serde_json::Value, file: &[u8], rows: u6
     assert_eq!(manifest["columns"][0]["name"], "order_id");
     assert_eq!(manifest["columns"][0]["label"], "Order ID");
     assert_eq!(manifest["columns"][6]["type"], "decimal");
-    for k in ["generated_at", "encoder_version", "filters", "range", "tz", "sheets"] {
+    for k in [
+        "generated_at",
+        "encoder_version",
+        "filters",
+        "range",
+        "tz",
+        "sheets",
+    ] {
         assert!(manifest.get(k).is_some(), "manifest lacks {k}: {manifest}");
     }
 }
@@ -101,7 +124,10 @@ async fn xlsx_matches_the_source_cell_by_cell_and_type_by_type() {
     let stack = Stack::new(ROWS, &[("XLSX_ROWS_PER_SHEET", "50")]).await;
     let (file, name, status, manifest) =
         export(&stack, "/exports/orders?format=xlsx&tz=Europe/Paris").await;
-    assert!(name.starts_with("orders-") && name.ends_with(".xlsx"), "{name}");
+    assert!(
+        name.starts_with("orders-") && name.ends_with(".xlsx"),
+        "{name}"
+    );
     assert_eq!(status["rows_written"], ROWS);
     assert_eq!(status["sheets"], 3);
     assert_manifest_describes(&manifest, &file, ROWS, "xlsx");
@@ -121,7 +147,11 @@ async fn xlsx_matches_the_source_cell_by_cell_and_type_by_type() {
         for row in rows {
             let item = infra::seed::order_item("acme", i);
             let ctx = format!("row {i} on {sheet}");
-            assert_eq!(row[0], Data::String(s(&item, "order_id").unwrap().into()), "{ctx}");
+            assert_eq!(
+                row[0],
+                Data::String(s(&item, "order_id").unwrap().into()),
+                "{ctx}"
+            );
             let created = DateTime::parse_from_rfc3339(s(&item, "created_at").unwrap())
                 .unwrap()
                 .with_timezone(&Utc);
@@ -130,13 +160,22 @@ async fn xlsx_matches_the_source_cell_by_cell_and_type_by_type() {
                 created.with_timezone(&paris).naive_local(),
                 "{ctx}: timestamps are Excel dates in the requested zone"
             );
-            assert_eq!(row[3], Data::String(neutralised(s(&item, "customer_name").unwrap())), "{ctx}");
+            assert_eq!(
+                row[3],
+                Data::String(neutralised(s(&item, "customer_name").unwrap())),
+                "{ctx}"
+            );
             let amount: f64 = s(&item, "amount").unwrap().parse().unwrap();
             assert_eq!(row[6], Data::Float(amount), "{ctx}: decimals are numbers");
             let items: f64 = s(&item, "items").unwrap().parse().unwrap();
             assert_eq!(row[8].as_f64(), Some(items), "{ctx}");
-            assert!(!matches!(row[8], Data::String(_)), "{ctx}: integers are numbers");
-            let Some(AttributeValue::Bool(paid)) = item.get("paid") else { panic!() };
+            assert!(
+                !matches!(row[8], Data::String(_)),
+                "{ctx}: integers are numbers"
+            );
+            let Some(AttributeValue::Bool(paid)) = item.get("paid") else {
+                panic!()
+            };
             assert_eq!(row[9], Data::Bool(*paid), "{ctx}");
             match s(&item, "ship_date") {
                 Some(d) => assert_eq!(
@@ -148,7 +187,11 @@ async fn xlsx_matches_the_source_cell_by_cell_and_type_by_type() {
             }
             match s(&item, "note") {
                 Some(n) => assert_eq!(row[11], Data::String(neutralised(n)), "{ctx}"),
-                None => assert_eq!(row.get(11).cloned().unwrap_or(Data::Empty), Data::Empty, "{ctx}"),
+                None => assert_eq!(
+                    row.get(11).cloned().unwrap_or(Data::Empty),
+                    Data::Empty,
+                    "{ctx}"
+                ),
             }
             i += 1;
         }
@@ -217,7 +260,9 @@ async fn csv_variants_round_trip_through_a_csv_reader() {
     assert!(name.ends_with(".csv.gz"), "{name}");
     assert_manifest_describes(&manifest, &gz, ROWS, "csv.gz");
     let mut plain = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut plain).unwrap();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut plain)
+        .unwrap();
     let rows = read_csv(&plain, b',');
     assert_eq!(rows.len() as u64, ROWS);
     for (i, rec) in rows.iter().enumerate() {
@@ -227,7 +272,11 @@ async fn csv_variants_round_trip_through_a_csv_reader() {
     }
 
     // Tab-delimited, a subset of columns, filtered: still exactly the matching source rows.
-    let (tsv, _, status, _) = export(&stack, "/exports/orders?delimiter=tab&columns=status,order_id&status=paid").await;
+    let (tsv, _, status, _) = export(
+        &stack,
+        "/exports/orders?delimiter=tab&columns=status,order_id&status=paid",
+    )
+    .await;
     let rows = read_csv(&tsv, b'\t');
     let expected: Vec<Vec<String>> = (0..ROWS)
         .map(|i| infra::seed::order_item("acme", i))
@@ -251,7 +300,9 @@ async fn range_export_reads_the_created_at_index() {
     .await;
     let rows = read_csv(&file, b',');
     let ids: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
-    let expected: Vec<String> = (10..=20).map(|i| infra::seed::order_id("acme", i)).collect();
+    let expected: Vec<String> = (10..=20)
+        .map(|i| infra::seed::order_id("acme", i))
+        .collect();
     assert_eq!(ids, expected);
     assert_eq!(manifest["range"]["column"], "created_at");
     stack.teardown().await;

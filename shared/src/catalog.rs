@@ -91,7 +91,10 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn column(&self, name: &str) -> Option<(usize, &Column)> {
-        self.columns.iter().enumerate().find(|(_, c)| c.name == name)
+        self.columns
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.name == name)
     }
 
     pub fn filter_names(&self) -> Vec<&str> {
@@ -300,7 +303,11 @@ fn validate_dataset(rd: RawDataset) -> Result<Dataset, CatalogError> {
         if rc.money && ty != ColumnType::Decimal && ty != ColumnType::Integer {
             return Err(err(
                 &format!("{field}.money"),
-                format!("column `{}` is {}; only numbers can be money", rc.name, ty.as_str()),
+                format!(
+                    "column `{}` is {}; only numbers can be money",
+                    rc.name,
+                    ty.as_str()
+                ),
             ));
         }
         let source = rc.source.unwrap_or_else(|| rc.name.clone());
@@ -455,7 +462,10 @@ columns = [
         let msg = e.to_string();
         assert!(msg.contains("dataset `things`"), "{msg}");
         assert!(msg.contains("columns[2].type"), "{msg}");
-        assert!(msg.contains("datetime") && msg.contains("allowed: string"), "{msg}");
+        assert!(
+            msg.contains("datetime") && msg.contains("allowed: string"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -94,21 +94,25 @@ impl Config {
 
     /// The same as `from_env`, from any map: tests build configs without touching the process env.
     pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |k: &str| env.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-        let required = |k: &'static str| get(k).ok_or(ConfigError::Missing(k));
-        let secs = |k: &'static str, default: u64| -> Result<Duration, ConfigError> {
-            match get(k) {
-                None => Ok(Duration::from_secs(default)),
-                Some(v) => v
-                    .parse::<u64>()
-                    .map(Duration::from_secs)
-                    .map_err(|_| ConfigError::Invalid {
-                        name: k,
-                        value: v,
-                        message: "expected a whole number of seconds".into(),
-                    }),
-            }
+        let get = |k: &str| {
+            env.get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
         };
+        let required = |k: &'static str| get(k).ok_or(ConfigError::Missing(k));
+        let secs =
+            |k: &'static str, default: u64| -> Result<Duration, ConfigError> {
+                match get(k) {
+                    None => Ok(Duration::from_secs(default)),
+                    Some(v) => v.parse::<u64>().map(Duration::from_secs).map_err(|_| {
+                        ConfigError::Invalid {
+                            name: k,
+                            value: v,
+                            message: "expected a whole number of seconds".into(),
+                        }
+                    }),
+                }
+            };
         let flag = |k: &'static str| -> Result<bool, ConfigError> {
             match get(k).as_deref() {
                 None | Some("false") | Some("0") => Ok(false),
@@ -172,7 +176,9 @@ impl Config {
             return Err(ConfigError::Invalid {
                 name: "XLSX_ROWS_PER_SHEET",
                 value: rows_per_sheet.to_string(),
-                message: format!("must be between 2 and {XLSX_MAX_ROWS_PER_SHEET} (header included)"),
+                message: format!(
+                    "must be between 2 and {XLSX_MAX_ROWS_PER_SHEET} (header included)"
+                ),
             });
         }
         let encode_defaults = EncodeSettings::default();

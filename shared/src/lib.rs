@@ -1,13 +1,13 @@
 //! The export cache's library: domain, ports, AWS adapters, encoders and the use cases the three
 //! functions run.
 
+pub mod adapters;
 pub mod catalog;
+pub mod config;
 pub mod domain;
 pub mod encode;
 pub mod ports;
-pub mod config;
 pub mod services;
-pub mod adapters;
 pub mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;

@@ -35,7 +35,13 @@ impl PortError {
     }
 
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Failed { retryable: true, .. })
+        matches!(
+            self,
+            Self::Failed {
+                retryable: true,
+                ..
+            }
+        )
     }
 }
 

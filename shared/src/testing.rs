@@ -22,11 +22,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// (tenant, key) -> (job id holding the marker, until)
+type Markers = HashMap<(String, CacheKey), (String, DateTime<Utc>)>;
+/// upload id -> (object key, parts by number)
+type Uploads = HashMap<String, (String, BTreeMap<i32, Vec<u8>>)>;
+
 #[derive(Default)]
 pub struct MemoryMeta {
     pub jobs: Mutex<HashMap<String, Job>>,
     pub entries: Mutex<HashMap<(String, CacheKey), CacheEntry>>,
-    pub markers: Mutex<HashMap<(String, CacheKey), (String, DateTime<Utc>)>>,
+    pub markers: Mutex<Markers>,
     pub generations: Mutex<HashMap<(String, String), u64>>,
     pub counters: Mutex<HashMap<(String, String), DatasetStats>>,
 }
@@ -43,8 +48,15 @@ impl MemoryMeta {
 
 #[async_trait]
 impl MetadataStore for MemoryMeta {
-    async fn lookup(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<(Option<CacheEntry>, Generation)> {
-        let entry = lock(&self.entries).get(&(tenant.into(), key.clone())).cloned();
+    async fn lookup(
+        &self,
+        tenant: &str,
+        user: &str,
+        key: &CacheKey,
+    ) -> PortResult<(Option<CacheEntry>, Generation)> {
+        let entry = lock(&self.entries)
+            .get(&(tenant.into(), key.clone()))
+            .cloned();
         let owner = entry.as_ref().map_or(user, |e| e.user.as_str());
         Ok((entry.clone(), self.gen(tenant, owner)))
     }
@@ -61,14 +73,21 @@ impl MetadataStore for MemoryMeta {
     }
 
     async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
-        if let Some(e) = lock(&self.entries).get_mut(&(entry.tenant.clone(), entry.cache_key.clone())) {
+        if let Some(e) =
+            lock(&self.entries).get_mut(&(entry.tenant.clone(), entry.cache_key.clone()))
+        {
             e.hits += 1;
             e.last_hit_at = Some(now);
         }
         Ok(())
     }
 
-    async fn create_job(&self, job: &Job, marker_until: DateTime<Utc>, replacing: Option<&str>) -> PortResult<Option<String>> {
+    async fn create_job(
+        &self,
+        job: &Job,
+        marker_until: DateTime<Utc>,
+        replacing: Option<&str>,
+    ) -> PortResult<Option<String>> {
         let mut markers = lock(&self.markers);
         let k = (job.tenant.clone(), job.cache_key.clone());
         if let Some((holder, until)) = markers.get(&k) {
@@ -108,7 +127,10 @@ impl MetadataStore for MemoryMeta {
 
     async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()> {
         self.put_job(job).await?;
-        lock(&self.entries).insert((entry.tenant.clone(), entry.cache_key.clone()), entry.clone());
+        lock(&self.entries).insert(
+            (entry.tenant.clone(), entry.cache_key.clone()),
+            entry.clone(),
+        );
         Ok(())
     }
 
@@ -121,7 +143,11 @@ impl MetadataStore for MemoryMeta {
         Ok(())
     }
 
-    async fn expiring_entries(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> PortResult<Vec<CacheEntry>> {
+    async fn expiring_entries(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> PortResult<Vec<CacheEntry>> {
         Ok(lock(&self.entries)
             .values()
             .filter(|e| e.fresh_until >= from && e.fresh_until < to)
@@ -145,7 +171,11 @@ impl MetadataStore for MemoryMeta {
         Ok(self.gen(tenant, user))
     }
 
-    async fn stats(&self, tenant: &str, now: DateTime<Utc>) -> PortResult<BTreeMap<String, DatasetStats>> {
+    async fn stats(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+    ) -> PortResult<BTreeMap<String, DatasetStats>> {
         let mut out: BTreeMap<String, DatasetStats> = lock(&self.counters)
             .iter()
             .filter(|((t, _), _)| t == tenant)
@@ -167,7 +197,7 @@ impl MetadataStore for MemoryMeta {
 #[derive(Default)]
 pub struct MemoryFiles {
     pub objects: Mutex<HashMap<String, Vec<u8>>>,
-    pub uploads: Mutex<HashMap<String, (String, BTreeMap<i32, Vec<u8>>)>>,
+    pub uploads: Mutex<Uploads>,
     pub aborted: Mutex<Vec<String>>,
 }
 
@@ -179,7 +209,13 @@ impl ObjectStore for MemoryFiles {
         Ok(id)
     }
 
-    async fn upload_part(&self, _key: &str, upload_id: &str, number: i32, body: Vec<u8>) -> PortResult<String> {
+    async fn upload_part(
+        &self,
+        _key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Vec<u8>,
+    ) -> PortResult<String> {
         let mut u = lock(&self.uploads);
         let (_, parts) = u
             .get_mut(upload_id)
@@ -189,7 +225,12 @@ impl ObjectStore for MemoryFiles {
         Ok(etag)
     }
 
-    async fn complete_upload(&self, key: &str, upload_id: &str, parts: &[UploadedPart]) -> PortResult<()> {
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> PortResult<()> {
         let (_, stored) = lock(&self.uploads)
             .remove(upload_id)
             .ok_or_else(|| PortError::failed("complete upload", "no such upload", false))?;
@@ -223,8 +264,16 @@ impl ObjectStore for MemoryFiles {
         Ok((body.len() as u64, hex::encode(Sha256::digest(body))))
     }
 
-    async fn presign_get(&self, key: &str, file_name: &str, ttl: StdDuration) -> PortResult<String> {
-        Ok(format!("memory://{key}?name={file_name}&ttl={}", ttl.as_secs()))
+    async fn presign_get(
+        &self,
+        key: &str,
+        file_name: &str,
+        ttl: StdDuration,
+    ) -> PortResult<String> {
+        Ok(format!(
+            "memory://{key}?name={file_name}&ttl={}",
+            ttl.as_secs()
+        ))
     }
 }
 

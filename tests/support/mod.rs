@@ -149,7 +149,13 @@ impl Stack {
         let resp = api::router(self.deps.clone()).oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
         Answer {
             status,
             headers,
@@ -271,10 +277,18 @@ impl Stack {
     /// Requests an export, expects a miss, runs the worker, and returns the finished job id.
     pub async fn export_through_worker(&self, uri: &str, token: &str) -> String {
         let miss = self.get(uri, token).await;
-        assert_eq!(miss.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&miss.body));
+        assert_eq!(
+            miss.status,
+            StatusCode::ACCEPTED,
+            "{}",
+            String::from_utf8_lossy(&miss.body)
+        );
         let job_id = miss.json()["job_id"].as_str().unwrap().to_string();
         self.run_worker().await;
-        let status = self.get(&format!("/exports/jobs/{job_id}"), token).await.json();
+        let status = self
+            .get(&format!("/exports/jobs/{job_id}"), token)
+            .await
+            .json();
         assert_eq!(status["status"], "succeeded", "{status}");
         job_id
     }

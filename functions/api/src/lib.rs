@@ -66,7 +66,9 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let tenant_claim = &state.deps.config.tenant_claim;
         if let Some(lambda_http::request::RequestContext::ApiGatewayV2(ctx)) =
-            parts.extensions.get::<lambda_http::request::RequestContext>()
+            parts
+                .extensions
+                .get::<lambda_http::request::RequestContext>()
         {
             if let Some(jwt) = ctx.authorizer.as_ref().and_then(|a| a.jwt.as_ref()) {
                 let id = identity_from_claims(&jwt.claims, jwt.scopes.as_deref(), tenant_claim)?;
@@ -115,16 +117,30 @@ async fn post_export(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::invalid("body", format!("is not valid JSON ({e}); send {{\"dataset\": \"orders\", \"format\": \"csv\"}}"))
+        ApiError::invalid(
+            "body",
+            format!(
+                "is not valid JSON ({e}); send {{\"dataset\": \"orders\", \"format\": \"csv\"}}"
+            ),
+        )
     })?;
     export(&state, &who, RawExportRequest::from_json(&value)).await
 }
 
-async fn export(state: &AppState, who: &Identity, raw: RawExportRequest) -> Result<Response, ApiError> {
+async fn export(
+    state: &AppState,
+    who: &Identity,
+    raw: RawExportRequest,
+) -> Result<Response, ApiError> {
     let answer = request_export(&state.deps, who, &raw).await?;
     let result = answer.cache_result();
     match answer {
-        ExportAnswer::File { entry, url, age, stale } => {
+        ExportAnswer::File {
+            entry,
+            url,
+            age,
+            stale,
+        } => {
             tracing::info!(tenant = %who.tenant, dataset = %entry.spec.dataset, cache = result,
                 job_id = %entry.job_id, age_s = age.num_seconds(), "export served from cache");
             let mut headers = HeaderMap::new();
@@ -132,8 +148,14 @@ async fn export(state: &AppState, who: &Identity, raw: RawExportRequest) -> Resu
             headers.insert("x-export-cache", HeaderValue::from_static(result));
             headers.insert("x-export-id", header_value(&entry.job_id)?);
             headers.insert(header::AGE, HeaderValue::from(age.num_seconds().max(0)));
-            headers.insert(header::ETAG, header_value(&format!("\"{}\"", entry.sha256))?);
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+            headers.insert(
+                header::ETAG,
+                header_value(&format!("\"{}\"", entry.sha256))?,
+            );
+            headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-store"),
+            );
             let body = json!({
                 "cache": result,
                 "stale": stale,
@@ -152,7 +174,10 @@ async fn export(state: &AppState, who: &Identity, raw: RawExportRequest) -> Resu
             tracing::info!(tenant = %who.tenant, dataset = %job.spec.dataset, cache = result,
                 job_id = %job.job_id, joined, "export queued");
             let mut headers = HeaderMap::new();
-            headers.insert(header::LOCATION, header_value(&format!("/exports/jobs/{}", job.job_id))?);
+            headers.insert(
+                header::LOCATION,
+                header_value(&format!("/exports/jobs/{}", job.job_id))?,
+            );
             headers.insert(header::RETRY_AFTER, HeaderValue::from(POLL_AFTER_SECONDS));
             headers.insert("x-export-cache", HeaderValue::from_static(result));
             headers.insert("x-export-id", header_value(&job.job_id)?);
@@ -242,7 +267,11 @@ async fn invalidate_scope(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(query);
-    let scope = match pairs.iter().find(|(k, _)| k == "scope").map(|(_, v)| v.as_str()) {
+    let scope = match pairs
+        .iter()
+        .find(|(k, _)| k == "scope")
+        .map(|(_, v)| v.as_str())
+    {
         Some("tenant") => Scope::Tenant,
         Some("user") => Scope::User,
         Some(other) => {
@@ -251,7 +280,12 @@ async fn invalidate_scope(
                 format!("`{other}` is not a scope; allowed: tenant, user"),
             ))
         }
-        None => return Err(ApiError::invalid("scope", "is required; allowed: tenant, user")),
+        None => {
+            return Err(ApiError::invalid(
+                "scope",
+                "is required; allowed: tenant, user",
+            ))
+        }
     };
     cache_admin::invalidate_scope(&state.deps, &who, scope).await?;
     tracing::info!(tenant = %who.tenant, scope = ?scope, "cache invalidated");

@@ -71,7 +71,12 @@ impl IntoResponse for ApiError {
                     .map(|e| format!("{}: {}", e.field, e.message))
                     .collect::<Vec<_>>()
                     .join("; ");
-                let mut body = problem(StatusCode::BAD_REQUEST, "invalid-request", "Invalid export request", detail);
+                let mut body = problem(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-request",
+                    "Invalid export request",
+                    detail,
+                );
                 body["errors"] = json!(errors);
                 (StatusCode::BAD_REQUEST, body)
             }
@@ -80,14 +85,22 @@ impl IntoResponse for ApiError {
                     StatusCode::NOT_FOUND,
                     "unknown-dataset",
                     "Unknown dataset",
-                    format!("there is no dataset `{name}`; available: {}", allowed.join(", ")),
+                    format!(
+                        "there is no dataset `{name}`; available: {}",
+                        allowed.join(", ")
+                    ),
                 );
                 body["errors"] = json!([{"field": "dataset", "message": format!("allowed: {}", allowed.join(", "))}]);
                 (StatusCode::NOT_FOUND, body)
             }
             ApiError::Unauthorized(m) => (
                 StatusCode::UNAUTHORIZED,
-                problem(StatusCode::UNAUTHORIZED, "unauthorized", "Identity required", m),
+                problem(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "Identity required",
+                    m,
+                ),
             ),
             ApiError::Forbidden(m) => (
                 StatusCode::FORBIDDEN,
@@ -107,7 +120,12 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Unavailable(m) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Try again shortly", m),
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "Try again shortly",
+                    m,
+                ),
             ),
             ApiError::RouteNotFound => (
                 StatusCode::NOT_FOUND,
@@ -120,7 +138,12 @@ impl IntoResponse for ApiError {
             ),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
-                problem(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", "this endpoint does not take that method".into()),
+                problem(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method-not-allowed",
+                    "Method not allowed",
+                    "this endpoint does not take that method".into(),
+                ),
             ),
             ApiError::Internal(cause) => {
                 tracing::error!(cause = %cause, "internal error answering a request");
@@ -141,7 +164,8 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(5u32));
         }
         resp
     }

@@ -9,8 +9,14 @@ use shared::services::{Deps, ServiceError};
 pub async fn handle(deps: &Deps, event: EventBridgeEvent) -> Result<WarmReport, ServiceError> {
     let now = event.time.unwrap_or_else(|| deps.clock.now());
     let report = warm(deps, now).await?;
-    tracing::info!(candidates = report.candidates, enqueued = report.enqueued,
-        joined = report.joined, skipped_cold = report.skipped_cold,
-        skipped_invalidated = report.skipped_invalidated, failed = report.failed, "warm-up done");
+    tracing::info!(
+        candidates = report.candidates,
+        enqueued = report.enqueued,
+        joined = report.joined,
+        skipped_cold = report.skipped_cold,
+        skipped_invalidated = report.skipped_invalidated,
+        failed = report.failed,
+        "warm-up done"
+    );
     Ok(report)
 }

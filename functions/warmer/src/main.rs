@@ -12,8 +12,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         tracing::error!(error = %e, "cold start failed");
     })?;
     let deps = &deps;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<EventBridgeEvent>| async move {
-        Ok::<_, lambda_runtime::Error>(warmer::handle(deps, event.payload).await?)
-    }))
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<EventBridgeEvent>| async move {
+            Ok::<_, lambda_runtime::Error>(warmer::handle(deps, event.payload).await?)
+        },
+    ))
     .await
 }

@@ -15,7 +15,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
         let deadline = worker::deadline_of(&event.context);
         let owner = event.context.request_id.clone();
-        Ok::<_, lambda_runtime::Error>(worker::handle_batch(deps, event.payload, &owner, deadline).await)
+        Ok::<_, lambda_runtime::Error>(
+            worker::handle_batch(deps, event.payload, &owner, deadline).await,
+        )
     }))
     .await
 }

@@ -73,7 +73,9 @@ fn hour_bucket(t: DateTime<Utc>) -> String {
 }
 
 fn get_s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
-    item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
 }
 
 fn get_n(item: &Item, name: &str) -> u64 {
@@ -136,7 +138,12 @@ fn entry_item(e: &CacheEntry) -> PortResult<Item> {
     item.insert("gsi1pk".into(), s(hour_bucket(e.fresh_until)));
     item.insert(
         "gsi1sk".into(),
-        s(format!("{}#{}#{}", sortable(e.fresh_until), e.tenant, e.cache_key)),
+        s(format!(
+            "{}#{}#{}",
+            sortable(e.fresh_until),
+            e.tenant,
+            e.cache_key
+        )),
     );
     // Metadata outlives the file's usefulness by a day, then TTL removes it.
     item.insert(
@@ -322,7 +329,10 @@ impl MetadataStore for MetaStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(key(tenant_pk(&entry.tenant), entry_sk(&entry.cache_key))))
+            .set_key(Some(key(
+                tenant_pk(&entry.tenant),
+                entry_sk(&entry.cache_key),
+            )))
             .update_expression("ADD hits :one SET last_hit_at = :now")
             // Never resurrect an entry deleted in the meantime.
             .condition_expression("attribute_exists(pk)")
@@ -347,7 +357,9 @@ impl MetadataStore for MetaStore {
         let mut marker = key(tenant_pk(&job.tenant), marker_sk(&job.cache_key));
         marker.insert("job_id".into(), s(&job.job_id));
         marker.insert("expires_at".into(), n(marker_until.timestamp()));
-        let mut marker_put = Put::builder().table_name(&self.table).set_item(Some(marker));
+        let mut marker_put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(marker));
         marker_put = match replacing {
             None => marker_put
                 .condition_expression("attribute_not_exists(pk) OR expires_at < :now")
@@ -550,7 +562,9 @@ impl MetadataStore for MetaStore {
             .await?;
         let mut out: BTreeMap<String, DatasetStats> = BTreeMap::new();
         for c in &counters {
-            let Some(ds) = get_s(c, "dataset") else { continue };
+            let Some(ds) = get_s(c, "dataset") else {
+                continue;
+            };
             let st = out.entry(ds.to_string()).or_default();
             st.hits = get_n(c, "hits");
             st.misses = get_n(c, "misses");
@@ -570,8 +584,11 @@ impl MetadataStore for MetaStore {
             })
             .await?;
         for e in &entries {
-            let live = get_n(e, "gen_t") == tenant_gen && get_n(e, "stale_until") as i64 > now.timestamp();
-            let Some(ds) = get_s(e, "dataset").filter(|_| live) else { continue };
+            let live =
+                get_n(e, "gen_t") == tenant_gen && get_n(e, "stale_until") as i64 > now.timestamp();
+            let Some(ds) = get_s(e, "dataset").filter(|_| live) else {
+                continue;
+            };
             let st = out.entry(ds.to_string()).or_default();
             st.entries += 1;
             st.bytes += get_n(e, "bytes");
@@ -798,12 +815,18 @@ mod tests {
 
     #[test]
     fn values_convert_by_column_type_and_mismatches_are_errors() {
-        assert_eq!(to_value("a", ColumnType::Integer, Some(n(7))).unwrap(), Value::Int(7));
+        assert_eq!(
+            to_value("a", ColumnType::Integer, Some(n(7))).unwrap(),
+            Value::Int(7)
+        );
         assert_eq!(
             to_value("a", ColumnType::Decimal, Some(n("12.50"))).unwrap(),
             Value::Dec("12.50".into())
         );
-        assert_eq!(to_value("a", ColumnType::String, None).unwrap(), Value::Null);
+        assert_eq!(
+            to_value("a", ColumnType::String, None).unwrap(),
+            Value::Null
+        );
         assert_eq!(
             to_value("a", ColumnType::Boolean, Some(AttributeValue::Bool(true))).unwrap(),
             Value::Bool(true)

@@ -52,11 +52,7 @@ where
 }
 
 /// Builds every port from one `SdkConfig`.
-pub fn deps_from_aws(
-    sdk: &aws_config::SdkConfig,
-    config: Config,
-    catalog: Catalog,
-) -> Deps {
+pub fn deps_from_aws(sdk: &aws_config::SdkConfig, config: Config, catalog: Catalog) -> Deps {
     let ddb = aws_sdk_dynamodb::Client::new(sdk);
     let s3_conf = aws_sdk_s3::config::Builder::from(sdk)
         .force_path_style(config.s3_force_path_style)

@@ -32,14 +32,25 @@ impl S3Files {
 fn disposition(file_name: &str) -> String {
     let safe: String = file_name
         .chars()
-        .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("attachment; filename=\"{safe}\"")
 }
 
 #[async_trait]
 impl ObjectStore for S3Files {
-    async fn start_upload(&self, key: &str, content_type: &str, file_name: &str) -> PortResult<String> {
+    async fn start_upload(
+        &self,
+        key: &str,
+        content_type: &str,
+        file_name: &str,
+    ) -> PortResult<String> {
         let resp = self
             .client
             .create_multipart_upload()
@@ -54,7 +65,13 @@ impl ObjectStore for S3Files {
             .ok_or_else(|| PortError::failed("start upload", "no upload id returned", true))
     }
 
-    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Vec<u8>) -> PortResult<String> {
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Vec<u8>,
+    ) -> PortResult<String> {
         let resp = self
             .client
             .upload_part()
@@ -70,7 +87,12 @@ impl ObjectStore for S3Files {
             .ok_or_else(|| PortError::failed("upload part", "no ETag returned", true))
     }
 
-    async fn complete_upload(&self, key: &str, upload_id: &str, parts: &[UploadedPart]) -> PortResult<()> {
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> PortResult<()> {
         let completed = CompletedMultipartUpload::builder()
             .set_parts(Some(
                 parts
@@ -170,6 +192,9 @@ mod tests {
             disposition("orders-20240101-000000.csv"),
             "attachment; filename=\"orders-20240101-000000.csv\""
         );
-        assert_eq!(disposition("a\"b\r\nc.csv"), "attachment; filename=\"a_b__c.csv\"");
+        assert_eq!(
+            disposition("a\"b\r\nc.csv"),
+            "attachment; filename=\"a_b__c.csv\""
+        );
     }
 }

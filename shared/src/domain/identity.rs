@@ -110,7 +110,10 @@ impl BearerVerifier {
         }
     }
 
-    pub fn verify(&self, authorization: Option<&str>) -> Result<HashMap<String, String>, AuthError> {
+    pub fn verify(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<HashMap<String, String>, AuthError> {
         let header = authorization.ok_or(AuthError::Missing)?;
         let token = header
             .strip_prefix("Bearer ")
@@ -194,15 +197,27 @@ mod tests {
     #[test]
     fn wrong_key_expired_or_missing_tokens_are_refused() {
         let v = BearerVerifier::hs256(b"k");
-        let other = token("other", serde_json::json!({"sub":"a","tenant_id":"acme","exp":exp()}));
-        assert!(matches!(v.verify(Some(&format!("Bearer {other}"))), Err(AuthError::Invalid(_))));
-        let old = token("k", serde_json::json!({"sub":"a","tenant_id":"acme","exp":1}));
+        let other = token(
+            "other",
+            serde_json::json!({"sub":"a","tenant_id":"acme","exp":exp()}),
+        );
+        assert!(matches!(
+            v.verify(Some(&format!("Bearer {other}"))),
+            Err(AuthError::Invalid(_))
+        ));
+        let old = token(
+            "k",
+            serde_json::json!({"sub":"a","tenant_id":"acme","exp":1}),
+        );
         assert_eq!(
             v.verify(Some(&format!("Bearer {old}"))),
             Err(AuthError::Invalid("the token has expired".into()))
         );
         assert_eq!(v.verify(None), Err(AuthError::Missing));
-        assert!(matches!(v.verify(Some("Basic abc")), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            v.verify(Some("Basic abc")),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -211,7 +226,12 @@ mod tests {
             .into_iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
-        assert_eq!(identity_from_claims(&claims, None, "custom:org").unwrap().tenant, "acme");
+        assert_eq!(
+            identity_from_claims(&claims, None, "custom:org")
+                .unwrap()
+                .tenant,
+            "acme"
+        );
         assert_eq!(
             identity_from_claims(&claims, None, "tenant_id"),
             Err(AuthError::MissingClaim("tenant_id".into()))
@@ -229,11 +249,13 @@ mod tests {
 
     #[test]
     fn authorizer_scopes_win_over_claims() {
-        let claims: HashMap<String, String> = [("sub", "u"), ("tenant_id", "t"), ("scope", "exports:admin")]
-            .into_iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
-        let id = identity_from_claims(&claims, Some(&["exports:read".to_string()]), "tenant_id").unwrap();
+        let claims: HashMap<String, String> =
+            [("sub", "u"), ("tenant_id", "t"), ("scope", "exports:admin")]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+        let id = identity_from_claims(&claims, Some(&["exports:read".to_string()]), "tenant_id")
+            .unwrap();
         assert!(id.has_scope(SCOPE_READ) && !id.has_scope(SCOPE_ADMIN));
     }
 }

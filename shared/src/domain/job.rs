@@ -211,7 +211,9 @@ pub struct Generation {
 pub enum Freshness {
     Fresh,
     /// Past fresh, inside the stale window: servable to callers who accept that much staleness.
-    Stale { age_past_fresh: Duration },
+    Stale {
+        age_past_fresh: Duration,
+    },
     Expired,
 }
 

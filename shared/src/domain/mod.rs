@@ -6,6 +6,11 @@ pub mod request;
 pub mod value;
 
 pub use identity::Identity;
-pub use job::{CacheEntry, Checkpoint, Freshness, Generation, Job, JobError, JobKind, JobMessage, JobStatus, MessageKind, UploadedPart};
-pub use request::{CacheKey, ExportRequest, ExportSpec, FieldError, Format, RawExportRequest, RequestError};
+pub use job::{
+    CacheEntry, Checkpoint, Freshness, Generation, Job, JobError, JobKind, JobMessage, JobStatus,
+    MessageKind, UploadedPart,
+};
+pub use request::{
+    CacheKey, ExportRequest, ExportSpec, FieldError, Format, RawExportRequest, RequestError,
+};
 pub use value::{Row, Value};

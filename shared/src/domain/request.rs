@@ -266,10 +266,8 @@ impl RawExportRequest {
                 Some(v) => match scalar_text(v) {
                     Some(s) => Some(s),
                     None => {
-                        raw.input_errors.push(FieldError::new(
-                            name,
-                            "must be a string, number or boolean",
-                        ));
+                        raw.input_errors
+                            .push(FieldError::new(name, "must be a string, number or boolean"));
                         None
                     }
                 },
@@ -688,15 +686,26 @@ mod tests {
         assert_eq!(r.spec.columns.len(), 12);
         assert_eq!(
             key(&[]),
-            key(&[("columns", &catalog().get("orders").unwrap().column_names().join(","))]),
+            key(&[(
+                "columns",
+                &catalog().get("orders").unwrap().column_names().join(",")
+            )]),
             "naming every column is the default"
         );
     }
 
     #[test]
     fn column_order_and_filter_order_do_not_change_the_key() {
-        let a = key(&[("columns", "amount,order_id"), ("status", "paid"), ("currency", "EUR")]);
-        let b = key(&[("currency", "EUR"), ("columns", "order_id, amount"), ("status", "paid")]);
+        let a = key(&[
+            ("columns", "amount,order_id"),
+            ("status", "paid"),
+            ("currency", "EUR"),
+        ]);
+        let b = key(&[
+            ("currency", "EUR"),
+            ("columns", "order_id, amount"),
+            ("status", "paid"),
+        ]);
         assert_eq!(a, b);
     }
 
@@ -773,14 +782,23 @@ mod tests {
         assert_eq!(e[0].field, "from");
         assert!(e[0].message.contains("RFC 3339"));
 
-        let e = errors(&[("from", "2024-02-01T00:00:00Z"), ("to", "2024-01-01T00:00:00Z")]);
+        let e = errors(&[
+            ("from", "2024-02-01T00:00:00Z"),
+            ("to", "2024-01-01T00:00:00Z"),
+        ]);
         assert_eq!(e[0].field, "to");
 
         assert_eq!(errors(&[("paid", "maybe")])[0].field, "paid");
         assert_eq!(errors(&[("tz", "Mars/Olympus")])[0].field, "tz");
         assert_eq!(errors(&[("max_stale", "-1")])[0].field, "max_stale");
-        assert_eq!(errors(&[("status", "paid"), ("status", "shipped")])[0].field, "status");
-        assert_eq!(errors(&[("format", "xlsx"), ("bom", "true")])[0].field, "bom");
+        assert_eq!(
+            errors(&[("status", "paid"), ("status", "shipped")])[0].field,
+            "status"
+        );
+        assert_eq!(
+            errors(&[("format", "xlsx"), ("bom", "true")])[0].field,
+            "bom"
+        );
         assert_eq!(errors(&[("delimiter", "pipe")])[0].field, "delimiter");
     }
 
@@ -820,12 +838,18 @@ mod tests {
         match normalise(&catalog(), &raw) {
             Err(RequestError::Invalid(e)) => {
                 let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
-                assert!(fields.contains(&"dataset") && fields.contains(&"colour"), "{fields:?}");
+                assert!(
+                    fields.contains(&"dataset") && fields.contains(&"colour"),
+                    "{fields:?}"
+                );
             }
             other => panic!("{other:?}"),
         }
         let raw = RawExportRequest::from_json(&serde_json::json!([1, 2]));
-        assert!(matches!(normalise(&catalog(), &raw), Err(RequestError::Invalid(_))));
+        assert!(matches!(
+            normalise(&catalog(), &raw),
+            Err(RequestError::Invalid(_))
+        ));
     }
 
     proptest! {

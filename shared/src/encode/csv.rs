@@ -281,7 +281,11 @@ mod tests {
             .collect();
         let out = encode(cols, &rows, CsvOptions::default());
         let back = read_back(&out, b',');
-        for (rec, original) in back[1..].iter().zip(["=HYPERLINK(\"x\")", "+1", "-1", "@A1", "\tx", "\rx"]) {
+        for (rec, original) in
+            back[1..]
+                .iter()
+                .zip(["=HYPERLINK(\"x\")", "+1", "-1", "@A1", "\tx", "\rx"])
+        {
             assert_eq!(rec[0], format!("'{original}"));
             assert_eq!(rec[1], "-1", "typed numbers are never touched");
         }
@@ -292,7 +296,10 @@ mod tests {
         let ts = DateTime::parse_from_rfc3339("2024-07-01T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        let cols = vec![col("s", ColumnType::String), col("t", ColumnType::Timestamp)];
+        let cols = vec![
+            col("s", ColumnType::String),
+            col("t", ColumnType::Timestamp),
+        ];
         let rows = vec![vec![Value::Str("a;b".into()), Value::Ts(ts)]];
         let out = encode(
             cols,
@@ -324,14 +331,21 @@ mod tests {
             })
             .collect();
         let plain = encode(orders.columns.clone(), &rows, CsvOptions::default());
-        let mut gz: Box<dyn Encoder> =
-            Box::new(GzCsvEncoder::new(orders.columns.clone(), CsvOptions::default(), 1));
+        let mut gz: Box<dyn Encoder> = Box::new(GzCsvEncoder::new(
+            orders.columns.clone(),
+            CsvOptions::default(),
+            1,
+        ));
         let mut compressed = Vec::new();
         for chunk in rows.chunks(700) {
             gz.write_rows(chunk).unwrap();
             compressed.extend(gz.take_buffered());
         }
-        gz.finish().unwrap().tail.read_to_end(&mut compressed).unwrap();
+        gz.finish()
+            .unwrap()
+            .tail
+            .read_to_end(&mut compressed)
+            .unwrap();
         let mut unzipped = Vec::new();
         flate2::read::GzDecoder::new(&compressed[..])
             .read_to_end(&mut unzipped)

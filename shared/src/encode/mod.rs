@@ -96,6 +96,11 @@ pub fn encoder_for(
             },
             settings.gzip_level,
         )),
-        Format::Xlsx => Box::new(xlsx::XlsxEncoder::new(&spec.dataset, columns, tz, settings)?),
+        Format::Xlsx => Box::new(xlsx::XlsxEncoder::new(
+            &spec.dataset,
+            columns,
+            tz,
+            settings,
+        )?),
     })
 }

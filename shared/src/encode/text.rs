@@ -89,7 +89,11 @@ mod tests {
             "2024-07-01T12:34:56.123456Z",
             "2024-03-31T01:30:00.000000001Z",
         ];
-        for tz in [chrono_tz::UTC, chrono_tz::Europe::Paris, chrono_tz::America::St_Johns] {
+        for tz in [
+            chrono_tz::UTC,
+            chrono_tz::Europe::Paris,
+            chrono_tz::America::St_Johns,
+        ] {
             for s in samples {
                 let t = DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
                 let mut out = Vec::new();

@@ -20,7 +20,11 @@ pub async fn invalidate_entry(
         .catalog
         .get(&req.spec.dataset)
         .is_some_and(|d| d.user_scoped);
-    let key = CacheKey::derive(&who.tenant, user_scoped.then_some(who.user.as_str()), &req.spec);
+    let key = CacheKey::derive(
+        &who.tenant,
+        user_scoped.then_some(who.user.as_str()),
+        &req.spec,
+    );
     deps.meta.delete_entry(&who.tenant, &key).await?;
     Ok(())
 }
@@ -32,7 +36,11 @@ pub enum Scope {
 }
 
 /// Stops serving every entry of the tenant (admins only) or of the caller.
-pub async fn invalidate_scope(deps: &Deps, who: &Identity, scope: Scope) -> Result<(), ServiceError> {
+pub async fn invalidate_scope(
+    deps: &Deps,
+    who: &Identity,
+    scope: Scope,
+) -> Result<(), ServiceError> {
     match scope {
         Scope::Tenant => {
             require_scope(who, SCOPE_ADMIN)?;
@@ -40,7 +48,9 @@ pub async fn invalidate_scope(deps: &Deps, who: &Identity, scope: Scope) -> Resu
         }
         Scope::User => {
             require_scope(who, SCOPE_READ)?;
-            deps.meta.bump_generation(&who.tenant, Some(&who.user)).await?;
+            deps.meta
+                .bump_generation(&who.tenant, Some(&who.user))
+                .await?;
         }
     }
     Ok(())
@@ -69,7 +79,11 @@ pub async fn stats(deps: &Deps, who: &Identity) -> Result<CacheStats, ServiceErr
         hits,
         misses,
         stale_hits,
-        hit_rate: if total == 0 { 0.0 } else { served as f64 / total as f64 },
+        hit_rate: if total == 0 {
+            0.0
+        } else {
+            served as f64 / total as f64
+        },
         entries: sum(|d| d.entries),
         bytes: sum(|d| d.bytes),
         rows: sum(|d| d.rows),

@@ -41,7 +41,10 @@ pub async fn request_export(
     let req = normalise(&deps.catalog, raw)?;
     let spec = req.spec;
     let Some(ds) = deps.catalog.get(&spec.dataset) else {
-        return Err(ServiceError::NotFound(format!("unknown dataset `{}`", spec.dataset)));
+        return Err(ServiceError::NotFound(format!(
+            "unknown dataset `{}`",
+            spec.dataset
+        )));
     };
     let user_part = ds.user_scoped.then_some(who.user.as_str());
     let key = CacheKey::derive(&who.tenant, user_part, &spec);
@@ -84,9 +87,19 @@ pub async fn request_export(
             }
             let url = deps
                 .files
-                .presign_get(&entry.object_key, &entry.file_name(), deps.config.presign_ttl)
+                .presign_get(
+                    &entry.object_key,
+                    &entry.file_name(),
+                    deps.config.presign_ttl,
+                )
                 .await?;
-            record(deps, &who.tenant, &spec.dataset, if stale { HitKind::Stale } else { HitKind::Hit }).await;
+            record(
+                deps,
+                &who.tenant,
+                &spec.dataset,
+                if stale { HitKind::Stale } else { HitKind::Hit },
+            )
+            .await;
             if let Err(e) = deps.meta.touch_entry(&entry, now).await {
                 tracing::warn!(error = %e, "could not record the hit on the entry");
             }

@@ -175,7 +175,9 @@ pub async fn download_url(
     let (Some(object_key), Some(until), Some(finished)) =
         (&job.object_key, job.download_until, job.finished_at)
     else {
-        return Err(ServiceError::Gone("this job's file is no longer available".into()));
+        return Err(ServiceError::Gone(
+            "this job's file is no longer available".into(),
+        ));
     };
     if now >= until {
         return Err(ServiceError::Gone(format!(
@@ -210,6 +212,9 @@ mod tests {
             manifest_key("exports/t/orders/k/j1.csv.gz"),
             "exports/t/orders/k/j1.manifest.json"
         );
-        assert_eq!(manifest_key("exports/t/orders/k/j1.xlsx"), "exports/t/orders/k/j1.manifest.json");
+        assert_eq!(
+            manifest_key("exports/t/orders/k/j1.xlsx"),
+            "exports/t/orders/k/j1.manifest.json"
+        );
     }
 }

@@ -27,10 +27,17 @@ use crate::ports::{PortError, RangeQuery, SourceQuery};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Succeeded { rows: u64, bytes: u64 },
+    Succeeded {
+        rows: u64,
+        bytes: u64,
+    },
     /// Checkpointed before the deadline; a continuation message is queued.
-    Continued { rows: u64 },
-    Failed { code: String },
+    Continued {
+        rows: u64,
+    },
+    Failed {
+        code: String,
+    },
     /// Nothing to do: the job already finished (duplicate or late delivery).
     AlreadyFinished,
     /// The message names no job we know.
@@ -68,7 +75,10 @@ impl RetryLater {
 /// Ways a run ends early.
 enum Stop {
     /// The job cannot succeed: fail it now.
-    Fatal { code: &'static str, message: String },
+    Fatal {
+        code: &'static str,
+        message: String,
+    },
     Transient(String),
     LostLease,
 }
@@ -170,7 +180,8 @@ pub async fn process_job(
         Ok(RunEnd::Done(entry)) => {
             let rows = entry.rows;
             let bytes = entry.bytes;
-            finish_success(deps, job, *entry).await
+            finish_success(deps, job, *entry)
+                .await
                 .map(|()| Outcome::Succeeded { rows, bytes })
                 .or_else(|stop| match stop {
                     Stop::LostLease => Ok(Outcome::LostLease),

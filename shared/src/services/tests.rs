@@ -32,7 +32,11 @@ fn order_rows(n: usize) -> Vec<Row> {
                 Value::Str(format!("ORD-{i:06}")),
                 Value::Ts(Utc.timestamp_opt(1_700_000_000 + i as i64 * 60, 0).unwrap()),
                 Value::Str(format!("C{}", i % 7)),
-                Value::Str(if i % 5 == 0 { "=cmd()".into() } else { format!("Name, {i}") }),
+                Value::Str(if i % 5 == 0 {
+                    "=cmd()".into()
+                } else {
+                    format!("Name, {i}")
+                }),
                 Value::Str("paid".into()),
                 Value::Str("EUR".into()),
                 Value::Dec(format!("{}.{:02}", i, i % 100)),
@@ -40,7 +44,11 @@ fn order_rows(n: usize) -> Vec<Row> {
                 Value::Int(i as i64 % 9),
                 Value::Bool(i % 2 == 0),
                 Value::Date(NaiveDate::from_ymd_opt(2024, 1, 1 + (i % 28) as u32).unwrap()),
-                if i % 3 == 0 { Value::Null } else { Value::Str(format!("note \"{i}\"")) },
+                if i % 3 == 0 {
+                    Value::Null
+                } else {
+                    Value::Str(format!("note \"{i}\""))
+                },
             ]
         })
         .collect()
@@ -57,7 +65,11 @@ fn setup_with(rows: usize, catalog: Catalog) -> Fakes {
     let mut f = fakes(config, 10);
     f.deps.catalog = Arc::new(catalog);
     for t in ["acme", "globex"] {
-        f.source.rows.lock().unwrap().insert(t.into(), order_rows(rows));
+        f.source
+            .rows
+            .lock()
+            .unwrap()
+            .insert(t.into(), order_rows(rows));
     }
     f
 }
@@ -65,7 +77,10 @@ fn setup_with(rows: usize, catalog: Catalog) -> Fakes {
 fn orders(pairs: &[(&str, &str)]) -> RawExportRequest {
     RawExportRequest::from_query(
         "orders",
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     )
 }
 
@@ -88,14 +103,21 @@ async fn run_queue(f: &Fakes) -> Vec<Outcome> {
             return out;
         }
         for m in msgs {
-            out.push(process_job(&f.deps, &m, "w1", far_deadline(f)).await.unwrap());
+            out.push(
+                process_job(&f.deps, &m, "w1", far_deadline(f))
+                    .await
+                    .unwrap(),
+            );
         }
     }
 }
 
 fn only_object(f: &Fakes, suffix: &str) -> Vec<u8> {
     let objects = f.files.objects.lock().unwrap();
-    let files: Vec<_> = objects.iter().filter(|(k, _)| k.ends_with(suffix)).collect();
+    let files: Vec<_> = objects
+        .iter()
+        .filter(|(k, _)| k.ends_with(suffix))
+        .collect();
     assert_eq!(files.len(), 1, "{:?}", objects.keys().collect::<Vec<_>>());
     files[0].1.clone()
 }
@@ -105,15 +127,29 @@ async fn miss_then_hit_serves_the_same_file() {
     let f = setup(57);
     let job_id = miss(&f, "acme", &orders(&[])).await;
     let outcomes = run_queue(&f).await;
-    assert_eq!(outcomes, vec![Outcome::Succeeded { rows: 57, bytes: only_object(&f, ".csv").len() as u64 }]);
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Succeeded {
+            rows: 57,
+            bytes: only_object(&f, ".csv").len() as u64
+        }]
+    );
     let pages_after_miss = *f.source.pages_read.lock().unwrap();
 
-    let hit = request_export(&f.deps, &who("acme"), &orders(&[])).await.unwrap();
-    let ExportAnswer::File { entry, stale, .. } = hit else { panic!("expected a hit") };
+    let hit = request_export(&f.deps, &who("acme"), &orders(&[]))
+        .await
+        .unwrap();
+    let ExportAnswer::File { entry, stale, .. } = hit else {
+        panic!("expected a hit")
+    };
     assert!(!stale);
     assert_eq!(entry.job_id, job_id);
     assert_eq!(entry.rows, 57);
-    assert_eq!(*f.source.pages_read.lock().unwrap(), pages_after_miss, "a hit reads nothing");
+    assert_eq!(
+        *f.source.pages_read.lock().unwrap(),
+        pages_after_miss,
+        "a hit reads nothing"
+    );
 
     let file = String::from_utf8(only_object(&f, ".csv")).unwrap();
     assert!(file.starts_with("Order ID,Created at,"));
@@ -131,7 +167,11 @@ async fn concurrent_identical_misses_join_one_job() {
     let reqs: Vec<_> = (0..12)
         .map(|i| {
             // Same export, spelled differently.
-            let cols = if i % 2 == 0 { "amount,order_id" } else { "order_id,amount" };
+            let cols = if i % 2 == 0 {
+                "amount,order_id"
+            } else {
+                "order_id,amount"
+            };
             orders(&[("columns", cols), ("status", "paid")])
         })
         .collect();
@@ -160,29 +200,56 @@ async fn duplicate_and_concurrent_deliveries_make_one_file() {
         process_job(&f.deps, &msg, "w2", deadline)
     );
     let results = [a, b];
-    assert_eq!(results.iter().filter(|r| matches!(r, Ok(Outcome::Succeeded { .. }))).count(), 1);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| matches!(r, Ok(Outcome::Succeeded { .. })))
+            .count(),
+        1
+    );
     assert!(
         results.iter().all(|r| matches!(
             r,
-            Ok(Outcome::Succeeded { .. }) | Ok(Outcome::AlreadyFinished) | Err(super::process::RetryLater::Busy { .. })
+            Ok(Outcome::Succeeded { .. })
+                | Ok(Outcome::AlreadyFinished)
+                | Err(super::process::RetryLater::Busy { .. })
         )),
         "{results:?}"
     );
     // A late redelivery finds the job finished.
-    assert_eq!(process_job(&f.deps, &msg, "w3", deadline).await.unwrap(), Outcome::AlreadyFinished);
+    assert_eq!(
+        process_job(&f.deps, &msg, "w3", deadline).await.unwrap(),
+        Outcome::AlreadyFinished
+    );
     only_object(&f, ".csv");
-    assert_eq!(job_for(&f.deps, &who("acme"), &job_id).await.unwrap().status, JobStatus::Succeeded);
+    assert_eq!(
+        job_for(&f.deps, &who("acme"), &job_id)
+            .await
+            .unwrap()
+            .status,
+        JobStatus::Succeeded
+    );
 }
 
 #[tokio::test]
 async fn failed_job_aborts_its_upload_and_serves_nothing() {
-    let small = Catalog::from_toml(&BUILTIN_CATALOG.replace("row_limit = 5000000", "row_limit = 25")).unwrap();
+    let small =
+        Catalog::from_toml(&BUILTIN_CATALOG.replace("row_limit = 5000000", "row_limit = 25"))
+            .unwrap();
     let f = setup_with(60, small);
     let job_id = miss(&f, "acme", &orders(&[])).await;
     let outcomes = run_queue(&f).await;
-    assert_eq!(outcomes, vec![Outcome::Failed { code: "row_limit_exceeded".into() }]);
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Failed {
+            code: "row_limit_exceeded".into()
+        }]
+    );
     assert_eq!(f.files.aborted.lock().unwrap().len(), 1);
-    assert!(f.files.objects.lock().unwrap().is_empty(), "no file, not even a manifest");
+    assert!(
+        f.files.objects.lock().unwrap().is_empty(),
+        "no file, not even a manifest"
+    );
     let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
     assert_eq!(job.error.unwrap().code, "row_limit_exceeded");
     // The failure released the key: the next request starts a new job instead of joining.
@@ -209,14 +276,25 @@ async fn continuation_before_the_deadline_yields_the_identical_file() {
     let first = process_job(&f.deps, &msg, "w1", tight).await.unwrap();
     assert!(matches!(first, Outcome::Continued { .. }), "{first:?}");
     let cont = f.queue.drain();
-    assert_eq!(cont, vec![JobMessage { job_id: job_id.clone(), kind: MessageKind::Continue }]);
+    assert_eq!(
+        cont,
+        vec![JobMessage {
+            job_id: job_id.clone(),
+            kind: MessageKind::Continue
+        }]
+    );
     let mut outcome = process_job(&f.deps, &cont[0], "w2", tight).await.unwrap();
     // Each continuation makes progress; finish with a roomy deadline.
     while let Outcome::Continued { .. } = outcome {
         let next = f.queue.drain().remove(0);
-        outcome = process_job(&f.deps, &next, "w3", far_deadline(&f)).await.unwrap();
+        outcome = process_job(&f.deps, &next, "w3", far_deadline(&f))
+            .await
+            .unwrap();
     }
-    assert!(matches!(outcome, Outcome::Succeeded { rows: 83, .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, Outcome::Succeeded { rows: 83, .. }),
+        "{outcome:?}"
+    );
     let objects = f.files.objects.lock().unwrap();
     let resumed = objects
         .iter()
@@ -239,13 +317,19 @@ async fn expired_entry_is_a_miss_again_and_stale_is_served_with_a_refresh() {
     run_queue(&f).await;
     // orders: fresh 900 s, stale window 3600 s.
     f.clock.advance(Duration::seconds(1000));
-    match request_export(&f.deps, &who("acme"), &orders(&[])).await.unwrap() {
+    match request_export(&f.deps, &who("acme"), &orders(&[]))
+        .await
+        .unwrap()
+    {
         ExportAnswer::File { stale: true, .. } => {}
         other => panic!("expected a stale hit, got {other:?}"),
     }
     assert_eq!(f.queue.drain().len(), 1, "the stale hit queued a refresh");
     // A caller that accepts no staleness joins that refresh instead.
-    match request_export(&f.deps, &who("acme"), &orders(&[("max_stale", "0")])).await.unwrap() {
+    match request_export(&f.deps, &who("acme"), &orders(&[("max_stale", "0")]))
+        .await
+        .unwrap()
+    {
         ExportAnswer::Job { joined: true, .. } => {}
         other => panic!("expected to join the refresh, got {other:?}"),
     }
@@ -258,8 +342,14 @@ async fn expired_entry_is_a_miss_again_and_stale_is_served_with_a_refresh() {
 async fn other_tenants_job_is_not_found() {
     let f = setup(3);
     let job_id = miss(&f, "acme", &orders(&[])).await;
-    assert!(matches!(job_for(&f.deps, &who("globex"), &job_id).await, Err(ServiceError::NotFound(_))));
-    assert!(matches!(job_for(&f.deps, &who("acme"), "nope").await, Err(ServiceError::NotFound(_))));
+    assert!(matches!(
+        job_for(&f.deps, &who("globex"), &job_id).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    assert!(matches!(
+        job_for(&f.deps, &who("acme"), "nope").await,
+        Err(ServiceError::NotFound(_))
+    ));
     // And tenants never share files: the same request for globex is its own miss.
     run_queue(&f).await;
     let other = miss(&f, "globex", &orders(&[])).await;
@@ -277,7 +367,9 @@ async fn invalidating_the_tenant_hides_its_entries() {
         invalidate_scope(&f.deps, &reader, Scope::Tenant).await,
         Err(ServiceError::Forbidden(_))
     ));
-    invalidate_scope(&f.deps, &who("acme"), Scope::Tenant).await.unwrap();
+    invalidate_scope(&f.deps, &who("acme"), Scope::Tenant)
+        .await
+        .unwrap();
     miss(&f, "acme", &orders(&[])).await;
 }
 
@@ -288,9 +380,13 @@ async fn warmer_refreshes_only_hit_entries_about_to_expire() {
     miss(&f, "acme", &orders(&[("status", "paid")])).await; // never hit
     miss(&f, "globex", &orders(&[])).await; // hit, but fresh for long
     run_queue(&f).await;
-    request_export(&f.deps, &who("acme"), &orders(&[])).await.unwrap();
+    request_export(&f.deps, &who("acme"), &orders(&[]))
+        .await
+        .unwrap();
     f.clock.advance(Duration::seconds(300));
-    request_export(&f.deps, &who("globex"), &orders(&[])).await.unwrap();
+    request_export(&f.deps, &who("globex"), &orders(&[]))
+        .await
+        .unwrap();
     // Shift globex's entry far into the future.
     for e in f.meta.entries.lock().unwrap().values_mut() {
         if e.tenant == "globex" {
@@ -302,7 +398,14 @@ async fn warmer_refreshes_only_hit_entries_about_to_expire() {
     assert_eq!(report.enqueued, 1, "{report:?}");
     assert_eq!(report.skipped_cold, 1, "{report:?}");
     let sent = f.queue.drain();
-    let job = f.meta.jobs.lock().unwrap().get(&sent[0].job_id).cloned().unwrap();
+    let job = f
+        .meta
+        .jobs
+        .lock()
+        .unwrap()
+        .get(&sent[0].job_id)
+        .cloned()
+        .unwrap();
     assert_eq!(job.tenant, "acme");
     assert!(job.spec.filters.is_empty());
     // A second run joins the in-flight refresh instead of queuing another.

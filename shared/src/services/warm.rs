@@ -21,8 +21,7 @@ pub struct WarmReport {
 /// missed run is caught up), and refreshes those hit within the hit window.
 pub async fn warm(deps: &Deps, now: DateTime<Utc>) -> Result<WarmReport, ServiceError> {
     let interval = Duration::from_std(deps.config.warmer.interval).unwrap_or(Duration::minutes(15));
-    let hit_window =
-        Duration::from_std(deps.config.warmer.hit_window).unwrap_or(Duration::days(1));
+    let hit_window = Duration::from_std(deps.config.warmer.hit_window).unwrap_or(Duration::days(1));
     let entries = deps
         .meta
         .expiring_entries(now - interval, now + interval)
