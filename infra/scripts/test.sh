@@ -22,7 +22,11 @@ status=0
 log "cfn-lint template.yaml"
 cfn-lint template.yaml || status=$?
 log "cargo test --workspace"
-cargo test --workspace "$@" || status=$?
+SUMMARY_LOG="$RUN_DIR/test-output.log"
+cargo test --workspace "$@" 2>&1 | tee "$SUMMARY_LOG" || status=$?
+# One closing line for the whole run, whatever the last test binary printed.
+read -r passed failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p+0, f+0}' "$SUMMARY_LOG")
+printf 'tests: %s passed, %s failed\n' "$passed" "$failed" | tee "$RUN_DIR/test-summary.txt"
 
 if [[ $status -eq 0 ]]; then
   rm -f "$MOTO_LOG"

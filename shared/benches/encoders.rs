@@ -53,8 +53,8 @@ fn main() -> Res<()> {
         Err(_) => DEFAULT_CASES.iter().map(|s| s.to_string()).collect(),
     };
     let exe = std::env::current_exe()?;
-    println!("| format | rows | seconds | rows/s | MB/s | output | peak RSS |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| format | rows | seconds | rows/s | MB/s | output | peak RSS | of which finish |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &rows {
         for case in &cases {
             let out = Command::new(&exe)
@@ -71,7 +71,7 @@ fn main() -> Res<()> {
             let m = Measurement::parse(&stdout)?;
             let secs = m.elapsed.as_secs_f64();
             println!(
-                "| {} | {} | {:.2} | {} | {:.1} | {} | {:.1} MiB |",
+                "| {} | {} | {:.2} | {} | {:.1} | {} | {:.1} MiB | {:.2} s |",
                 case_label(case),
                 group(n),
                 secs,
@@ -79,6 +79,7 @@ fn main() -> Res<()> {
                 m.bytes as f64 / secs / 1e6,
                 size(m.bytes),
                 m.peak_rss_kib as f64 / 1024.0,
+                m.finish.as_secs_f64(),
             );
         }
     }
@@ -98,6 +99,8 @@ fn case_label(case: &str) -> String {
 
 struct Measurement {
     elapsed: Duration,
+    /// The part spent in `finish` and reading the tail (for XLSX: zipping the staged sheets).
+    finish: Duration,
     bytes: u64,
     peak_rss_kib: u64,
 }
@@ -105,8 +108,9 @@ struct Measurement {
 impl Measurement {
     fn print(&self) {
         println!(
-            "elapsed_ns={} bytes={} peak_rss_kib={}",
+            "elapsed_ns={} finish_ns={} bytes={} peak_rss_kib={}",
             self.elapsed.as_nanos(),
+            self.finish.as_nanos(),
             self.bytes,
             self.peak_rss_kib
         );
@@ -125,6 +129,7 @@ impl Measurement {
         };
         Ok(Self {
             elapsed: Duration::from_nanos(get("elapsed_ns")?),
+            finish: Duration::from_nanos(get("finish_ns")?),
             bytes: get("bytes")?,
             peak_rss_kib: get("peak_rss_kib")?,
         })
@@ -188,6 +193,7 @@ fn child(case: &str, rows: u64) -> Res<()> {
         done += n;
     }
     let start = Instant::now();
+    let finish_start = elapsed;
     let mut tail = encoder.finish()?.tail;
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -205,6 +211,7 @@ fn child(case: &str, rows: u64) -> Res<()> {
 
     Measurement {
         elapsed,
+        finish: elapsed - finish_start,
         bytes,
         peak_rss_kib: peak_rss_kib()?,
     }

@@ -353,6 +353,9 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         settings.page_size,
     );
     let columns = selected_columns(&ds, &job.spec);
+    if job.spec.format == crate::domain::Format::Xlsx {
+        check_tmp_space(deps, job, columns.len())?;
+    }
     let resumable_format = !matches!(
         job.spec.format,
         crate::domain::Format::Xlsx | crate::domain::Format::CsvGz
@@ -545,6 +548,30 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
     job.sheets = encoder_done.sheets;
     write_manifest(deps, &ds, job, &entry).await?;
     Ok(RunEnd::Done(Box::new(entry)))
+}
+
+/// An XLSX export stages its sheets on local disk: refuse up front, with a clear error, one whose
+/// expected size (from the previous file of the same key) cannot fit. The encoder also guards
+/// while writing, for exports of unknown size.
+fn check_tmp_space(deps: &Deps, job: &Job, columns: usize) -> Result<(), Stop> {
+    let dir = &deps.config.encode.tmp_dir;
+    let (Some(rows), Some(free)) = (job.rows_total, crate::encode::xlsx::free_tmp_bytes(dir))
+    else {
+        return Ok(());
+    };
+    let needed = crate::encode::xlsx::estimate_tmp_bytes(rows, columns);
+    if needed > free {
+        return Err(Stop::Fatal {
+            code: "no_temp_space",
+            message: format!(
+                "an xlsx of about {rows} rows needs about {} MiB of temporary space and {} has {} MiB free; narrow the export or use csv",
+                needed >> 20,
+                dir.display(),
+                free >> 20
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn read_chunk(r: &mut dyn Read, size: usize) -> std::io::Result<Vec<u8>> {

@@ -412,3 +412,27 @@ async fn warmer_refreshes_only_hit_entries_about_to_expire() {
     let again = warm(&f.deps, f.deps.clock.now()).await.unwrap();
     assert_eq!((again.enqueued, again.joined), (0, 1));
 }
+
+#[tokio::test]
+async fn xlsx_that_cannot_fit_in_temp_space_fails_clearly_before_starting() {
+    let f = setup(5);
+    let job_id = miss(&f, "acme", &orders(&[("format", "xlsx")])).await;
+    // Pretend the previous file of this key had a trillion rows.
+    f.meta
+        .jobs
+        .lock()
+        .unwrap()
+        .get_mut(&job_id)
+        .unwrap()
+        .rows_total = Some(1_000_000_000_000);
+    let outcomes = run_queue(&f).await;
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Failed {
+            code: "no_temp_space".into()
+        }]
+    );
+    let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
+    assert!(job.error.unwrap().message.contains("temporary space"));
+    assert!(f.files.objects.lock().unwrap().is_empty());
+}
