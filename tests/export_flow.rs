@@ -7,21 +7,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use http::{Method, StatusCode};
-use integration_tests::{Stack, SECRET};
+use integration_tests::{neutralised, Stack, SECRET};
 
 const ALL: &[&str] = &["exports:read", "exports:admin"];
-
-/// What a spreadsheet-safe CSV cell of a seeded text attribute must be.
-fn neutralised(s: &str) -> String {
-    if matches!(
-        s.as_bytes().first(),
-        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
-    ) {
-        format!("'{s}")
-    } else {
-        s.to_string()
-    }
-}
 
 /// The CSV cells a seeded order must become, derived from the item itself, not from our encoder.
 fn expected_order_cells(item: &HashMap<String, AttributeValue>) -> Vec<String> {
@@ -391,10 +379,7 @@ async fn expired_entry_is_a_miss_again_and_invalidation_hides_entries() {
         .export_through_worker("/exports/orders?status=paid", &token)
         .await;
     assert_eq!(
-        stack
-            .get("/exports/orders?status=paid", &token)
-            .await
-            .status,
+        stack.status("/exports/orders?status=paid", &token).await,
         StatusCode::SEE_OTHER
     );
 
@@ -409,10 +394,7 @@ async fn expired_entry_is_a_miss_again_and_invalidation_hides_entries() {
     assert_ne!(second, first);
     stack.run_worker().await;
     assert_eq!(
-        stack
-            .get("/exports/orders?status=paid", &token)
-            .await
-            .status,
+        stack.status("/exports/orders?status=paid", &token).await,
         StatusCode::SEE_OTHER
     );
     // The old job's link is gone with its file's window.
@@ -426,43 +408,22 @@ async fn expired_entry_is_a_miss_again_and_invalidation_hides_entries() {
 
     // Dropping the one entry, then the whole tenant, makes the next request a miss.
     let del = stack
-        .call(
-            Method::DELETE,
-            "/exports/cache/orders?status=paid",
-            Some(&token),
-            None,
-        )
+        .delete("/exports/cache/orders?status=paid", &token)
         .await;
-    assert_eq!(del.status, StatusCode::NO_CONTENT);
+    assert_eq!(del, StatusCode::NO_CONTENT);
     assert_eq!(
-        stack
-            .get("/exports/orders?status=paid", &token)
-            .await
-            .status,
+        stack.status("/exports/orders?status=paid", &token).await,
         StatusCode::ACCEPTED
     );
     stack.run_worker().await;
     assert_eq!(
-        stack
-            .get("/exports/orders?status=paid", &token)
-            .await
-            .status,
+        stack.status("/exports/orders?status=paid", &token).await,
         StatusCode::SEE_OTHER
     );
-    let del = stack
-        .call(
-            Method::DELETE,
-            "/exports/cache?scope=tenant",
-            Some(&token),
-            None,
-        )
-        .await;
-    assert_eq!(del.status, StatusCode::NO_CONTENT);
+    let del = stack.delete("/exports/cache?scope=tenant", &token).await;
+    assert_eq!(del, StatusCode::NO_CONTENT);
     assert_eq!(
-        stack
-            .get("/exports/orders?status=paid", &token)
-            .await
-            .status,
+        stack.status("/exports/orders?status=paid", &token).await,
         StatusCode::ACCEPTED
     );
     stack.teardown().await;
@@ -505,11 +466,11 @@ async fn warmer_enqueues_exactly_the_hit_entries_about_to_expire() {
         .await;
     stack.clock.advance(chrono::Duration::seconds(60));
     assert_eq!(
-        stack.get("/exports/orders", &token).await.status,
+        stack.status("/exports/orders", &token).await,
         StatusCode::SEE_OTHER
     );
     assert_eq!(
-        stack.get("/exports/customers", &token).await.status,
+        stack.status("/exports/customers", &token).await,
         StatusCode::SEE_OTHER
     );
 

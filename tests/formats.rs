@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use calamine::{Data, DataType, Reader, Xlsx};
 use chrono::{DateTime, NaiveDate, Utc};
 use http::StatusCode;
-use integration_tests::Stack;
+use integration_tests::{neutralised, Stack};
 
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
@@ -21,17 +21,6 @@ fn s<'a>(item: &'a HashMap<String, AttributeValue>, k: &str) -> Option<&'a str> 
     match item.get(k) {
         Some(AttributeValue::S(v)) | Some(AttributeValue::N(v)) => Some(v.as_str()),
         _ => None,
-    }
-}
-
-fn neutralised(v: &str) -> String {
-    if matches!(
-        v.as_bytes().first(),
-        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
-    ) {
-        format!("'{v}")
-    } else {
-        v.to_string()
     }
 }
 

@@ -173,9 +173,12 @@ fn child(case: &str, rows: u64) -> Res<()> {
     elapsed += start.elapsed();
     // BENCH_KEEP=DIR keeps the file for inspection (its writes are timed too, so not for numbers).
     let mut keep = match std::env::var_os("BENCH_KEEP") {
-        Some(dir) => Some(std::fs::File::create(
-            std::path::Path::new(&dir).join(format!("orders-{rows}.{}", case.replace('@', "-"))),
-        )?),
+        Some(dir) => Some(std::fs::File::create(std::path::Path::new(&dir).join(
+            match level {
+                Some(l) => format!("orders-{rows}-level{l}.{}", format.extension()),
+                None => format!("orders-{rows}.{}", format.extension()),
+            },
+        ))?),
         None => None,
     };
     let mut done = 0;

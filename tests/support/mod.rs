@@ -167,6 +167,17 @@ impl Stack {
         self.call(Method::GET, uri, Some(token), None).await
     }
 
+    /// Just the status of a GET.
+    pub async fn status(&self, uri: &str, token: &str) -> StatusCode {
+        self.get(uri, token).await.status
+    }
+
+    pub async fn delete(&self, uri: &str, token: &str) -> StatusCode {
+        self.call(Method::DELETE, uri, Some(token), None)
+            .await
+            .status
+    }
+
     /// Plays the SQS trigger: receive a batch from the real queue, invoke the worker handler,
     /// delete what it did not report as failed. Returns the number of messages handled.
     pub async fn run_worker_once(&self) -> usize {
@@ -291,5 +302,18 @@ impl Stack {
             .json();
         assert_eq!(status["status"], "succeeded", "{status}");
         job_id
+    }
+}
+
+/// What a spreadsheet-safe cell of a seeded text value must be (computed here, independently of
+/// the encoders under test).
+pub fn neutralised(s: &str) -> String {
+    if matches!(
+        s.as_bytes().first(),
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
+    ) {
+        format!("'{s}")
+    } else {
+        s.to_string()
     }
 }

@@ -117,6 +117,10 @@ impl From<EncodeError> for Stop {
     }
 }
 
+/// A run that cannot resume gives up this close to the deadline, with a clear error rather than
+/// being killed mid-write.
+const LAST_MOMENT: Duration = Duration::seconds(5);
+
 enum RunEnd {
     Done(Box<CacheEntry>),
     Handover,
@@ -455,11 +459,13 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         job.read_capacity = rcu;
 
         let now = deps.clock.now();
+        let mut checkpointed = false;
         if encoder.buffered() >= settings.part_size {
             upload.push(deps, encoder.take_buffered()).await?;
             job.bytes_written = upload.bytes();
             if encoder.resumable() {
                 job.checkpoint = Some(checkpoint(&upload, &cursor, rows, pages, rcu));
+                checkpointed = true;
             } else if let Some(cp) = job.checkpoint.as_mut() {
                 // Parts are recorded so a failure can abort them; there is no resume point.
                 cp.parts = upload.parts.clone();
@@ -471,11 +477,19 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
             last_progress = now;
         }
 
-        if !exhausted && now + margin >= deadline {
-            if encoder.resumable() {
-                tracing::info!(job_id = %job.job_id, rows, "deadline near: handing over to a continuation");
-                return Ok(RunEnd::Handover);
-            }
+        if exhausted {
+            break;
+        }
+        // Hand over only right at a fresh checkpoint: the continuation then starts exactly where
+        // this run stopped, and every run moves the checkpoint forward by at least one part. (A
+        // hand-over between checkpoints would re-read the same pages forever under a short
+        // deadline.) Between checkpoints the run goes on; if the deadline kills it, the retry
+        // resumes from the last checkpoint.
+        if checkpointed && now + margin >= deadline {
+            tracing::info!(job_id = %job.job_id, rows, "deadline near: handing over to a continuation");
+            return Ok(RunEnd::Handover);
+        }
+        if !encoder.resumable() && now + LAST_MOMENT >= deadline {
             return Err(Stop::Fatal {
                 code: "too_large_for_one_run",
                 message: format!(

@@ -436,3 +436,34 @@ async fn xlsx_that_cannot_fit_in_temp_space_fails_clearly_before_starting() {
     assert!(job.error.unwrap().message.contains("temporary space"));
     assert!(f.files.objects.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn every_continuation_makes_progress_even_when_the_deadline_is_always_near() {
+    // Parts of about three pages: a run that handed over between parts would re-read forever.
+    let mut config = test_config();
+    config.worker.part_size = 3000;
+    let f = fakes(config, 10);
+    f.source.rows.lock().unwrap().insert("acme".into(), order_rows(200));
+    f.source.rows.lock().unwrap().insert("globex".into(), order_rows(200));
+    miss(&f, "globex", &orders(&[])).await;
+    run_queue(&f).await;
+    let reference = only_object(&f, ".csv");
+
+    miss(&f, "acme", &orders(&[])).await;
+    let mut runs = 0;
+    let outcome = loop {
+        let msg = f.queue.drain().remove(0);
+        runs += 1;
+        assert!(runs < 60, "no progress across continuations");
+        let tight = f.deps.clock.now() + Duration::seconds(1);
+        match process_job(&f.deps, &msg, &format!("w{runs}"), tight).await.unwrap() {
+            Outcome::Continued { .. } => continue,
+            other => break other,
+        }
+    };
+    assert!(matches!(outcome, Outcome::Succeeded { rows: 200, .. }), "{outcome:?}");
+    assert!(runs > 2, "it did hand over ({runs} runs)");
+    let objects = f.files.objects.lock().unwrap();
+    let acme = objects.iter().find(|(k, _)| k.contains("/acme/") && k.ends_with(".csv")).unwrap().1;
+    assert_eq!(acme, &reference);
+}
