@@ -565,3 +565,28 @@ async fn worker_fixture_for_an_unknown_job_is_settled_not_retried() {
     assert_eq!(answer.batch_item_failures.len(), 1);
     stack.teardown().await;
 }
+
+#[tokio::test]
+async fn too_many_new_exports_get_429_while_hits_keep_flowing() {
+    let stack = Stack::new(10, &[("MISS_RATE_LIMIT_PER_MINUTE", "2")]).await;
+    let token = stack.reader("acme");
+    stack.export_through_worker("/exports/orders", &token).await;
+    assert_eq!(
+        stack.status("/exports/orders?status=paid", &token).await,
+        StatusCode::ACCEPTED
+    );
+    let limited = stack.get("/exports/orders?status=shipped", &token).await;
+    assert_problem(&limited, StatusCode::TOO_MANY_REQUESTS, None);
+    assert!(limited.header("retry-after").parse::<u32>().unwrap() <= 60);
+    assert_eq!(
+        stack.status("/exports/orders", &token).await,
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(
+        stack
+            .status("/exports/orders?status=shipped", &stack.reader("globex"))
+            .await,
+        StatusCode::ACCEPTED
+    );
+    stack.teardown().await;
+}

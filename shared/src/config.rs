@@ -34,6 +34,9 @@ pub struct Config {
     pub tenant_claim: String,
     pub local_jwt_secret: Option<String>,
     pub presign_ttl: Duration,
+    /// Cache misses (new exports) a tenant may request per minute; 0 turns the limit off. Hits
+    /// are never limited: they cost nothing at the source.
+    pub miss_rate_per_minute: u32,
     pub s3_force_path_style: bool,
     pub log_format: LogFormat,
     pub worker: WorkerSettings,
@@ -200,6 +203,12 @@ impl Config {
             tenant_claim: get("TENANT_CLAIM").unwrap_or_else(|| "tenant_id".into()),
             local_jwt_secret: get("LOCAL_JWT_SECRET"),
             presign_ttl,
+            miss_rate_per_minute: u32::try_from(number("MISS_RATE_LIMIT_PER_MINUTE", 120)?)
+                .map_err(|_| ConfigError::Invalid {
+                    name: "MISS_RATE_LIMIT_PER_MINUTE",
+                    value: "too large".into(),
+                    message: "expected a number of requests per minute".into(),
+                })?,
             s3_force_path_style: flag("S3_FORCE_PATH_STYLE")?,
             log_format,
             worker: WorkerSettings {

@@ -135,6 +135,14 @@ pub trait MetadataStore: Send + Sync {
     /// Hides every entry of the tenant (`user: None`) or of one user.
     async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()>;
     async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation>;
+    /// Takes one of the tenant's `limit` new-export slots for the minute of `now`; `false` when
+    /// they are all taken.
+    async fn take_miss_slot(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> PortResult<bool>;
     /// Counters per dataset, and live entries with their bytes.
     async fn stats(
         &self,

@@ -34,6 +34,7 @@ pub struct MemoryMeta {
     pub markers: Mutex<Markers>,
     pub generations: Mutex<HashMap<(String, String), u64>>,
     pub counters: Mutex<HashMap<(String, String), DatasetStats>>,
+    pub miss_slots: Mutex<HashMap<(String, i64), u32>>,
 }
 
 impl MemoryMeta {
@@ -169,6 +170,23 @@ impl MetadataStore for MemoryMeta {
 
     async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
         Ok(self.gen(tenant, user))
+    }
+
+    async fn take_miss_slot(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> PortResult<bool> {
+        let mut slots = lock(&self.miss_slots);
+        let taken = slots
+            .entry((tenant.to_string(), now.timestamp() / 60))
+            .or_default();
+        if *taken >= limit {
+            return Ok(false);
+        }
+        *taken += 1;
+        Ok(true)
     }
 
     async fn stats(

@@ -296,3 +296,117 @@ async fn stats(State(state): State<AppState>, Caller(who): Caller) -> Result<Res
     let stats = cache_admin::stats(&state.deps, &who).await?;
     Ok(Json(stats).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http::Request;
+    use shared::testing::{fakes, test_config};
+    use tower::ServiceExt;
+
+    async fn call(
+        router: Router,
+        uri: &str,
+        auth: Option<&str>,
+    ) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let mut req = Request::builder().uri(uri);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = router
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            headers,
+            serde_json::from_slice(&bytes).unwrap_or_default(),
+        )
+    }
+
+    fn token(secret: &str) -> String {
+        let claims = json!({"sub": "alice", "tenant_id": "acme", "scope": "exports:read",
+            "exp": chrono::Utc::now().timestamp() + 600});
+        let t = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        format!("Bearer {t}")
+    }
+
+    #[tokio::test]
+    async fn without_authorizer_or_local_key_every_call_is_refused() {
+        let f = fakes(test_config(), 10);
+        let (status, headers, body) =
+            call(router(f.deps.clone()), "/exports/orders", Some(&token("k"))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        assert!(
+            body["detail"].as_str().unwrap().contains("no local key"),
+            "{body}"
+        );
+        // Health needs no identity.
+        assert_eq!(
+            call(router(f.deps), "/health", None).await.0,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn rate_limited_misses_get_429_with_retry_after() {
+        let mut config = test_config();
+        config.local_jwt_secret = Some("k".into());
+        config.miss_rate_per_minute = 1;
+        let f = fakes(config, 10);
+        let auth = token("k");
+        assert_eq!(
+            call(router(f.deps.clone()), "/exports/orders", Some(&auth))
+                .await
+                .0,
+            StatusCode::ACCEPTED
+        );
+        let (status, headers, body) = call(
+            router(f.deps.clone()),
+            "/exports/orders?status=paid",
+            Some(&auth),
+        )
+        .await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            headers[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse::<u32>()
+                .unwrap()
+                <= 60
+        );
+        assert_eq!(body["status"], 429);
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods_answer_problem_json() {
+        let f = fakes(test_config(), 10);
+        let (status, headers, _) = call(router(f.deps.clone()), "/nope", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        let resp = router(f.deps)
+            .oneshot(
+                Request::builder()
+                    .method("PUT")
+                    .uri("/exports")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+}

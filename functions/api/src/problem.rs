@@ -19,6 +19,7 @@ pub enum ApiError {
     NotReady(String),
     Gone(String),
     Unavailable(String),
+    RateLimited { retry_after: u32 },
     RouteNotFound,
     MethodNotAllowed,
     Internal(String),
@@ -48,6 +49,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotReady(m) => Self::NotReady(m),
             ServiceError::Gone(m) => Self::Gone(m),
             ServiceError::Unavailable(m) => Self::Unavailable(m),
+            ServiceError::RateLimited { retry_after } => Self::RateLimited { retry_after },
             ServiceError::Internal(e) => Self::Internal(e.to_string()),
         }
     }
@@ -64,6 +66,11 @@ fn problem(status: StatusCode, slug: &str, title: &str, detail: String) -> serde
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after } => Some(*retry_after),
+            ApiError::Unavailable(_) => Some(5),
+            _ => None,
+        };
         let (status, body) = match self {
             ApiError::Invalid(errors) => {
                 let detail = errors
@@ -127,6 +134,15 @@ impl IntoResponse for ApiError {
                     m,
                 ),
             ),
+            ApiError::RateLimited { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                problem(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate-limited",
+                    "Too many new exports",
+                    format!("this tenant started too many new exports this minute; retry in {retry_after} s (cached exports are not limited)"),
+                ),
+            ),
             ApiError::RouteNotFound => (
                 StatusCode::NOT_FOUND,
                 problem(
@@ -163,9 +179,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(secs) = retry_after {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -9,6 +9,7 @@
 //! | in-flight marker | `T#{tenant}` | `M#{key}` | `job_id`, written with a condition |
 //! | generation | `T#{tenant}` | `G` or `G#U#{user}` | `gen`, bumped to invalidate |
 //! | counters | `T#{tenant}` | `S#{dataset}` | `hits`, `misses`, `stale_hits` |
+//! | rate limit | `T#{tenant}` | `RL#{yyyymmddHHMM}` | `n`: misses in that minute |
 //! Every item that should go away carries `expires_at` (epoch seconds, the table's TTL attribute);
 //! readers still check deadlines themselves because TTL deletion is lazy.
 
@@ -545,6 +546,34 @@ impl MetadataStore for MetaStore {
 
     async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
         self.generation_of(tenant, user).await
+    }
+
+    async fn take_miss_slot(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> PortResult<bool> {
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                tenant_pk(tenant),
+                format!("RL#{}", now.format("%Y%m%d%H%M")),
+            )))
+            .update_expression("ADD n :one SET expires_at = :exp")
+            .condition_expression("attribute_not_exists(n) OR n < :limit")
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":limit", n(limit))
+            .expression_attribute_values(":exp", n(now.timestamp() + 3600))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Ok(false),
+            Err(e) => Err(sdk_error("rate limit", e)),
+        }
     }
 
     async fn stats(

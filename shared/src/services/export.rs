@@ -112,6 +112,12 @@ pub async fn request_export(
         }
     }
 
+    let limit = deps.config.miss_rate_per_minute;
+    if limit > 0 && !deps.meta.take_miss_slot(&who.tenant, now, limit).await? {
+        return Err(ServiceError::RateLimited {
+            retry_after: 60 - now.timestamp().rem_euclid(60) as u32,
+        });
+    }
     let Started { job, joined } = start_or_join(
         deps,
         &who.tenant,

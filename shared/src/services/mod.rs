@@ -46,6 +46,8 @@ pub enum ServiceError {
     Gone(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("too many new exports; retry in {retry_after} s")]
+    RateLimited { retry_after: u32 },
     #[error("internal: {0}")]
     Internal(#[from] PortError),
 }

@@ -443,8 +443,16 @@ async fn every_continuation_makes_progress_even_when_the_deadline_is_always_near
     let mut config = test_config();
     config.worker.part_size = 3000;
     let f = fakes(config, 10);
-    f.source.rows.lock().unwrap().insert("acme".into(), order_rows(200));
-    f.source.rows.lock().unwrap().insert("globex".into(), order_rows(200));
+    f.source
+        .rows
+        .lock()
+        .unwrap()
+        .insert("acme".into(), order_rows(200));
+    f.source
+        .rows
+        .lock()
+        .unwrap()
+        .insert("globex".into(), order_rows(200));
     miss(&f, "globex", &orders(&[])).await;
     run_queue(&f).await;
     let reference = only_object(&f, ".csv");
@@ -456,14 +464,52 @@ async fn every_continuation_makes_progress_even_when_the_deadline_is_always_near
         runs += 1;
         assert!(runs < 60, "no progress across continuations");
         let tight = f.deps.clock.now() + Duration::seconds(1);
-        match process_job(&f.deps, &msg, &format!("w{runs}"), tight).await.unwrap() {
+        match process_job(&f.deps, &msg, &format!("w{runs}"), tight)
+            .await
+            .unwrap()
+        {
             Outcome::Continued { .. } => continue,
             other => break other,
         }
     };
-    assert!(matches!(outcome, Outcome::Succeeded { rows: 200, .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, Outcome::Succeeded { rows: 200, .. }),
+        "{outcome:?}"
+    );
     assert!(runs > 2, "it did hand over ({runs} runs)");
     let objects = f.files.objects.lock().unwrap();
-    let acme = objects.iter().find(|(k, _)| k.contains("/acme/") && k.ends_with(".csv")).unwrap().1;
+    let acme = objects
+        .iter()
+        .find(|(k, _)| k.contains("/acme/") && k.ends_with(".csv"))
+        .unwrap()
+        .1;
     assert_eq!(acme, &reference);
+}
+
+#[tokio::test]
+async fn new_exports_are_rate_limited_per_tenant_but_hits_are_not() {
+    let mut config = test_config();
+    config.miss_rate_per_minute = 2;
+    let f = fakes(config, 10);
+    f.source
+        .rows
+        .lock()
+        .unwrap()
+        .insert("acme".into(), order_rows(3));
+    miss(&f, "acme", &orders(&[])).await;
+    run_queue(&f).await;
+    miss(&f, "acme", &orders(&[("status", "paid")])).await;
+    match request_export(&f.deps, &who("acme"), &orders(&[("status", "shipped")])).await {
+        Err(ServiceError::RateLimited { retry_after }) => assert!((1..=60).contains(&retry_after)),
+        other => panic!("expected a rate limit, got {other:?}"),
+    }
+    // Hits cost nothing at the source: never limited.
+    assert!(matches!(
+        request_export(&f.deps, &who("acme"), &orders(&[])).await,
+        Ok(ExportAnswer::File { .. })
+    ));
+    // Another tenant has its own budget; the next minute a new one.
+    miss(&f, "globex", &orders(&[])).await;
+    f.clock.advance(Duration::seconds(60));
+    miss(&f, "acme", &orders(&[("status", "shipped")])).await;
 }
