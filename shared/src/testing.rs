@@ -328,11 +328,24 @@ pub struct MemorySource {
     pub rows: Mutex<HashMap<String, Vec<Row>>>,
     pub page_rows: usize,
     pub pages_read: Mutex<u64>,
+    /// The next this many reads fail with a retryable error (throttling, say).
+    pub fail_next: Mutex<u32>,
 }
 
 #[async_trait]
 impl RowSource for MemorySource {
     async fn read_page(&self, q: &SourceQuery, cursor: Option<&str>) -> PortResult<Page> {
+        {
+            let mut fail = lock(&self.fail_next);
+            if *fail > 0 {
+                *fail -= 1;
+                return Err(PortError::failed(
+                    "source query",
+                    "ThrottlingException",
+                    true,
+                ));
+            }
+        }
         *lock(&self.pages_read) += 1;
         let all = lock(&self.rows).get(&q.tenant).cloned().unwrap_or_default();
         let start: usize = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);

@@ -513,3 +513,105 @@ async fn new_exports_are_rate_limited_per_tenant_but_hits_are_not() {
     f.clock.advance(Duration::seconds(60));
     miss(&f, "acme", &orders(&[("status", "shipped")])).await;
 }
+
+#[tokio::test]
+async fn transient_failures_are_retried_then_the_job_fails_for_good_and_aborts() {
+    let mut config = test_config();
+    config.worker.max_attempts = 3;
+    config.worker.part_size = 300;
+    let f = fakes(config, 10);
+    f.source
+        .rows
+        .lock()
+        .unwrap()
+        .insert("acme".into(), order_rows(40));
+    let job_id = miss(&f, "acme", &orders(&[])).await;
+    let msg = f.queue.drain().remove(0);
+    // Every attempt fails on its first read.
+    for attempt in 1..=3 {
+        *f.source.fail_next.lock().unwrap() = 1;
+        let result = process_job(&f.deps, &msg, &format!("w{attempt}"), far_deadline(&f)).await;
+        if attempt < 3 {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, super::process::RetryLater::Transient { .. }),
+                "{err:?}"
+            );
+            assert!(err.delay_seconds(f.deps.clock.now()) > 0);
+            let job = f.meta.jobs.lock().unwrap().get(&job_id).cloned().unwrap();
+            assert_eq!(job.status, JobStatus::Running);
+            assert!(job.lease.is_none(), "the lease is released for the retry");
+        } else {
+            assert_eq!(
+                result.unwrap(),
+                Outcome::Failed {
+                    code: "retries_exhausted".into()
+                }
+            );
+        }
+    }
+    let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
+    assert_eq!(job.status, JobStatus::Failed);
+    assert!(job.error.unwrap().message.contains("ThrottlingException"));
+    assert!(f.files.objects.lock().unwrap().is_empty());
+    assert!(
+        f.files.uploads.lock().unwrap().is_empty(),
+        "no upload left open"
+    );
+}
+
+#[tokio::test]
+async fn a_retry_after_a_transient_error_resumes_and_succeeds() {
+    let f = setup(45);
+    miss(&f, "globex", &orders(&[])).await;
+    run_queue(&f).await;
+    let reference = only_object(&f, ".csv");
+    let job_id = miss(&f, "acme", &orders(&[])).await;
+    let msg = f.queue.drain().remove(0);
+    *f.source.fail_next.lock().unwrap() = 1;
+    assert!(process_job(&f.deps, &msg, "w1", far_deadline(&f))
+        .await
+        .is_err());
+    assert!(matches!(
+        process_job(&f.deps, &msg, "w2", far_deadline(&f))
+            .await
+            .unwrap(),
+        Outcome::Succeeded { rows: 45, .. }
+    ));
+    let objects = f.files.objects.lock().unwrap();
+    let acme = objects
+        .iter()
+        .find(|(k, _)| k.contains("/acme/") && k.ends_with(".csv"))
+        .unwrap()
+        .1;
+    assert_eq!(acme, &reference);
+    assert_eq!(f.meta.jobs.lock().unwrap()[&job_id].attempts, 2);
+}
+
+#[tokio::test]
+async fn invalidating_a_user_hides_the_entries_they_built() {
+    let f = setup(3);
+    miss(&f, "acme", &orders(&[])).await;
+    run_queue(&f).await;
+    let bob = Identity {
+        user: "bob".into(),
+        ..who("acme")
+    };
+    // Bob shares alice's tenant-wide entry until alice drops hers.
+    assert!(matches!(
+        request_export(&f.deps, &bob, &orders(&[])).await.unwrap(),
+        ExportAnswer::File { .. }
+    ));
+    invalidate_scope(&f.deps, &bob, Scope::User).await.unwrap();
+    assert!(matches!(
+        request_export(&f.deps, &bob, &orders(&[])).await.unwrap(),
+        ExportAnswer::File { .. }
+    ));
+    invalidate_scope(&f.deps, &who("acme"), Scope::User)
+        .await
+        .unwrap();
+    assert!(matches!(
+        request_export(&f.deps, &bob, &orders(&[])).await.unwrap(),
+        ExportAnswer::Job { .. }
+    ));
+}
