@@ -184,18 +184,23 @@ pub async fn process_job(
         Ok(RunEnd::Done(entry)) => {
             let rows = entry.rows;
             let bytes = entry.bytes;
-            finish_success(deps, job, *entry)
-                .await
-                .map(|()| Outcome::Succeeded { rows, bytes })
-                .or_else(|stop| match stop {
-                    Stop::LostLease => Ok(Outcome::LostLease),
-                    Stop::Transient(m) => Err(RetryLater::Transient {
-                        job_id: msg.job_id.clone(),
-                        attempt: 0,
-                        message: m,
-                    }),
-                    Stop::Fatal { code, .. } => Ok(Outcome::Failed { code: code.into() }),
-                })
+            match finish_success(deps, job, *entry).await {
+                Ok(()) => Ok(Outcome::Succeeded { rows, bytes }),
+                Err(Stop::LostLease) => Ok(Outcome::LostLease),
+                Err(Stop::Transient(m)) => Err(RetryLater::Transient {
+                    job_id: msg.job_id.clone(),
+                    attempt: 0,
+                    message: m,
+                }),
+                Err(Stop::Fatal { code, message }) => {
+                    // The file exists but no entry points at it: record the failure so the key
+                    // is free again (the orphan expires with the bucket's lifecycle rule).
+                    if let Ok(Some(job)) = deps.meta.get_job(&msg.job_id).await {
+                        fail_job(deps, job, code, &message).await;
+                    }
+                    Ok(Outcome::Failed { code: code.into() })
+                }
+            }
         }
         Ok(RunEnd::Handover) => {
             let rows = job.checkpoint.as_ref().map_or(0, |c| c.rows);
