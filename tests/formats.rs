@@ -94,6 +94,13 @@ fn assert_manifest_describes(manifest: &serde_json::Value, file: &[u8], rows: u6
     assert_eq!(manifest["columns"][0]["name"], "order_id");
     assert_eq!(manifest["columns"][0]["label"], "Order ID");
     assert_eq!(manifest["columns"][6]["type"], "decimal");
+    // The seed's latest created_at among the exported rows.
+    let newest = infra::seed::created_at(rows - 1);
+    assert_eq!(
+        DateTime::parse_from_rfc3339(manifest["source"]["watermark"].as_str().unwrap()).unwrap(),
+        DateTime::parse_from_rfc3339(&newest).unwrap(),
+        "{manifest}"
+    );
     for k in [
         "generated_at",
         "encoder_version",

@@ -205,6 +205,7 @@ pub fn job_body(job: &Job) -> serde_json::Value {
         "progress": job.progress(),
         "bytes_written": job.bytes_written,
         "pages_read": job.pages_read,
+        "watermark": job.watermark,
         "read_capacity": job.read_capacity,
         "sheets": (job.sheets > 0).then_some(job.sheets),
         "truncated_cells": job.truncated_cells,

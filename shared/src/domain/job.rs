@@ -116,6 +116,10 @@ pub struct Job {
     /// What the source cost: pages read and consumed read capacity units.
     pub pages_read: u64,
     pub read_capacity: f64,
+    /// Latest timestamp seen in the exported rows: how current the file's data is. Re-reading
+    /// pages after a resume cannot change a maximum, so it needs no checkpoint of its own.
+    #[serde(default)]
+    pub watermark: Option<DateTime<Utc>>,
     pub truncated_cells: u64,
     pub sheets: u32,
     pub created_at: DateTime<Utc>,
@@ -164,6 +168,7 @@ impl Job {
             bytes_written: 0,
             pages_read: 0,
             read_capacity: 0.0,
+            watermark: None,
             truncated_cells: 0,
             sheets: 0,
             created_at: now,

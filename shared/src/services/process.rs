@@ -457,6 +457,16 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
             });
         }
         encoder.write_rows(&page.rows)?;
+        job.watermark = page
+            .rows
+            .iter()
+            .flatten()
+            .filter_map(|v| match v {
+                crate::domain::Value::Ts(t) => Some(*t),
+                _ => None,
+            })
+            .chain(job.watermark)
+            .max();
         cursor = page.next;
         exhausted = cursor.is_none();
         job.rows_written = rows;
@@ -637,6 +647,8 @@ pub struct ManifestRange {
 
 #[derive(serde::Serialize)]
 pub struct ManifestSource {
+    /// Latest timestamp in the exported rows (`null` when no timestamp column was exported).
+    pub watermark: Option<DateTime<Utc>>,
     pub pages_read: u64,
     pub read_capacity: f64,
 }
@@ -676,6 +688,7 @@ async fn write_manifest(
         encoder_version: ENCODER_VERSION,
         job_id: &job.job_id,
         source: ManifestSource {
+            watermark: job.watermark,
             pages_read: job.pages_read,
             read_capacity: job.read_capacity,
         },
