@@ -47,9 +47,27 @@ async fn handle_message(
             return false;
         }
     };
-    let span = tracing::info_span!("job", job_id = %msg.job_id, kind = ?msg.kind);
+    // The queue's redrive policy moves a message to the DLQ after maxReceiveCount deliveries;
+    // the job's own budget is the same number (MAX_ATTEMPTS).
+    let receive_count: u32 = message
+        .attributes
+        .get("ApproximateReceiveCount")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1);
+    let last_delivery = receive_count >= deps.config.worker.max_attempts;
+    let span = tracing::info_span!("job", job_id = %msg.job_id, kind = ?msg.kind, receive_count);
     async {
-        match process_job(deps, &msg, owner, deadline).await {
+        match process_job(deps, &msg, owner, deadline, last_delivery).await {
+            Ok(Outcome::Exhausted { code }) => {
+                tracing::error!(code, "export failed for good; the message goes to the DLQ");
+                if let Some(handle) = message.receipt_handle.as_deref() {
+                    // Seen again at once, past maxReceiveCount: SQS moves it to the DLQ.
+                    if let Err(e) = deps.queue.retry_after(handle, 0).await {
+                        tracing::warn!(error = %e, "message stays until its visibility timeout");
+                    }
+                }
+                false
+            }
             Ok(outcome) => {
                 match &outcome {
                     Outcome::Succeeded { rows, bytes } => {

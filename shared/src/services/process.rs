@@ -38,6 +38,11 @@ pub enum Outcome {
     Failed {
         code: String,
     },
+    /// Failed for good after the retry budget: the message should go on to the dead-letter queue
+    /// as evidence (the job record says why).
+    Exhausted {
+        code: String,
+    },
     /// Nothing to do: the job already finished (duplicate or late delivery).
     AlreadyFinished,
     /// The message names no job we know.
@@ -127,11 +132,14 @@ enum RunEnd {
 }
 
 /// Runs the job named by `msg` until it succeeds, fails, or hands over before `deadline`.
+/// `last_delivery`: the queue will not deliver this message again (its receive count reached the
+/// queue's maxReceiveCount), so a transient failure now is final.
 pub async fn process_job(
     deps: &Deps,
     msg: &JobMessage,
     owner: &str,
     deadline: DateTime<Utc>,
+    last_delivery: bool,
 ) -> Result<Outcome, RetryLater> {
     let transient = |job_id: &str, attempt: u32, e: &dyn std::fmt::Display| RetryLater::Transient {
         job_id: job_id.to_string(),
@@ -227,13 +235,13 @@ pub async fn process_job(
             Ok(Outcome::Failed { code: code.into() })
         }
         Err(Stop::Transient(message)) => {
-            if job.failed_attempts() + 1 >= deps.config.worker.max_attempts {
+            if job.failed_attempts() + 1 >= deps.config.worker.max_attempts || last_delivery {
                 let message = format!(
                     "gave up after {} attempts; last error: {message}",
                     job.failed_attempts() + 1
                 );
                 fail_job(deps, job, "retries_exhausted", &message).await;
-                return Ok(Outcome::Failed {
+                return Ok(Outcome::Exhausted {
                     code: "retries_exhausted".into(),
                 });
             }

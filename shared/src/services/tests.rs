@@ -104,7 +104,7 @@ async fn run_queue(f: &Fakes) -> Vec<Outcome> {
         }
         for m in msgs {
             out.push(
-                process_job(&f.deps, &m, "w1", far_deadline(f))
+                process_job(&f.deps, &m, "w1", far_deadline(f), false)
                     .await
                     .unwrap(),
             );
@@ -196,8 +196,8 @@ async fn duplicate_and_concurrent_deliveries_make_one_file() {
     let msg = f.queue.drain().remove(0);
     let deadline = far_deadline(&f);
     let (a, b) = tokio::join!(
-        process_job(&f.deps, &msg, "w1", deadline),
-        process_job(&f.deps, &msg, "w2", deadline)
+        process_job(&f.deps, &msg, "w1", deadline, false),
+        process_job(&f.deps, &msg, "w2", deadline, false)
     );
     let results = [a, b];
     assert_eq!(
@@ -218,7 +218,9 @@ async fn duplicate_and_concurrent_deliveries_make_one_file() {
     );
     // A late redelivery finds the job finished.
     assert_eq!(
-        process_job(&f.deps, &msg, "w3", deadline).await.unwrap(),
+        process_job(&f.deps, &msg, "w3", deadline, false)
+            .await
+            .unwrap(),
         Outcome::AlreadyFinished
     );
     only_object(&f, ".csv");
@@ -273,7 +275,9 @@ async fn continuation_before_the_deadline_yields_the_identical_file() {
     let msg = f.queue.drain().remove(0);
     // The deadline is already inside the margin: hand over after the first page.
     let tight = f.deps.clock.now() + Duration::seconds(30);
-    let first = process_job(&f.deps, &msg, "w1", tight).await.unwrap();
+    let first = process_job(&f.deps, &msg, "w1", tight, false)
+        .await
+        .unwrap();
     assert!(matches!(first, Outcome::Continued { .. }), "{first:?}");
     let cont = f.queue.drain();
     assert_eq!(
@@ -283,11 +287,13 @@ async fn continuation_before_the_deadline_yields_the_identical_file() {
             kind: MessageKind::Continue
         }]
     );
-    let mut outcome = process_job(&f.deps, &cont[0], "w2", tight).await.unwrap();
+    let mut outcome = process_job(&f.deps, &cont[0], "w2", tight, false)
+        .await
+        .unwrap();
     // Each continuation makes progress; finish with a roomy deadline.
     while let Outcome::Continued { .. } = outcome {
         let next = f.queue.drain().remove(0);
-        outcome = process_job(&f.deps, &next, "w3", far_deadline(&f))
+        outcome = process_job(&f.deps, &next, "w3", far_deadline(&f), false)
             .await
             .unwrap();
     }
@@ -464,7 +470,7 @@ async fn every_continuation_makes_progress_even_when_the_deadline_is_always_near
         runs += 1;
         assert!(runs < 60, "no progress across continuations");
         let tight = f.deps.clock.now() + Duration::seconds(1);
-        match process_job(&f.deps, &msg, &format!("w{runs}"), tight)
+        match process_job(&f.deps, &msg, &format!("w{runs}"), tight, false)
             .await
             .unwrap()
         {
@@ -530,7 +536,14 @@ async fn transient_failures_are_retried_then_the_job_fails_for_good_and_aborts()
     // Every attempt fails on its first read.
     for attempt in 1..=3 {
         *f.source.fail_next.lock().unwrap() = 1;
-        let result = process_job(&f.deps, &msg, &format!("w{attempt}"), far_deadline(&f)).await;
+        let result = process_job(
+            &f.deps,
+            &msg,
+            &format!("w{attempt}"),
+            far_deadline(&f),
+            false,
+        )
+        .await;
         if attempt < 3 {
             let err = result.unwrap_err();
             assert!(
@@ -544,7 +557,7 @@ async fn transient_failures_are_retried_then_the_job_fails_for_good_and_aborts()
         } else {
             assert_eq!(
                 result.unwrap(),
-                Outcome::Failed {
+                Outcome::Exhausted {
                     code: "retries_exhausted".into()
                 }
             );
@@ -569,11 +582,11 @@ async fn a_retry_after_a_transient_error_resumes_and_succeeds() {
     let job_id = miss(&f, "acme", &orders(&[])).await;
     let msg = f.queue.drain().remove(0);
     *f.source.fail_next.lock().unwrap() = 1;
-    assert!(process_job(&f.deps, &msg, "w1", far_deadline(&f))
+    assert!(process_job(&f.deps, &msg, "w1", far_deadline(&f), false)
         .await
         .is_err());
     assert!(matches!(
-        process_job(&f.deps, &msg, "w2", far_deadline(&f))
+        process_job(&f.deps, &msg, "w2", far_deadline(&f), false)
             .await
             .unwrap(),
         Outcome::Succeeded { rows: 45, .. }
@@ -614,4 +627,24 @@ async fn invalidating_a_user_hides_the_entries_they_built() {
         request_export(&f.deps, &bob, &orders(&[])).await.unwrap(),
         ExportAnswer::Job { .. }
     ));
+}
+
+#[tokio::test]
+async fn a_transient_failure_on_the_last_delivery_is_final() {
+    let f = setup(5);
+    let job_id = miss(&f, "acme", &orders(&[])).await;
+    let msg = f.queue.drain().remove(0);
+    *f.source.fail_next.lock().unwrap() = 1;
+    let outcome = process_job(&f.deps, &msg, "w1", far_deadline(&f), true).await;
+    assert_eq!(
+        outcome.unwrap(),
+        Outcome::Exhausted {
+            code: "retries_exhausted".into()
+        }
+    );
+    assert_eq!(
+        f.meta.jobs.lock().unwrap()[&job_id].status,
+        JobStatus::Failed
+    );
+    assert!(f.files.uploads.lock().unwrap().is_empty());
 }
