@@ -87,6 +87,23 @@ pub struct Dataset {
     pub row_limit: u64,
     /// The file depends on the caller, so the user is part of the cache key.
     pub user_scoped: bool,
+    /// Exports the warmer keeps fresh whether or not anyone asked lately.
+    pub pins: Vec<Pin>,
+}
+
+/// A pinned export: `query` is what a caller would put after `GET /exports/{dataset}?`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub tenants: Vec<String>,
+    pub query: String,
+}
+
+impl Pin {
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        form_urlencoded::parse(self.query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
 }
 
 impl Dataset {
@@ -118,7 +135,7 @@ pub struct Catalog {
     datasets: BTreeMap<String, Dataset>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CatalogError {
     #[error("catalog is not valid TOML: {0}")]
     Syntax(String),
@@ -157,6 +174,16 @@ struct RawDataset {
     #[serde(default)]
     user_scoped: bool,
     columns: Vec<RawColumn>,
+    #[serde(default)]
+    pins: Vec<RawPin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPin {
+    tenants: Vec<String>,
+    #[serde(default)]
+    query: String,
 }
 
 #[derive(Deserialize)]
@@ -219,7 +246,46 @@ impl Catalog {
             }
             datasets.insert(ds.name.clone(), ds);
         }
-        Ok(Self { datasets })
+        let catalog = Self { datasets };
+        catalog.validate_pins()?;
+        Ok(catalog)
+    }
+
+    /// A pin must be a request the API would accept, for tenants named plainly, on a dataset
+    /// that is not user-scoped (a pin has no user).
+    fn validate_pins(&self) -> Result<(), CatalogError> {
+        for ds in self.datasets.values() {
+            for (i, pin) in ds.pins.iter().enumerate() {
+                let field = format!("pins[{i}]");
+                if ds.user_scoped {
+                    return Err(invalid(
+                        &ds.name,
+                        &field,
+                        "a user-scoped dataset cannot be pinned",
+                    ));
+                }
+                if pin.tenants.is_empty() || pin.tenants.iter().any(|t| t.trim().is_empty()) {
+                    return Err(invalid(
+                        &ds.name,
+                        &format!("{field}.tenants"),
+                        "name at least one tenant",
+                    ));
+                }
+                let raw = crate::domain::RawExportRequest::from_query(&ds.name, pin.query_pairs());
+                if let Err(e) = crate::domain::request::normalise(self, &raw) {
+                    let why = match e {
+                        crate::domain::RequestError::Invalid(errors) => errors
+                            .iter()
+                            .map(|e| format!("{}: {}", e.field, e.message))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        other => other.to_string(),
+                    };
+                    return Err(invalid(&ds.name, &format!("{field}.query"), why));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Option<&Dataset> {
@@ -401,6 +467,14 @@ fn validate_dataset(rd: RawDataset) -> Result<Dataset, CatalogError> {
         stale_seconds: rd.stale_seconds,
         row_limit: rd.row_limit,
         user_scoped: rd.user_scoped,
+        pins: rd
+            .pins
+            .into_iter()
+            .map(|p| Pin {
+                tenants: p.tenants,
+                query: p.query,
+            })
+            .collect(),
     })
 }
 
@@ -505,6 +579,24 @@ columns = [
             CatalogError::Syntax(_)
         ));
         assert!(Catalog::from_toml("").is_err());
+    }
+
+    #[test]
+    fn pins_are_validated_like_requests() {
+        let pinned = format!(
+            "{MINIMAL}\n[[datasets.pins]]\ntenants = [\"acme\"]\nquery = \"kind=a&format=xlsx\"\n"
+        );
+        let c = Catalog::from_toml(&pinned).unwrap();
+        assert_eq!(c.get("things").unwrap().pins[0].query_pairs().len(), 2);
+        let bad = pinned.replace("kind=a", "colour=red");
+        let e = Catalog::from_toml(&bad).unwrap_err();
+        assert_eq!(field_of(e.clone()).1, "pins[0].query");
+        assert!(e.to_string().contains("colour"), "{e}");
+        let nobody = pinned.replace("tenants = [\"acme\"]", "tenants = []");
+        assert_eq!(
+            field_of(Catalog::from_toml(&nobody).unwrap_err()).1,
+            "pins[0].tenants"
+        );
     }
 
     #[test]

@@ -322,7 +322,8 @@ impl JobQueue for MemoryQueue {
     }
 }
 
-/// Rows per tenant, served in pages of `page_rows`; counts pages read.
+/// Rows per `"{table}/{tenant}"` (or just per tenant, for any table), served in pages of
+/// `page_rows`; counts pages read.
 #[derive(Default)]
 pub struct MemorySource {
     pub rows: Mutex<HashMap<String, Vec<Row>>>,
@@ -347,7 +348,13 @@ impl RowSource for MemorySource {
             }
         }
         *lock(&self.pages_read) += 1;
-        let all = lock(&self.rows).get(&q.tenant).cloned().unwrap_or_default();
+        let all = {
+            let rows = lock(&self.rows);
+            rows.get(&format!("{}/{}", q.table, q.tenant))
+                .or_else(|| rows.get(&q.tenant))
+                .cloned()
+                .unwrap_or_default()
+        };
         let start: usize = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
         let end = (start + self.page_rows.max(1)).min(all.len());
         Ok(Page {

@@ -648,3 +648,74 @@ async fn a_transient_failure_on_the_last_delivery_is_final() {
     );
     assert!(f.files.uploads.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn pinned_exports_are_built_when_missing_and_refreshed_when_due() {
+    let pinned = format!(
+        "{BUILTIN_CATALOG}\n[[datasets.pins]]\ntenants = [\"acme\", \"globex\"]\nquery = \"format=csv.gz&status=paid\"\n"
+    );
+    // The pin belongs to the last dataset of the file (customers): move it to orders.
+    let pinned = pinned.replace(
+        "\n[[datasets]]\nname = \"customers\"",
+        "\n[[datasets.pins]]\ntenants = [\"acme\"]\nquery = \"status=paid\"\n\n[[datasets]]\nname = \"customers\"",
+    );
+    let pinned = pinned.replace(
+        "\n[[datasets.pins]]\ntenants = [\"acme\", \"globex\"]\nquery = \"format=csv.gz&status=paid\"\n",
+        "\n[[datasets.pins]]\ntenants = [\"acme\", \"globex\"]\nquery = \"format=csv.gz&tier=gold\"\n",
+    );
+    let f = setup_with(20, Catalog::from_toml(&pinned).unwrap());
+    let customer_rows: Vec<Row> = (0..4)
+        .map(|i| {
+            let mut r = vec![Value::Str(format!("C{i}")); 10];
+            r[1] = Value::Ts(Utc.timestamp_opt(1_700_000_000, 0).unwrap());
+            r[6] = Value::Dec("1.00".into());
+            r[7] = Value::Int(i);
+            r[8] = Value::Bool(true);
+            r[9] = Value::Null;
+            r
+        })
+        .collect();
+    for t in ["acme", "globex"] {
+        f.source
+            .rows
+            .lock()
+            .unwrap()
+            .insert(format!("customers/{t}"), customer_rows.clone());
+    }
+    let report = warm(&f.deps, f.deps.clock.now()).await.unwrap();
+    assert_eq!(
+        (report.pinned_enqueued, report.pinned_fresh),
+        (3, 0),
+        "{report:?}"
+    );
+    let sent = f.queue.drain();
+    assert_eq!(sent.len(), 3);
+    for m in &sent {
+        process_job(&f.deps, m, "w", far_deadline(&f), false)
+            .await
+            .unwrap();
+    }
+    // Fresh for exactly one more run: nothing to do now, due a second later.
+    let report = warm(&f.deps, f.deps.clock.now()).await.unwrap();
+    assert_eq!(
+        (report.pinned_enqueued, report.pinned_fresh),
+        (0, 3),
+        "{report:?}"
+    );
+    f.clock.advance(Duration::seconds(1));
+    let report = warm(&f.deps, f.deps.clock.now()).await.unwrap();
+    // orders (ttl 900) is due; customers (ttl 3600) are not.
+    assert_eq!(
+        (report.pinned_enqueued, report.pinned_fresh),
+        (1, 2),
+        "{report:?}"
+    );
+    // A caller's identical request is served from the pinned file.
+    match request_export(&f.deps, &who("acme"), &orders(&[("status", "paid")]))
+        .await
+        .unwrap()
+    {
+        ExportAnswer::File { .. } => {}
+        other => panic!("expected the pinned file, got {other:?}"),
+    }
+}
