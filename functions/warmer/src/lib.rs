@@ -15,6 +15,8 @@ pub async fn handle(deps: &Deps, event: EventBridgeEvent) -> Result<WarmReport, 
         joined = report.joined,
         skipped_cold = report.skipped_cold,
         skipped_invalidated = report.skipped_invalidated,
+        pinned_enqueued = report.pinned_enqueued,
+        pinned_fresh = report.pinned_fresh,
         failed = report.failed,
         "warm-up done"
     );
