@@ -200,20 +200,18 @@ impl RawExportRequest {
                     continue;
                 }
                 seen.push(k.clone());
-                let slot = match k.as_str() {
-                    "format" => &mut raw.format,
-                    "from" => &mut raw.from,
-                    "to" => &mut raw.to,
-                    "max_stale" => &mut raw.max_stale,
-                    "tz" => &mut raw.tz,
-                    "bom" => &mut raw.bom,
-                    "delimiter" => &mut raw.delimiter,
-                    _ => {
-                        raw.columns = Some(split_list(&v));
-                        continue;
-                    }
-                };
-                *slot = Some(v);
+                match k.as_str() {
+                    "columns" => raw.columns = Some(split_list(&v)),
+                    "format" => raw.format = Some(v),
+                    "from" => raw.from = Some(v),
+                    "to" => raw.to = Some(v),
+                    "max_stale" => raw.max_stale = Some(v),
+                    "tz" => raw.tz = Some(v),
+                    "bom" => raw.bom = Some(v),
+                    "delimiter" => raw.delimiter = Some(v),
+                    // QUERY_OPTIONS names exactly the arms above.
+                    _ => {}
+                }
             } else {
                 raw.filters.push((k, v));
             }
