@@ -48,35 +48,13 @@ async fn export(
         .unwrap()
         .trim_end_matches('"')
         .to_string();
-    let objects = stack
-        .s3()
-        .list_objects_v2()
-        .bucket(&stack.p.names.bucket)
-        .prefix("exports/")
-        .send()
+    let manifest_key = stack
+        .object_keys()
         .await
-        .unwrap()
-        .contents
-        .unwrap_or_default();
-    let manifest_key = objects
-        .iter()
-        .filter_map(|o| o.key.as_deref())
+        .into_iter()
         .find(|k| k.contains(&job_id) && k.ends_with(".manifest.json"))
-        .unwrap()
-        .to_string();
-    let manifest = stack
-        .s3()
-        .get_object()
-        .bucket(&stack.p.names.bucket)
-        .key(&manifest_key)
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+        .unwrap();
+    let manifest = stack.read_object(&manifest_key).await;
     (
         bytes,
         name,

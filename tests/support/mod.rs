@@ -259,8 +259,8 @@ impl Stack {
         )
     }
 
-    /// Keys of the export files (not manifests) in the bucket.
-    pub async fn export_files(&self) -> Vec<String> {
+    /// Every key under `exports/`: files and their manifests.
+    pub async fn object_keys(&self) -> Vec<String> {
         let resp = self
             .s3()
             .list_objects_v2()
@@ -273,8 +273,26 @@ impl Stack {
             .unwrap_or_default()
             .into_iter()
             .filter_map(|o| o.key)
-            .filter(|k| !k.ends_with(".manifest.json"))
             .collect()
+    }
+
+    /// Keys of the export files (not manifests) in the bucket.
+    pub async fn export_files(&self) -> Vec<String> {
+        let mut keys = self.object_keys().await;
+        keys.retain(|k| !k.ends_with(".manifest.json"));
+        keys
+    }
+
+    pub async fn read_object(&self, key: &str) -> Vec<u8> {
+        let resp = self
+            .s3()
+            .get_object()
+            .bucket(&self.p.names.bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        resp.body.collect().await.unwrap().into_bytes().to_vec()
     }
 
     /// Follows a presigned URL like a browser would.

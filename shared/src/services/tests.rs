@@ -112,6 +112,23 @@ async fn run_queue(f: &Fakes) -> Vec<Outcome> {
     }
 }
 
+/// An uninterrupted export of the same rows for globex, to compare a resumed acme file with.
+async fn reference_csv(f: &Fakes) -> Vec<u8> {
+    miss(f, "globex", &orders(&[])).await;
+    run_queue(f).await;
+    only_object(f, ".csv")
+}
+
+fn acme_csv(f: &Fakes) -> Vec<u8> {
+    let objects = f.files.objects.lock().unwrap();
+    objects
+        .iter()
+        .find(|(k, _)| k.contains("/acme/") && k.ends_with(".csv"))
+        .unwrap()
+        .1
+        .clone()
+}
+
 fn only_object(f: &Fakes, suffix: &str) -> Vec<u8> {
     let objects = f.files.objects.lock().unwrap();
     let files: Vec<_> = objects
@@ -267,9 +284,7 @@ async fn failed_job_aborts_its_upload_and_serves_nothing() {
 async fn continuation_before_the_deadline_yields_the_identical_file() {
     let f = setup(83);
     // Uninterrupted reference run for tenant globex (same rows).
-    miss(&f, "globex", &orders(&[])).await;
-    run_queue(&f).await;
-    let reference = only_object(&f, ".csv");
+    let reference = reference_csv(&f).await;
 
     let job_id = miss(&f, "acme", &orders(&[])).await;
     let msg = f.queue.drain().remove(0);
@@ -301,13 +316,7 @@ async fn continuation_before_the_deadline_yields_the_identical_file() {
         matches!(outcome, Outcome::Succeeded { rows: 83, .. }),
         "{outcome:?}"
     );
-    let objects = f.files.objects.lock().unwrap();
-    let resumed = objects
-        .iter()
-        .find(|(k, _)| k.contains("/acme/") && k.ends_with(".csv"))
-        .unwrap()
-        .1;
-    assert_eq!(resumed, &reference);
+    assert_eq!(acme_csv(&f), reference);
     let job = f.meta.jobs.lock().unwrap().get(&job_id).cloned().unwrap();
     assert!(job.continuations >= 1);
     assert_eq!(
@@ -459,9 +468,7 @@ async fn every_continuation_makes_progress_even_when_the_deadline_is_always_near
         .lock()
         .unwrap()
         .insert("globex".into(), order_rows(200));
-    miss(&f, "globex", &orders(&[])).await;
-    run_queue(&f).await;
-    let reference = only_object(&f, ".csv");
+    let reference = reference_csv(&f).await;
 
     miss(&f, "acme", &orders(&[])).await;
     let mut runs = 0;
@@ -483,13 +490,7 @@ async fn every_continuation_makes_progress_even_when_the_deadline_is_always_near
         "{outcome:?}"
     );
     assert!(runs > 2, "it did hand over ({runs} runs)");
-    let objects = f.files.objects.lock().unwrap();
-    let acme = objects
-        .iter()
-        .find(|(k, _)| k.contains("/acme/") && k.ends_with(".csv"))
-        .unwrap()
-        .1;
-    assert_eq!(acme, &reference);
+    assert_eq!(acme_csv(&f), reference);
 }
 
 #[tokio::test]
@@ -576,9 +577,7 @@ async fn transient_failures_are_retried_then_the_job_fails_for_good_and_aborts()
 #[tokio::test]
 async fn a_retry_after_a_transient_error_resumes_and_succeeds() {
     let f = setup(45);
-    miss(&f, "globex", &orders(&[])).await;
-    run_queue(&f).await;
-    let reference = only_object(&f, ".csv");
+    let reference = reference_csv(&f).await;
     let job_id = miss(&f, "acme", &orders(&[])).await;
     let msg = f.queue.drain().remove(0);
     *f.source.fail_next.lock().unwrap() = 1;
@@ -591,13 +590,7 @@ async fn a_retry_after_a_transient_error_resumes_and_succeeds() {
             .unwrap(),
         Outcome::Succeeded { rows: 45, .. }
     ));
-    let objects = f.files.objects.lock().unwrap();
-    let acme = objects
-        .iter()
-        .find(|(k, _)| k.contains("/acme/") && k.ends_with(".csv"))
-        .unwrap()
-        .1;
-    assert_eq!(acme, &reference);
+    assert_eq!(acme_csv(&f), reference);
     assert_eq!(f.meta.jobs.lock().unwrap()[&job_id].attempts, 2);
 }
 
