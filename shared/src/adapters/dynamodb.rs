@@ -226,16 +226,6 @@ impl MetaStore {
         Ok(resp.item)
     }
 
-    async fn generation_of(&self, tenant: &str, user: &str) -> PortResult<Generation> {
-        let items = self
-            .batch_get(vec![
-                key(tenant_pk(tenant), "G".into()),
-                key(tenant_pk(tenant), user_gen_sk(user)),
-            ])
-            .await?;
-        Ok(generation_from(&items, user))
-    }
-
     async fn query_all(
         &self,
         build: impl Fn(
@@ -545,7 +535,13 @@ impl MetadataStore for MetaStore {
     }
 
     async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
-        self.generation_of(tenant, user).await
+        let items = self
+            .batch_get(vec![
+                key(tenant_pk(tenant), "G".into()),
+                key(tenant_pk(tenant), user_gen_sk(user)),
+            ])
+            .await?;
+        Ok(generation_from(&items, user))
     }
 
     async fn take_miss_slot(
@@ -599,10 +595,7 @@ impl MetadataStore for MetaStore {
             st.misses = get_n(c, "misses");
             st.stale_hits = get_n(c, "stale_hits");
         }
-        let tenant_gen = self
-            .get_item(pk.clone(), "G".into())
-            .await?
-            .map_or(0, |i| get_n(&i, "gen"));
+        let tenant_gen = self.current_generation(tenant, "").await?.tenant;
         let entries = self
             .query_all(|q| {
                 q.key_condition_expression("pk = :pk AND begins_with(sk, :p)")
