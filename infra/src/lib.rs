@@ -4,6 +4,7 @@
 
 pub mod bridge;
 pub mod demo;
+pub mod filecheck;
 pub mod provision;
 pub mod seed;
 pub mod supervise;
