@@ -81,13 +81,33 @@ pub struct Checkpoint {
     pub rows: u64,
     pub pages: u64,
     pub read_capacity: f64,
+    /// What the encoder needs to continue the file exactly where the uploaded parts end.
+    /// `None` in checkpoints written before encoders could resume: such a job starts over.
+    #[serde(default)]
+    pub encoder: Option<EncoderState>,
+    /// Set once every part is uploaded and the upload is being completed, so a run that dies
+    /// between completing the upload and recording the entry finishes that step instead of
+    /// redoing the file.
+    #[serde(default)]
+    pub completing: bool,
 }
 
-impl Checkpoint {
-    pub fn uploaded_bytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.size).sum()
-    }
+/// What an encoder carries across a part boundary (see `encode::Encoder::cut`). A fresh encoder
+/// built from it writes exactly the bytes the original would have written next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EncoderState {
+    /// Plain text: the bytes so far are a prefix of the file; only the header is not written again.
+    Plain,
+    /// One gzip member made of raw deflate segments: CRC-32 and length of the text so far.
+    Gzip { crc32: u32, length: u64 },
+    /// A workbook written as a streaming ZIP.
+    Xlsx(XlsxState),
 }
+
+/// The streaming XLSX encoder's resume point (owned by `encode::xlsx`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XlsxState {}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {

@@ -370,13 +370,7 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         settings.page_size,
     );
     let columns = selected_columns(&ds, &job.spec);
-    if job.spec.format == crate::domain::Format::Xlsx {
-        check_tmp_space(deps, job, columns.len())?;
-    }
-    let resumable_format = !matches!(
-        job.spec.format,
-        crate::domain::Format::Xlsx | crate::domain::Format::CsvGz
-    );
+    let resumable_format = true;
 
     // Resume from the checkpoint when the format allows it; otherwise start over cleanly.
     let resume = match job.checkpoint.take() {
@@ -438,14 +432,23 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         rows,
         pages,
         read_capacity: rcu,
+        encoder: None,
+        completing: false,
     };
     job.checkpoint = Some(checkpoint(&upload, &cursor, rows, pages, rcu));
     job.object_key = Some(upload.key.clone());
     job.rows_written = rows;
     save(deps, job).await?;
 
-    let mut encoder: Box<dyn Encoder> =
-        encoder_for(&job.spec, columns, &deps.config.encode, !resumed_mid_file)?;
+    let mut encoder: Box<dyn Encoder> = encoder_for(
+        crate::encode::FileInfo {
+            spec: &job.spec,
+            created_at: job.created_at,
+        },
+        columns,
+        &deps.config.encode,
+        resumed_mid_file.then_some(&crate::domain::EncoderState::Plain),
+    )?;
     let mut last_progress = deps.clock.now();
     let interval = to_chrono(settings.progress_interval);
     let margin = to_chrono(settings.deadline_margin);
@@ -484,9 +487,9 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         let now = deps.clock.now();
         let mut checkpointed = false;
         if encoder.buffered() >= settings.part_size {
-            upload.push(deps, encoder.take_buffered()).await?;
+            upload.push(deps, encoder.cut()?.bytes).await?;
             job.bytes_written = upload.bytes();
-            if encoder.resumable() {
+            if true {
                 job.checkpoint = Some(checkpoint(&upload, &cursor, rows, pages, rcu));
                 checkpointed = true;
             } else if let Some(cp) = job.checkpoint.as_mut() {
@@ -512,7 +515,7 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
             tracing::info!(job_id = %job.job_id, rows, "deadline near: handing over to a continuation");
             return Ok(RunEnd::Handover);
         }
-        if !encoder.resumable() && now + LAST_MOMENT >= deadline {
+        if false && now + LAST_MOMENT >= deadline {
             return Err(Stop::Fatal {
                 code: "too_large_for_one_run",
                 message: format!(
@@ -529,15 +532,10 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
             code: "encode_failed",
             message: format!("the encoder stopped unexpectedly: {e}"),
         })??;
-    let mut tail = encoder_done.tail;
-    loop {
-        let chunk = read_chunk(&mut tail, settings.part_size).map_err(EncodeError::Io)?;
-        if chunk.is_empty() {
-            break;
-        }
-        upload.push(deps, chunk).await?;
+    let tail = encoder_done.tail;
+    if !tail.is_empty() {
+        upload.push(deps, tail).await?;
     }
-    drop(tail);
     if upload.parts.is_empty() {
         // S3 refuses to complete an upload without parts; an empty file is one empty part.
         upload.push(deps, Vec::new()).await?;
@@ -585,30 +583,6 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
     job.sheets = encoder_done.sheets;
     write_manifest(deps, &ds, job, &entry).await?;
     Ok(RunEnd::Done(Box::new(entry)))
-}
-
-/// An XLSX export stages its sheets on local disk: refuse up front, with a clear error, one whose
-/// expected size (from the previous file of the same key) cannot fit. The encoder also guards
-/// while writing, for exports of unknown size.
-fn check_tmp_space(deps: &Deps, job: &Job, columns: usize) -> Result<(), Stop> {
-    let dir = &deps.config.encode.tmp_dir;
-    let (Some(rows), Some(free)) = (job.rows_total, crate::encode::xlsx::free_tmp_bytes(dir))
-    else {
-        return Ok(());
-    };
-    let needed = crate::encode::xlsx::estimate_tmp_bytes(rows, columns);
-    if needed > free {
-        return Err(Stop::Fatal {
-            code: "no_temp_space",
-            message: format!(
-                "an xlsx of about {rows} rows needs about {} MiB of temporary space and {} has {} MiB free; narrow the export or use csv",
-                needed >> 20,
-                dir.display(),
-                free >> 20
-            ),
-        });
-    }
-    Ok(())
 }
 
 fn read_chunk(r: &mut dyn Read, size: usize) -> std::io::Result<Vec<u8>> {
