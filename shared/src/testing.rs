@@ -349,11 +349,16 @@ pub struct MemorySource {
     pub pages_read: Mutex<u64>,
     /// The next this many reads fail with a retryable error (throttling, say).
     pub fail_next: Mutex<u32>,
+    /// Every read fails with this error while it is set.
+    pub broken: Mutex<Option<PortError>>,
 }
 
 #[async_trait]
 impl RowSource for MemorySource {
     async fn read_page(&self, q: &SourceQuery, cursor: Option<&str>) -> PortResult<Page> {
+        if let Some(e) = lock(&self.broken).clone() {
+            return Err(e);
+        }
         {
             let mut fail = lock(&self.fail_next);
             if *fail > 0 {

@@ -729,6 +729,32 @@ async fn transient_failures_are_retried_then_the_job_fails_for_good_and_aborts()
 }
 
 #[tokio::test]
+async fn job_errors_show_a_code_and_a_safe_sentence_never_internals() {
+    use crate::ports::PortError;
+    let secret_row = "row ORD-1: amount `DROP TABLE` is not a decimal";
+    let secret_arn = "AccessDenied: arn:aws:s3:::acme-exports-123456789012/exports";
+    for (error, code, secret) in [
+        (PortError::Data(secret_row.into()), "source_data_invalid", "DROP TABLE"),
+        (
+            PortError::failed("source query", secret_arn, false),
+            "storage_failed",
+            "123456789012",
+        ),
+    ] {
+        let f = setup(5);
+        *f.source.broken.lock().unwrap() = Some(error);
+        let job_id = miss(&f, "acme", &orders(&[])).await;
+        let outcomes = run_queue(&f).await;
+        assert_eq!(outcomes, vec![Outcome::Failed { code: code.into() }]);
+        let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
+        let shown = job.error.unwrap();
+        assert_eq!(shown.code, code);
+        assert!(!shown.message.contains(secret), "{}", shown.message);
+        assert!(!shown.message.contains("arn:"), "{}", shown.message);
+    }
+}
+
+#[tokio::test]
 async fn a_retry_after_a_transient_error_resumes_and_succeeds() {
     let f = setup(45);
     let reference = reference_csv(&f).await;
