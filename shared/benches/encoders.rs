@@ -10,18 +10,20 @@
 
 use std::collections::BTreeMap;
 use std::error::Error;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use shared::catalog::{Catalog, Column};
 use shared::domain::{ExportSpec, Format, Row, Value};
-use shared::encode::{encoder_for, EncodeSettings};
+use shared::encode::{encoder_for, EncodeSettings, FileInfo};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
 const PAGE: usize = 1000;
+/// The worker's default part size.
+const PART_SIZE: usize = 8 << 20;
 const DEFAULT_ROWS: [u64; 2] = [100_000, 1_000_000];
 const DEFAULT_CASES: [&str; 4] = ["csv", "csv.gz", "xlsx@1", "xlsx@6"];
 
@@ -169,7 +171,11 @@ fn child(case: &str, rows: u64) -> Res<()> {
     let mut elapsed = Duration::ZERO;
 
     let start = Instant::now();
-    let mut encoder = encoder_for(&spec, columns, &settings, true)?;
+    let file = FileInfo {
+        spec: &spec,
+        created_at: DateTime::<Utc>::UNIX_EPOCH,
+    };
+    let mut encoder = encoder_for(file, columns, &settings, None)?;
     elapsed += start.elapsed();
     // BENCH_KEEP=DIR keeps the file for inspection (its writes are timed too, so not for numbers).
     let mut keep = match std::env::var_os("BENCH_KEEP") {
@@ -187,27 +193,23 @@ fn child(case: &str, rows: u64) -> Res<()> {
         gen.fill(&mut page, done, n as usize);
         let start = Instant::now();
         encoder.write_rows(&page)?;
-        let part = encoder.take_buffered();
-        bytes += part.len() as u64;
-        if let Some(f) = keep.as_mut() {
-            f.write_all(&part)?;
+        // Parts are cut as the worker cuts them: once a part's worth is buffered.
+        if encoder.buffered() >= PART_SIZE {
+            let part = encoder.cut()?.bytes;
+            bytes += part.len() as u64;
+            if let Some(f) = keep.as_mut() {
+                f.write_all(&part)?;
+            }
         }
         elapsed += start.elapsed();
         done += n;
     }
     let start = Instant::now();
     let finish_start = elapsed;
-    let mut tail = encoder.finish()?.tail;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = tail.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        bytes += n as u64;
-        if let Some(f) = keep.as_mut() {
-            f.write_all(&buf[..n])?;
-        }
+    let tail = encoder.finish()?.tail;
+    bytes += tail.len() as u64;
+    if let Some(f) = keep.as_mut() {
+        f.write_all(&tail)?;
     }
     drop(tail);
     elapsed += start.elapsed();

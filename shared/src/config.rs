@@ -232,9 +232,6 @@ impl Config {
             encode: EncodeSettings {
                 xlsx_rows_per_sheet: rows_per_sheet as u32,
                 xlsx_zip_level: zip_level as u8,
-                tmp_dir: get("EXPORT_TMP_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or(encode_defaults.tmp_dir),
                 gzip_level: encode_defaults.gzip_level,
             },
         })

@@ -143,6 +143,16 @@ pub trait MetadataStore: Send + Sync {
         now: DateTime<Utc>,
         limit: u32,
     ) -> PortResult<bool>;
+    /// The exact row count of the last file built from the rows `rows_key` names
+    /// (`domain::request::rows_key`), in any format or columns.
+    async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>>;
+    async fn record_row_count(
+        &self,
+        tenant: &str,
+        rows_key: &str,
+        rows: u64,
+        now: DateTime<Utc>,
+    ) -> PortResult<()>;
     /// Counters per dataset, and live entries with their bytes.
     async fn stats(
         &self,

@@ -35,6 +35,7 @@ pub struct MemoryMeta {
     pub generations: Mutex<HashMap<(String, String), u64>>,
     pub counters: Mutex<HashMap<(String, String), DatasetStats>>,
     pub miss_slots: Mutex<HashMap<(String, i64), u32>>,
+    pub row_counts: Mutex<HashMap<(String, String), u64>>,
 }
 
 impl MemoryMeta {
@@ -189,6 +190,23 @@ impl MetadataStore for MemoryMeta {
         Ok(true)
     }
 
+    async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>> {
+        Ok(lock(&self.row_counts)
+            .get(&(tenant.to_string(), rows_key.to_string()))
+            .copied())
+    }
+
+    async fn record_row_count(
+        &self,
+        tenant: &str,
+        rows_key: &str,
+        rows: u64,
+        _now: DateTime<Utc>,
+    ) -> PortResult<()> {
+        lock(&self.row_counts).insert((tenant.to_string(), rows_key.to_string()), rows);
+        Ok(())
+    }
+
     async fn stats(
         &self,
         tenant: &str,
@@ -331,11 +349,16 @@ pub struct MemorySource {
     pub pages_read: Mutex<u64>,
     /// The next this many reads fail with a retryable error (throttling, say).
     pub fail_next: Mutex<u32>,
+    /// Every read fails with this error while it is set.
+    pub broken: Mutex<Option<PortError>>,
 }
 
 #[async_trait]
 impl RowSource for MemorySource {
     async fn read_page(&self, q: &SourceQuery, cursor: Option<&str>) -> PortResult<Page> {
+        if let Some(e) = lock(&self.broken).clone() {
+            return Err(e);
+        }
         {
             let mut fail = lock(&self.fail_next);
             if *fail > 0 {
@@ -437,4 +460,231 @@ pub fn fakes(config: Config, page_rows: usize) -> Fakes {
         clock,
         deps,
     }
+}
+
+/// Where a simulated crash stops a worker: the `nth` call (from 1) of `op`, before it reaches the
+/// store or after it took effect. A crash never returns: the run's future is dropped there, as a
+/// killed process would leave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrashAt {
+    pub op: &'static str,
+    pub nth: u32,
+    pub after: bool,
+}
+
+/// Counts calls of the crashable operations and stops the one [`CrashAt`] names.
+#[derive(Default)]
+pub struct CrashPlan {
+    at: Mutex<Option<CrashAt>>,
+    calls: Mutex<HashMap<&'static str, u32>>,
+    crashed: std::sync::atomic::AtomicBool,
+}
+
+impl CrashPlan {
+    pub fn arm(&self, at: CrashAt) {
+        lock(&self.calls).clear();
+        *lock(&self.at) = Some(at);
+        self.crashed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn disarm(&self) {
+        *lock(&self.at) = None;
+    }
+
+    pub fn crashed(&self) -> bool {
+        self.crashed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn point<T>(&self, op: &'static str, call: impl std::future::Future<Output = T>) -> T {
+        let n = {
+            let mut calls = lock(&self.calls);
+            let n = calls.entry(op).or_default();
+            *n += 1;
+            *n
+        };
+        let hit = (*lock(&self.at)).filter(|a| a.op == op && a.nth == n);
+        if hit.is_some_and(|a| !a.after) {
+            self.crash().await;
+        }
+        let result = call.await;
+        if hit.is_some() {
+            self.crash().await;
+        }
+        result
+    }
+
+    async fn crash(&self) {
+        self.disarm();
+        self.crashed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        std::future::pending::<()>().await;
+    }
+
+    /// Runs `work` until it finishes (`Some`) or crashes (`None`, the work dropped mid-way).
+    pub async fn run<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return Some(out),
+                _ = tokio::time::sleep(StdDuration::from_millis(5)) => {
+                    if self.crashed() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An object store that can crash around `upload_part` and `complete_upload`.
+pub struct CrashingFiles {
+    pub inner: Arc<dyn ObjectStore>,
+    pub plan: Arc<CrashPlan>,
+}
+
+#[async_trait]
+impl ObjectStore for CrashingFiles {
+    async fn start_upload(&self, key: &str, ct: &str, name: &str) -> PortResult<String> {
+        self.inner.start_upload(key, ct, name).await
+    }
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Vec<u8>,
+    ) -> PortResult<String> {
+        let call = self.inner.upload_part(key, upload_id, number, body);
+        self.plan.point("upload_part", call).await
+    }
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> PortResult<()> {
+        let call = self.inner.complete_upload(key, upload_id, parts);
+        self.plan.point("complete_upload", call).await
+    }
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> PortResult<()> {
+        self.inner.abort_upload(key, upload_id).await
+    }
+    async fn put_object(&self, key: &str, body: Vec<u8>, ct: &str) -> PortResult<()> {
+        self.inner.put_object(key, body, ct).await
+    }
+    async fn digest(&self, key: &str) -> PortResult<(u64, String)> {
+        self.inner.digest(key).await
+    }
+    async fn presign_get(&self, key: &str, name: &str, ttl: StdDuration) -> PortResult<String> {
+        self.inner.presign_get(key, name, ttl).await
+    }
+}
+
+/// A metadata store that can crash around `put_job` (checkpoints, progress) and `complete_job`.
+pub struct CrashingMeta {
+    pub inner: Arc<dyn MetadataStore>,
+    pub plan: Arc<CrashPlan>,
+}
+
+#[async_trait]
+impl MetadataStore for CrashingMeta {
+    async fn lookup(
+        &self,
+        tenant: &str,
+        user: &str,
+        key: &CacheKey,
+    ) -> PortResult<(Option<CacheEntry>, Generation)> {
+        self.inner.lookup(tenant, user, key).await
+    }
+    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
+        self.inner.count(tenant, dataset, kind).await
+    }
+    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
+        self.inner.touch_entry(entry, now).await
+    }
+    async fn create_job(
+        &self,
+        job: &Job,
+        marker_until: DateTime<Utc>,
+        replacing: Option<&str>,
+    ) -> PortResult<Option<String>> {
+        self.inner.create_job(job, marker_until, replacing).await
+    }
+    async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>> {
+        self.inner.get_job(job_id).await
+    }
+    async fn put_job(&self, job: &Job) -> PortResult<()> {
+        self.plan.point("put_job", self.inner.put_job(job)).await
+    }
+    async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()> {
+        let call = self.inner.complete_job(job, entry);
+        self.plan.point("complete_job", call).await
+    }
+    async fn release_marker(&self, tenant: &str, key: &CacheKey, job_id: &str) -> PortResult<()> {
+        self.inner.release_marker(tenant, key, job_id).await
+    }
+    async fn expiring_entries(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> PortResult<Vec<CacheEntry>> {
+        self.inner.expiring_entries(from, to).await
+    }
+    async fn delete_entry(&self, tenant: &str, key: &CacheKey) -> PortResult<()> {
+        self.inner.delete_entry(tenant, key).await
+    }
+    async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()> {
+        self.inner.bump_generation(tenant, user).await
+    }
+    async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
+        self.inner.current_generation(tenant, user).await
+    }
+    async fn take_miss_slot(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> PortResult<bool> {
+        self.inner.take_miss_slot(tenant, now, limit).await
+    }
+    async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>> {
+        self.inner.row_count(tenant, rows_key).await
+    }
+    async fn record_row_count(
+        &self,
+        tenant: &str,
+        rows_key: &str,
+        rows: u64,
+        now: DateTime<Utc>,
+    ) -> PortResult<()> {
+        self.inner
+            .record_row_count(tenant, rows_key, rows, now)
+            .await
+    }
+    async fn stats(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+    ) -> PortResult<BTreeMap<String, DatasetStats>> {
+        self.inner.stats(tenant, now).await
+    }
+}
+
+/// The crash points a worker run passes through, in the order a run meets them: around a part
+/// upload, around the checkpoint that records it, between completing the upload and recording
+/// the entry.
+pub fn crash_points() -> Vec<CrashAt> {
+    let at = |op, nth, after| CrashAt { op, nth, after };
+    vec![
+        at("upload_part", 1, false),
+        at("upload_part", 1, true),
+        // put_job: 1 = lease, 2 = upload recorded, 3 = first part's checkpoint.
+        at("put_job", 3, false),
+        at("put_job", 3, true),
+        at("upload_part", 2, true),
+        at("complete_upload", 1, false),
+        at("complete_upload", 1, true),
+        at("complete_job", 1, false),
+    ]
 }

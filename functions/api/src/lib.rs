@@ -203,6 +203,8 @@ pub fn job_body(job: &Job) -> serde_json::Value {
         "rows_written": job.rows_written,
         "rows_total": job.rows_total,
         "progress": job.progress(),
+        "rows_per_second": job.rows_per_second().map(|r| r.round()),
+        "eta_seconds": job.eta_seconds(),
         "bytes_written": job.bytes_written,
         "pages_read": job.pages_read,
         "watermark": job.watermark,

@@ -10,6 +10,7 @@
 //! | generation | `T#{tenant}` | `G` or `G#U#{user}` | `gen`, bumped to invalidate |
 //! | counters | `T#{tenant}` | `S#{dataset}` | `hits`, `misses`, `stale_hits` |
 //! | rate limit | `T#{tenant}` | `RL#{yyyymmddHHMM}` | `n`: misses in that minute |
+//! | row count | `T#{tenant}` | `R#{rows key}` | `rows` of the last file of those rows, for progress |
 //! Every item that should go away carries `expires_at` (epoch seconds, the table's TTL attribute);
 //! readers still check deadlines themselves because TTL deletion is lazy.
 
@@ -55,6 +56,14 @@ fn entry_sk(key: &CacheKey) -> String {
 fn marker_sk(key: &CacheKey) -> String {
     format!("M#{key}")
 }
+
+fn row_count_sk(rows_key: &str) -> String {
+    format!("R#{rows_key}")
+}
+
+/// A row count is an estimate for the next file of the same rows; a month-old one still beats
+/// none.
+const ROW_COUNT_DAYS: i64 = 30;
 
 fn job_pk(id: &str) -> String {
     format!("JOB#{id}")
@@ -570,6 +579,43 @@ impl MetadataStore for MetaStore {
             Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Ok(false),
             Err(e) => Err(sdk_error("rate limit", e)),
         }
+    }
+
+    async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>> {
+        let res = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(tenant_pk(tenant), row_count_sk(rows_key))))
+            .projection_expression("#r")
+            .expression_attribute_names("#r", "rows")
+            .send()
+            .await
+            .map_err(|e| sdk_error("read row count", e))?;
+        Ok(res.item.map(|item| get_n(&item, "rows")))
+    }
+
+    async fn record_row_count(
+        &self,
+        tenant: &str,
+        rows_key: &str,
+        rows: u64,
+        now: DateTime<Utc>,
+    ) -> PortResult<()> {
+        let mut item = key(tenant_pk(tenant), row_count_sk(rows_key));
+        item.insert("rows".into(), n(rows));
+        item.insert(
+            "expires_at".into(),
+            n((now + Duration::days(ROW_COUNT_DAYS)).timestamp()),
+        );
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| sdk_error("record row count", e))?;
+        Ok(())
     }
 
     async fn stats(

@@ -81,13 +81,33 @@ pub struct Checkpoint {
     pub rows: u64,
     pub pages: u64,
     pub read_capacity: f64,
+    /// What the encoder needs to continue the file exactly where the uploaded parts end.
+    /// `None` in checkpoints written before encoders could resume: such a job starts over.
+    #[serde(default)]
+    pub encoder: Option<EncoderState>,
+    /// Set once every part is uploaded and the upload is being completed, so a run that dies
+    /// between completing the upload and recording the entry finishes that step instead of
+    /// redoing the file.
+    #[serde(default)]
+    pub completing: bool,
 }
 
-impl Checkpoint {
-    pub fn uploaded_bytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.size).sum()
-    }
+/// What an encoder carries across a part boundary (see `encode::Encoder::cut`). A fresh encoder
+/// built from it writes exactly the bytes the original would have written next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EncoderState {
+    /// Plain text: the bytes so far are a prefix of the file; only the header is not written again.
+    Plain,
+    /// One gzip member made of raw deflate segments: CRC-32 and length of the text so far.
+    Gzip { crc32: u32, length: u64 },
+    /// A workbook written as a streaming ZIP.
+    Xlsx(XlsxState),
 }
+
+/// The streaming XLSX encoder's resume point (owned by `encode::xlsx`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XlsxState {}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
@@ -191,16 +211,116 @@ impl Job {
         self.attempts.saturating_sub(self.continuations + 1)
     }
 
-    /// 0..1. Exact when finished; while running, measured against the estimate and never shown as
-    /// done before it is.
-    pub fn progress(&self) -> f64 {
+    /// Until when another worker holds the job, if one does.
+    pub fn leased_by_other(&self, owner: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.lease
+            .as_ref()
+            .filter(|l| l.until > now && l.owner != owner)
+            .map(|l| l.until)
+    }
+
+    /// Takes the job for a run. A planned hand-over (a continuation message for a job that let
+    /// go of its lease at a checkpoint) does not spend the retry budget.
+    pub fn lease(&mut self, owner: &str, now: DateTime<Utc>, until: DateTime<Utc>, continuing: bool) {
+        if continuing && self.lease.is_none() && self.checkpoint.is_some() {
+            self.continuations += 1;
+        }
+        self.attempts += 1;
+        self.status = JobStatus::Running;
+        self.started_at.get_or_insert(now);
+        self.lease = Some(Lease {
+            owner: owner.to_string(),
+            until,
+        });
+    }
+
+    /// Counts a page read from the source. Rows written never go back, even when a run resumes
+    /// from a checkpoint behind the last progress written: those rows were read once already.
+    pub fn record_page(&mut self, rows: u64, pages: u64, read_capacity: f64) {
+        self.rows_written = self.rows_written.max(rows);
+        self.pages_read = pages;
+        self.read_capacity = read_capacity;
+    }
+
+    pub fn checkpoint(&mut self, cp: Checkpoint) {
+        self.bytes_written = cp.parts.iter().map(|p| p.size).sum();
+        self.object_key = Some(cp.object_key.clone());
+        self.checkpoint = Some(cp);
+    }
+
+    /// Lets go at a checkpoint so a continuation (another invocation) takes over from there.
+    pub fn hand_over(&mut self) {
+        self.lease = None;
+    }
+
+    /// Lets go after a transient error; the checkpoint and upload stay for the retry.
+    pub fn release_for_retry(&mut self) {
+        self.lease = None;
+        self.error = Some(JobError {
+            code: "transient".into(),
+            message: "a transient error interrupted the job; it will be retried".into(),
+        });
+    }
+
+    /// Ends the job as failed. `message` is shown to callers: it must hold no internals.
+    pub fn fail(&mut self, code: &str, message: &str, now: DateTime<Utc>) {
+        self.status = JobStatus::Failed;
+        self.error = Some(JobError {
+            code: code.to_string(),
+            message: message.to_string(),
+        });
+        self.finished_at = Some(now);
+        self.lease = None;
+        self.checkpoint = None;
+        self.object_key = None;
+    }
+
+    /// Ends the job with the file its entry describes.
+    pub fn succeed(&mut self, entry: &CacheEntry, now: DateTime<Utc>) {
+        self.status = JobStatus::Succeeded;
+        self.finished_at = Some(now);
+        self.rows_written = entry.rows;
+        self.rows_total = Some(entry.rows);
+        self.bytes_written = entry.bytes;
+        self.sha256 = Some(entry.sha256.clone());
+        self.object_key = Some(entry.object_key.clone());
+        self.download_until = Some(entry.stale_until);
+        self.error = None;
+        self.lease = None;
+        self.checkpoint = None;
+    }
+
+    /// 0..1, `None` while the total is unknown. Exact when finished; while running, measured
+    /// against the total learnt from an earlier file of the same rows and never shown as done
+    /// before it is. Rows written never go back, so neither does this.
+    pub fn progress(&self) -> Option<f64> {
+        if self.status == JobStatus::Succeeded {
+            return Some(1.0);
+        }
+        match self.rows_total? {
+            0 => Some(0.0),
+            total => Some((self.rows_written as f64 / total as f64).min(0.99)),
+        }
+    }
+
+    /// Rows per second since the job first started, as of its last progress write; `None` before
+    /// there is anything to measure.
+    pub fn rows_per_second(&self) -> Option<f64> {
+        let start = self.started_at?;
+        let end = self.finished_at.unwrap_or(self.updated_at);
+        let secs = (end - start).num_milliseconds() as f64 / 1000.0;
+        (secs > 0.0 && self.rows_written > 0).then(|| self.rows_written as f64 / secs)
+    }
+
+    /// Seconds left at the current rate, when the total and the rate are known.
+    pub fn eta_seconds(&self) -> Option<u64> {
         match self.status {
-            JobStatus::Succeeded => 1.0,
-            JobStatus::Queued => 0.0,
-            JobStatus::Running | JobStatus::Failed => match self.rows_total {
-                Some(t) if t > 0 => (self.rows_written as f64 / t as f64).min(0.99),
-                _ => 0.0,
-            },
+            JobStatus::Succeeded | JobStatus::Failed => None,
+            JobStatus::Queued | JobStatus::Running => {
+                let left = self.rows_total?.saturating_sub(self.rows_written);
+                let rate = self.rows_per_second()?;
+                Some((left as f64 / rate).ceil() as u64)
+            }
         }
     }
 }

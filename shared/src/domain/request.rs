@@ -639,6 +639,32 @@ impl CacheKey {
     }
 }
 
+/// Identifies a set of rows however they are written: tenant, user (user-scoped datasets only),
+/// dataset, filters and range, but not format, columns or time zone. A row count learnt from one
+/// file of these rows is the exact total for any other, so a job can show honest progress from
+/// its first row.
+pub fn rows_key(tenant: &str, user: Option<&str>, spec: &ExportSpec) -> String {
+    let iso = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_default();
+    let mut parts = vec![
+        "export-rows".to_string(),
+        tenant.to_string(),
+        user.unwrap_or("").to_string(),
+        spec.dataset.clone(),
+        iso(spec.from),
+        iso(spec.to),
+    ];
+    for (name, value) in &spec.filters {
+        parts.push(name.clone());
+        parts.push(value.clone());
+    }
+    let mut h = Sha256::new();
+    for part in &parts {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 impl std::fmt::Display for CacheKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)

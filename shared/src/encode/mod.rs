@@ -1,20 +1,24 @@
 //! File encoders: rows in, bytes out, memory bounded by one page of rows plus one upload part.
 //!
-//! The worker feeds rows page by page, takes whatever bytes are ready once they make a part, and at
-//! the end reads the tail from [`Finished::tail`] (a buffer for CSV, a temp file for XLSX).
+//! The worker feeds rows page by page. Once enough bytes are buffered it asks the encoder to
+//! [`Encoder::cut`] a part: the encoder hands out every byte so far and the state a fresh encoder
+//! needs to continue the file from there ([`EncoderState`], kept in the job's checkpoint). Every
+//! format is written so that continuing from a cut in another invocation gives the same bytes as
+//! going on in the same one: compressed formats end each part's deflate segment with a full flush
+//! and start the next part with a fresh compressor, resumed or not.
 
-use std::io::Read;
-use std::path::PathBuf;
+use chrono::{DateTime, Utc};
 
 use crate::catalog::Column;
-use crate::domain::{ExportSpec, Format, Row};
+use crate::domain::{EncoderState, ExportSpec, Format, Row};
 
 pub mod csv;
+pub mod deflate;
 pub mod text;
 pub mod xlsx;
 
 /// Part of every cache key: bump it when an encoder changes the bytes it writes.
-pub const ENCODER_VERSION: &str = "1";
+pub const ENCODER_VERSION: &str = "2";
 
 /// Excel's hard limit is 1,048,576 rows per sheet, header included.
 pub const XLSX_MAX_ROWS_PER_SHEET: u32 = 1_048_576;
@@ -27,6 +31,9 @@ pub enum EncodeError {
     Xlsx(String),
     #[error("not enough temporary space: {0}")]
     NoSpace(String),
+    /// The checkpoint's state does not fit this encoder (another format, or a corrupt record).
+    #[error("cannot resume: {0}")]
+    Resume(String),
 }
 
 /// Knobs that are not part of the request (and so not of the cache key).
@@ -35,7 +42,6 @@ pub struct EncodeSettings {
     /// Rows per sheet including the header; tests lower it to see the rollover.
     pub xlsx_rows_per_sheet: u32,
     pub xlsx_zip_level: u8,
-    pub tmp_dir: PathBuf,
     pub gzip_level: u32,
 }
 
@@ -44,7 +50,6 @@ impl Default for EncodeSettings {
         Self {
             xlsx_rows_per_sheet: XLSX_MAX_ROWS_PER_SHEET,
             xlsx_zip_level: 1,
-            tmp_dir: std::env::temp_dir(),
             // Level 4: within about 1% of level 6's size (27.3 vs 27.0 MB for 1M `orders` rows,
             // level 1 makes 41.4 MB) at 0.9-1M rows/s, three times the 300k rows/s target, where
             // level 6 drops to 0.6-0.7M (`cargo bench -p shared --bench encoders`).
@@ -53,57 +58,92 @@ impl Default for EncodeSettings {
     }
 }
 
+/// A part's bytes and where the file continues after them.
+#[derive(Debug)]
+pub struct Cut {
+    pub bytes: Vec<u8>,
+    pub state: EncoderState,
+}
+
+#[derive(Debug)]
 pub struct Finished {
-    /// The bytes not yet taken with [`Encoder::take_buffered`].
-    pub tail: Box<dyn Read + Send>,
+    /// The bytes after the last cut, to the end of the file.
+    pub tail: Vec<u8>,
     pub sheets: u32,
     pub truncated_cells: u64,
 }
 
 pub trait Encoder: Send {
     fn write_rows(&mut self, rows: &[Row]) -> Result<(), EncodeError>;
-    /// Bytes that could be uploaded now.
+    /// Bytes produced since the last cut (compressed where the format compresses); the worker
+    /// cuts a part once this reaches the part size.
     fn buffered(&self) -> usize;
-    fn take_buffered(&mut self) -> Vec<u8>;
-    /// Whether the bytes handed out so far are a plain prefix of the file that a fresh encoder can
-    /// continue (CSV), so a job may resume from a part boundary in another invocation.
-    fn resumable(&self) -> bool;
+    /// Ends a part here, at a row boundary: the bytes since the last cut, and the state from
+    /// which [`encoder_for`] continues the file exactly as this encoder goes on to.
+    fn cut(&mut self) -> Result<Cut, EncodeError>;
     fn finish(self: Box<Self>) -> Result<Finished, EncodeError>;
 }
 
-/// Builds the encoder for `spec`. `with_header` is false when resuming a job whose first part,
-/// header included, is already uploaded.
+/// What is fixed for the whole file, whichever invocation writes which part of it.
+#[derive(Debug, Clone, Copy)]
+pub struct FileInfo<'a> {
+    pub spec: &'a ExportSpec,
+    /// When the job was created: the workbook's creation time, so every run writes the same bytes.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Builds the encoder for `file`: a new file when `resume` is `None`, else the continuation of
+/// one whose parts so far ended with that state.
 pub fn encoder_for(
-    spec: &ExportSpec,
+    file: FileInfo<'_>,
     columns: Vec<Column>,
     settings: &EncodeSettings,
-    with_header: bool,
+    resume: Option<&EncoderState>,
 ) -> Result<Box<dyn Encoder>, EncodeError> {
-    let tz = spec.time_zone();
-    Ok(match spec.format {
-        Format::Csv => Box::new(csv::CsvEncoder::new(
+    let spec = file.spec;
+    let opts = csv::CsvOptions {
+        delimiter: spec.delimiter.byte(),
+        bom: spec.bom,
+        tz: spec.time_zone(),
+    };
+    let mismatch = |state: &EncoderState| {
+        EncodeError::Resume(format!(
+            "a {} file cannot continue from a {} checkpoint",
+            spec.format.as_str(),
+            state_name(state)
+        ))
+    };
+    Ok(match (spec.format, resume) {
+        (Format::Csv, None) => Box::new(csv::CsvEncoder::new(columns, opts, true)),
+        (Format::Csv, Some(EncoderState::Plain)) => {
+            Box::new(csv::CsvEncoder::new(columns, opts, false))
+        }
+        (Format::CsvGz, None) => Box::new(csv::GzCsvEncoder::new(
             columns,
-            csv::CsvOptions {
-                delimiter: spec.delimiter.byte(),
-                bom: spec.bom,
-                tz,
-            },
-            with_header,
-        )),
-        Format::CsvGz => Box::new(csv::GzCsvEncoder::new(
-            columns,
-            csv::CsvOptions {
-                delimiter: spec.delimiter.byte(),
-                bom: spec.bom,
-                tz,
-            },
+            opts,
             settings.gzip_level,
-        )),
-        Format::Xlsx => Box::new(xlsx::XlsxEncoder::new(
-            &spec.dataset,
-            columns,
-            tz,
-            settings,
         )?),
+        (Format::CsvGz, Some(EncoderState::Gzip { crc32, length })) => {
+            Box::new(csv::GzCsvEncoder::resume(
+                columns,
+                opts,
+                settings.gzip_level,
+                *crc32,
+                *length,
+            ))
+        }
+        (Format::Xlsx, None) => Box::new(xlsx::XlsxEncoder::new(file, columns, settings)?),
+        (Format::Xlsx, Some(EncoderState::Xlsx(state))) => Box::new(xlsx::XlsxEncoder::resume(
+            file, columns, settings, state,
+        )?),
+        (_, Some(state)) => return Err(mismatch(state)),
     })
+}
+
+fn state_name(state: &EncoderState) -> &'static str {
+    match state {
+        EncoderState::Plain => "plain text",
+        EncoderState::Gzip { .. } => "gzip",
+        EncoderState::Xlsx(_) => "xlsx",
+    }
 }

@@ -1,29 +1,31 @@
 //! The worker's use case: stream one job's rows from the source into a multipart upload.
 //!
-//! Invariants (DESIGN.md, "Worker invariants"):
+//! A run reads as: lease the job, open the file (new, or resumed from the checkpoint), then page
+//! by page read, encode, and once a part's worth is buffered cut a part, upload it and checkpoint;
+//! right after a checkpoint, hand over to a continuation if the deadline is near; at the end
+//! upload the tail, complete the upload, record the entry.
+//!
+//! Invariants (docs/contract.md, "Worker invariants"):
 //! - one file and one cache entry per job, however often its message is delivered: the job record
 //!   is written compare-and-set, and only the lease holder may write it;
 //! - memory stays bounded: one source page plus one part;
-//! - parts are cut at page boundaries, so each part boundary is also a checkpoint a continuation
-//!   (or a retry after a crash) resumes from, producing the same bytes;
+//! - every part boundary is a checkpoint (source cursor + the encoder's own resume state), and a
+//!   continuation or a retry after a crash resumes from it and writes the same bytes, in every
+//!   format;
 //! - the entry appears only after the upload completed with rows and checksum recorded; a failed
-//!   job aborts its upload and records why.
-
-use std::io::Read;
+//!   job aborts its upload and records why, in words safe to show to the caller.
 
 use chrono::{DateTime, Duration, Utc};
 use sha2::{Digest, Sha256};
 
 use super::jobs::{manifest_key, object_key};
-use super::{Deps, ServiceError};
+use super::Deps;
 use crate::catalog::{Column, Dataset};
 use crate::domain::job::file_name;
-use crate::domain::{
-    CacheEntry, Checkpoint, ExportSpec, Job, JobError, JobMessage, JobStatus, MessageKind,
-    UploadedPart,
-};
-use crate::encode::{encoder_for, EncodeError, Encoder, ENCODER_VERSION};
-use crate::ports::{PortError, RangeQuery, SourceQuery};
+use crate::domain::request::rows_key;
+use crate::domain::{CacheEntry, Checkpoint, ExportSpec, Job, JobMessage, MessageKind, UploadedPart};
+use crate::encode::{encoder_for, EncodeError, Encoder, FileInfo, ENCODER_VERSION};
+use crate::ports::{Page, PortError, RangeQuery, SourceQuery};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -77,13 +79,28 @@ impl RetryLater {
     }
 }
 
-/// Ways a run ends early.
+/// A job that cannot succeed. `message` is what callers see in the job status; `detail` (the
+/// underlying error, which may name AWS resources or hold row values) goes to the logs only.
+#[derive(Debug)]
+struct Failure {
+    code: &'static str,
+    message: String,
+    detail: String,
+}
+
+impl Failure {
+    fn new(code: &'static str, message: impl Into<String>, detail: impl ToString) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// Why a run stopped before the file was done.
 enum Stop {
-    /// The job cannot succeed: fail it now.
-    Fatal {
-        code: &'static str,
-        message: String,
-    },
+    Fatal(Failure),
     Transient(String),
     LostLease,
 }
@@ -92,40 +109,30 @@ impl From<PortError> for Stop {
     fn from(e: PortError) -> Self {
         match e {
             PortError::Conflict(_) => Stop::LostLease,
-            PortError::Data(m) => Stop::Fatal {
-                code: "source_data_invalid",
-                message: m,
-            },
+            PortError::Data(_) => Stop::Fatal(Failure::new(
+                "source_data_invalid",
+                "the source holds a value that does not fit the dataset's columns; the operators have the details",
+                e,
+            )),
             PortError::Failed {
                 retryable: true, ..
             } => Stop::Transient(e.to_string()),
-            PortError::Failed { .. } => Stop::Fatal {
-                code: "storage_failed",
-                message: e.to_string(),
-            },
+            PortError::Failed { .. } => Stop::Fatal(Failure::new(
+                "storage_failed",
+                "storing or reading the export failed; request it again later",
+                e,
+            )),
         }
     }
 }
 
 impl From<EncodeError> for Stop {
     fn from(e: EncodeError) -> Self {
-        match e {
-            EncodeError::NoSpace(m) => Stop::Fatal {
-                code: "no_temp_space",
-                message: m,
-            },
-            other => Stop::Fatal {
-                code: "encode_failed",
-                message: other.to_string(),
-            },
-        }
+        Stop::Fatal(Failure::new("encode_failed", "writing the file failed", e))
     }
 }
 
-/// A run that cannot resume gives up this close to the deadline, with a clear error rather than
-/// being killed mid-write.
-const LAST_MOMENT: Duration = Duration::seconds(5);
-
+/// How a run ended when it did not stop early.
 enum RunEnd {
     Done(Box<CacheEntry>),
     Handover,
@@ -141,82 +148,86 @@ pub async fn process_job(
     deadline: DateTime<Utc>,
     last_delivery: bool,
 ) -> Result<Outcome, RetryLater> {
-    let transient = |job_id: &str, attempt: u32, e: &dyn std::fmt::Display| RetryLater::Transient {
-        job_id: job_id.to_string(),
+    let transient = |attempt: u32, e: &dyn std::fmt::Display| RetryLater::Transient {
+        job_id: msg.job_id.clone(),
         attempt,
         message: e.to_string(),
     };
-    let job = match deps.meta.get_job(&msg.job_id).await {
+    let mut job = match deps.meta.get_job(&msg.job_id).await {
         Ok(Some(j)) => j,
         Ok(None) => return Ok(Outcome::UnknownJob),
-        Err(e) => return Err(transient(&msg.job_id, 0, &e)),
+        Err(e) => return Err(transient(0, &e)),
     };
     if job.status.is_terminal() {
         return Ok(Outcome::AlreadyFinished);
     }
     let now = deps.clock.now();
-    if let Some(lease) = &job.lease {
-        if lease.until > now && lease.owner != owner {
-            return Err(RetryLater::Busy {
-                job_id: job.job_id.clone(),
-                until: lease.until,
-            });
-        }
+    let lease_until = now + to_chrono(deps.config.worker.lease);
+    if let Some(until) = job.leased_by_other(owner, now) {
+        return Err(RetryLater::Busy {
+            job_id: job.job_id,
+            until,
+        });
     }
-
-    let mut job = job;
-    job.attempts += 1;
-    if msg.kind == MessageKind::Continue && job.lease.is_none() && job.checkpoint.is_some() {
-        // A planned hand-over, not a failure: keep it out of the retry budget.
-        job.continuations += 1;
+    job.lease(owner, now, lease_until, msg.kind == MessageKind::Continue);
+    if job.rows_total.is_none() {
+        job.rows_total = known_rows(deps, &job).await;
     }
-    job.status = JobStatus::Running;
-    job.started_at.get_or_insert(now);
-    job.lease = Some(crate::domain::job::Lease {
-        owner: owner.to_string(),
-        until: now + to_chrono(deps.config.worker.lease),
-    });
     if let Err(e) = save(deps, &mut job).await {
         return match e {
             PortError::Conflict(_) => Err(RetryLater::Busy {
-                job_id: job.job_id.clone(),
-                until: now + to_chrono(deps.config.worker.lease),
+                job_id: job.job_id,
+                until: lease_until,
             }),
-            other => Err(transient(&job.job_id, job.attempts, &other)),
+            other => Err(transient(job.attempts, &other)),
         };
     }
     tracing::info!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
-        attempt = job.attempts, "job leased");
+        attempt = job.attempts, resumed = job.checkpoint.is_some(), "job leased");
 
-    match run(deps, &mut job, deadline).await {
+    let end = run(deps, &mut job, deadline).await;
+    settle(deps, job, end, last_delivery).await
+}
+
+/// Turns how the run ended into the job's next state and the message's fate.
+async fn settle(
+    deps: &Deps,
+    mut job: Job,
+    end: Result<RunEnd, Stop>,
+    last_delivery: bool,
+) -> Result<Outcome, RetryLater> {
+    let transient = |job: &Job, message: String| RetryLater::Transient {
+        job_id: job.job_id.clone(),
+        attempt: job.attempts,
+        message,
+    };
+    match end {
         Ok(RunEnd::Done(entry)) => {
-            let rows = entry.rows;
-            let bytes = entry.bytes;
-            match finish_success(deps, job, *entry).await {
+            let (rows, bytes) = (entry.rows, entry.bytes);
+            match finish_success(deps, job.clone(), *entry).await {
                 Ok(()) => Ok(Outcome::Succeeded { rows, bytes }),
                 Err(Stop::LostLease) => Ok(Outcome::LostLease),
-                Err(Stop::Transient(m)) => Err(RetryLater::Transient {
-                    job_id: msg.job_id.clone(),
-                    attempt: 0,
-                    message: m,
-                }),
-                Err(Stop::Fatal { code, message }) => {
+                // The file is complete and the checkpoint says so: a retry only records it.
+                Err(Stop::Transient(m)) => Err(transient(&job, m)),
+                Err(Stop::Fatal(failure)) => {
                     // The file exists but no entry points at it: record the failure so the key
                     // is free again (the orphan expires with the bucket's lifecycle rule).
-                    if let Ok(Some(job)) = deps.meta.get_job(&msg.job_id).await {
-                        fail_job(deps, job, code, &message).await;
+                    if let Ok(Some(job)) = deps.meta.get_job(&job.job_id).await {
+                        fail_job(deps, job, &failure).await;
                     }
-                    Ok(Outcome::Failed { code: code.into() })
+                    Ok(Outcome::Failed {
+                        code: failure.code.into(),
+                    })
                 }
             }
         }
         Ok(RunEnd::Handover) => {
             let rows = job.checkpoint.as_ref().map_or(0, |c| c.rows);
-            job.lease = None;
+            job.hand_over();
             if let Err(e) = save(deps, &mut job).await {
                 return match e {
                     PortError::Conflict(_) => Ok(Outcome::LostLease),
-                    other => Err(transient(&job.job_id, job.attempts, &other)),
+                    other => Err(transient(&job, other.to_string())),
                 };
             }
             let cont = JobMessage {
@@ -226,40 +237,47 @@ pub async fn process_job(
             match deps.queue.enqueue(&cont).await {
                 Ok(()) => Ok(Outcome::Continued { rows }),
                 // The original message comes back instead; the checkpoint is saved either way.
-                Err(e) => Err(transient(&job.job_id, job.attempts, &e)),
+                Err(e) => Err(transient(&job, e.to_string())),
             }
         }
         Err(Stop::LostLease) => Ok(Outcome::LostLease),
-        Err(Stop::Fatal { code, message }) => {
-            fail_job(deps, job, code, &message).await;
+        Err(Stop::Fatal(failure)) => {
+            let code = failure.code;
+            fail_job(deps, job, &failure).await;
             Ok(Outcome::Failed { code: code.into() })
         }
         Err(Stop::Transient(message)) => {
-            if job.failed_attempts() + 1 >= deps.config.worker.max_attempts || last_delivery {
-                let message = format!(
-                    "gave up after {} attempts; last error: {message}",
-                    job.failed_attempts() + 1
+            let failures = job.failed_attempts() + 1;
+            if failures >= deps.config.worker.max_attempts || last_delivery {
+                let failure = Failure::new(
+                    "retries_exhausted",
+                    format!("the export failed {failures} times on temporary errors and was stopped; request it again later"),
+                    &message,
                 );
-                fail_job(deps, job, "retries_exhausted", &message).await;
+                fail_job(deps, job, &failure).await;
                 return Ok(Outcome::Exhausted {
-                    code: "retries_exhausted".into(),
+                    code: failure.code.into(),
                 });
             }
-            let attempt = job.attempts;
-            // Keep the checkpoint and upload for the retry; just let go of the lease.
-            job.lease = None;
-            job.error = Some(JobError {
-                code: "transient".into(),
-                message: "a transient error interrupted the job; it will be retried".into(),
-            });
+            job.release_for_retry();
             if let Err(e) = save(deps, &mut job).await {
                 tracing::warn!(job_id = %job.job_id, error = %e, "could not release the lease");
             }
-            Err(RetryLater::Transient {
-                job_id: job.job_id,
-                attempt,
-                message,
-            })
+            Err(transient(&job, message))
+        }
+    }
+}
+
+/// The exact count of an earlier file of the same rows, so progress is known from the first row.
+async fn known_rows(deps: &Deps, job: &Job) -> Option<u64> {
+    let ds = deps.catalog.get(&job.spec.dataset)?;
+    let key = rows_key(&job.tenant, ds.user_scoped.then_some(job.user.as_str()), &job.spec);
+    match deps.meta.row_count(&job.tenant, &key).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            // Progress is a nicety: the export goes on without a total.
+            tracing::warn!(job_id = %job.job_id, error = %e, "could not read the row count");
+            None
         }
     }
 }
@@ -324,17 +342,23 @@ pub fn source_query(
     }
 }
 
-/// Bytes and checksum of what has been uploaded so far.
-struct Upload {
+/// The file being written: its multipart upload, the parts so far, and where reading goes on.
+struct FileInProgress {
     key: String,
-    id: String,
+    upload_id: String,
     parts: Vec<UploadedPart>,
     /// `None` after a resume: the hash of the earlier parts is not carried between invocations, so
     /// the finished object is read back once to compute it.
     hasher: Option<Sha256>,
+    cursor: Option<String>,
+    /// The source has no more rows for this file.
+    exhausted: bool,
+    rows: u64,
+    pages: u64,
+    read_capacity: f64,
 }
 
-impl Upload {
+impl FileInProgress {
     async fn push(&mut self, deps: &Deps, bytes: Vec<u8>) -> Result<(), Stop> {
         if let Some(h) = self.hasher.as_mut() {
             h.update(&bytes);
@@ -343,7 +367,7 @@ impl Upload {
         let size = bytes.len() as u64;
         let etag = deps
             .files
-            .upload_part(&self.key, &self.id, number, bytes)
+            .upload_part(&self.key, &self.upload_id, number, bytes)
             .await?;
         self.parts.push(UploadedPart { number, etag, size });
         Ok(())
@@ -352,14 +376,124 @@ impl Upload {
     fn bytes(&self) -> u64 {
         self.parts.iter().map(|p| p.size).sum()
     }
+
+    fn take(&mut self, page: &Page) {
+        self.pages += 1;
+        self.read_capacity += page.read_capacity;
+        self.rows += page.rows.len() as u64;
+        self.cursor.clone_from(&page.next);
+        self.exhausted = page.next.is_none();
+    }
+
+    fn checkpoint(&self, encoder: Option<crate::domain::EncoderState>, completing: bool) -> Checkpoint {
+        Checkpoint {
+            object_key: self.key.clone(),
+            upload_id: self.upload_id.clone(),
+            parts: self.parts.clone(),
+            cursor: self.cursor.clone(),
+            rows: self.rows,
+            pages: self.pages,
+            read_capacity: self.read_capacity,
+            encoder,
+            completing,
+        }
+    }
+}
+
+/// Opens the job's file: resumed from its checkpoint when there is one to resume from, else a new
+/// upload (reusing one that was started but has no parts yet).
+async fn open(
+    deps: &Deps,
+    job: &mut Job,
+    columns: Vec<Column>,
+) -> Result<(FileInProgress, Option<Box<dyn Encoder>>), Stop> {
+    let file = FileInfo {
+        spec: &job.spec,
+        created_at: job.created_at,
+    };
+    let settings = &deps.config.encode;
+    match job.checkpoint.take() {
+        // Every part is uploaded: only completing the upload and recording the entry are left.
+        Some(cp) if cp.completing => Ok((resumed(cp), None)),
+        Some(cp) if !cp.parts.is_empty() => match &cp.encoder {
+            Some(state) => {
+                let encoder = encoder_for(file, columns, settings, Some(state)).map_err(|e| {
+                    Stop::Fatal(Failure::new(
+                        "cannot_resume",
+                        "the export could not continue from its last checkpoint; request it again",
+                        e,
+                    ))
+                })?;
+                Ok((resumed(cp), Some(encoder)))
+            }
+            // Written before encoders could resume: start over cleanly.
+            None => {
+                abort_quietly(deps, &cp.object_key, &cp.upload_id).await;
+                start(deps, job, file, columns).await
+            }
+        },
+        Some(cp) => {
+            let encoder = encoder_for(file, columns, settings, None)?;
+            Ok((fresh(cp.object_key, cp.upload_id), Some(encoder)))
+        }
+        None => start(deps, job, file, columns).await,
+    }
+}
+
+fn resumed(cp: Checkpoint) -> FileInProgress {
+    FileInProgress {
+        exhausted: cp.cursor.is_none(),
+        key: cp.object_key,
+        upload_id: cp.upload_id,
+        parts: cp.parts,
+        hasher: None,
+        cursor: cp.cursor,
+        rows: cp.rows,
+        pages: cp.pages,
+        read_capacity: cp.read_capacity,
+    }
+}
+
+fn fresh(key: String, upload_id: String) -> FileInProgress {
+    FileInProgress {
+        key,
+        upload_id,
+        parts: Vec::new(),
+        hasher: Some(Sha256::new()),
+        cursor: None,
+        exhausted: false,
+        rows: 0,
+        pages: 0,
+        read_capacity: 0.0,
+    }
+}
+
+async fn start(
+    deps: &Deps,
+    job: &Job,
+    file: FileInfo<'_>,
+    columns: Vec<Column>,
+) -> Result<(FileInProgress, Option<Box<dyn Encoder>>), Stop> {
+    let encoder = encoder_for(file, columns, &deps.config.encode, None)?;
+    let key = object_key(job);
+    let upload_id = deps
+        .files
+        .start_upload(
+            &key,
+            job.spec.format.content_type(),
+            &file_name(&job.spec, job.created_at),
+        )
+        .await?;
+    Ok((fresh(key, upload_id), Some(encoder)))
 }
 
 async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunEnd, Stop> {
     let Some(ds) = deps.catalog.get(&job.spec.dataset).cloned() else {
-        return Err(Stop::Fatal {
-            code: "dataset_unknown",
-            message: format!("dataset `{}` is no longer in the catalog", job.spec.dataset),
-        });
+        return Err(Stop::Fatal(Failure::new(
+            "dataset_unknown",
+            format!("the dataset `{}` is no longer offered", job.spec.dataset),
+            "not in the catalog",
+        )));
     };
     let settings = deps.config.worker.clone();
     let query = source_query(
@@ -369,196 +503,70 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         &deps.config.source_table_prefix,
         settings.page_size,
     );
-    let columns = selected_columns(&ds, &job.spec);
-    if job.spec.format == crate::domain::Format::Xlsx {
-        check_tmp_space(deps, job, columns.len())?;
-    }
-    let resumable_format = !matches!(
-        job.spec.format,
-        crate::domain::Format::Xlsx | crate::domain::Format::CsvGz
-    );
-
-    // Resume from the checkpoint when the format allows it; otherwise start over cleanly.
-    let resume = match job.checkpoint.take() {
-        Some(cp) if resumable_format => Some(cp),
-        Some(cp) => {
-            abort_quietly(deps, &cp.object_key, &cp.upload_id).await;
-            None
-        }
-        None => None,
-    };
-    let (mut upload, mut cursor, mut rows, mut pages, mut rcu) = match resume {
-        Some(cp) => {
-            let hasher = cp.parts.is_empty().then(Sha256::new);
-            (
-                Upload {
-                    key: cp.object_key,
-                    id: cp.upload_id,
-                    parts: cp.parts,
-                    hasher,
-                },
-                cp.cursor,
-                cp.rows,
-                cp.pages,
-                cp.read_capacity,
-            )
-        }
-        None => {
-            let key = object_key(job);
-            let id = deps
-                .files
-                .start_upload(
-                    &key,
-                    job.spec.format.content_type(),
-                    &file_name(&job.spec, job.created_at),
-                )
-                .await?;
-            (
-                Upload {
-                    key,
-                    id,
-                    parts: Vec::new(),
-                    hasher: Some(Sha256::new()),
-                },
-                None,
-                0,
-                0,
-                0.0,
-            )
-        }
-    };
-    let resumed_mid_file = !upload.parts.is_empty();
-    // A done flag separate from the cursor: `None` means "from the start" before the first page.
-    let mut exhausted = resumed_mid_file && cursor.is_none();
-    let checkpoint = |upload: &Upload, cursor: &Option<String>, rows, pages, rcu| Checkpoint {
-        object_key: upload.key.clone(),
-        upload_id: upload.id.clone(),
-        parts: upload.parts.clone(),
-        cursor: cursor.clone(),
-        rows,
-        pages,
-        read_capacity: rcu,
-    };
-    job.checkpoint = Some(checkpoint(&upload, &cursor, rows, pages, rcu));
-    job.object_key = Some(upload.key.clone());
-    job.rows_written = rows;
+    let (mut file, encoder) = open(deps, job, selected_columns(&ds, &job.spec)).await?;
+    // Recorded before the first part, so a failure can abort the upload.
+    job.checkpoint(file.checkpoint(None, false));
     save(deps, job).await?;
 
-    let mut encoder: Box<dyn Encoder> =
-        encoder_for(&job.spec, columns, &deps.config.encode, !resumed_mid_file)?;
-    let mut last_progress = deps.clock.now();
-    let interval = to_chrono(settings.progress_interval);
-    let margin = to_chrono(settings.deadline_margin);
+    if let Some(mut encoder) = encoder {
+        let mut last_progress = deps.clock.now();
+        let interval = to_chrono(settings.progress_interval);
+        let margin = to_chrono(settings.deadline_margin);
+        let mut state = None;
+        while !file.exhausted {
+            let page = deps.source.read_page(&query, file.cursor.as_deref()).await?;
+            file.take(&page);
+            if file.rows > ds.row_limit {
+                return Err(Stop::Fatal(Failure::new(
+                    "row_limit_exceeded",
+                    format!(
+                        "the export has more than {} rows, the limit for `{}`; narrow it with filters or from/to",
+                        ds.row_limit, ds.name
+                    ),
+                    file.rows,
+                )));
+            }
+            encoder.write_rows(&page.rows)?;
+            job.watermark = watermark(&page, job.watermark);
+            job.record_page(file.rows, file.pages, file.read_capacity);
 
-    while !exhausted {
-        let page = deps.source.read_page(&query, cursor.as_deref()).await?;
-        pages += 1;
-        rcu += page.read_capacity;
-        rows += page.rows.len() as u64;
-        if rows > ds.row_limit {
-            return Err(Stop::Fatal {
-                code: "row_limit_exceeded",
-                message: format!(
-                    "the export has more than {} rows, the limit for `{}`; narrow it with filters or from/to",
-                    ds.row_limit, ds.name
-                ),
-            });
-        }
-        encoder.write_rows(&page.rows)?;
-        job.watermark = page
-            .rows
-            .iter()
-            .flatten()
-            .filter_map(|v| match v {
-                crate::domain::Value::Ts(t) => Some(*t),
-                _ => None,
-            })
-            .chain(job.watermark)
-            .max();
-        cursor = page.next;
-        exhausted = cursor.is_none();
-        job.rows_written = rows;
-        job.pages_read = pages;
-        job.read_capacity = rcu;
-
-        let now = deps.clock.now();
-        let mut checkpointed = false;
-        if encoder.buffered() >= settings.part_size {
-            upload.push(deps, encoder.take_buffered()).await?;
-            job.bytes_written = upload.bytes();
-            if encoder.resumable() {
-                job.checkpoint = Some(checkpoint(&upload, &cursor, rows, pages, rcu));
+            let now = deps.clock.now();
+            let mut checkpointed = false;
+            if encoder.buffered() >= settings.part_size {
+                let cut = encoder.cut()?;
+                file.push(deps, cut.bytes).await?;
+                state = Some(cut.state);
+                job.checkpoint(file.checkpoint(state.clone(), false));
+                save(deps, job).await?;
                 checkpointed = true;
-            } else if let Some(cp) = job.checkpoint.as_mut() {
-                // Parts are recorded so a failure can abort them; there is no resume point.
-                cp.parts = upload.parts.clone();
+                last_progress = now;
+            } else if now - last_progress >= interval {
+                save(deps, job).await?;
+                last_progress = now;
             }
-            save(deps, job).await?;
-            last_progress = now;
-        } else if now - last_progress >= interval {
-            save(deps, job).await?;
-            last_progress = now;
-        }
-
-        if exhausted {
-            break;
-        }
-        // Hand over only right at a fresh checkpoint: the continuation then starts exactly where
-        // this run stopped, and every run moves the checkpoint forward by at least one part. (A
-        // hand-over between checkpoints would re-read the same pages forever under a short
-        // deadline.) Between checkpoints the run goes on; if the deadline kills it, the retry
-        // resumes from the last checkpoint.
-        if checkpointed && now + margin >= deadline {
-            tracing::info!(job_id = %job.job_id, rows, "deadline near: handing over to a continuation");
-            return Ok(RunEnd::Handover);
-        }
-        if !encoder.resumable() && now + LAST_MOMENT >= deadline {
-            return Err(Stop::Fatal {
-                code: "too_large_for_one_run",
-                message: format!(
-                    "a {} export must finish within one run and this one did not; narrow it with filters or from/to, or use csv",
-                    job.spec.format.as_str()
-                ),
-            });
-        }
-    }
-
-    let encoder_done = tokio::task::spawn_blocking(move || encoder.finish())
-        .await
-        .map_err(|e| Stop::Fatal {
-            code: "encode_failed",
-            message: format!("the encoder stopped unexpectedly: {e}"),
-        })??;
-    let mut tail = encoder_done.tail;
-    loop {
-        let chunk = read_chunk(&mut tail, settings.part_size).map_err(EncodeError::Io)?;
-        if chunk.is_empty() {
-            break;
-        }
-        upload.push(deps, chunk).await?;
-    }
-    drop(tail);
-    if upload.parts.is_empty() {
-        // S3 refuses to complete an upload without parts; an empty file is one empty part.
-        upload.push(deps, Vec::new()).await?;
-    }
-    deps.files
-        .complete_upload(&upload.key, &upload.id, &upload.parts)
-        .await?;
-    let bytes = upload.bytes();
-    let sha256 = match upload.hasher.take() {
-        Some(h) => hex::encode(h.finalize()),
-        None => {
-            let (size, digest) = deps.files.digest(&upload.key).await?;
-            if size != bytes {
-                return Err(Stop::Fatal {
-                    code: "upload_mismatch",
-                    message: format!("uploaded {bytes} bytes but the object has {size}"),
-                });
+            // Hand over only right at a fresh checkpoint: the continuation then starts exactly
+            // where this run stopped, and every run moves the checkpoint forward by at least one
+            // part. (A hand-over between checkpoints would re-read the same pages forever under a
+            // short deadline.) Between checkpoints the run goes on; if the deadline kills it, the
+            // retry resumes from the last checkpoint.
+            if !file.exhausted && checkpointed && now + margin >= deadline {
+                tracing::info!(job_id = %job.job_id, rows = file.rows, "deadline near: handing over to a continuation");
+                return Ok(RunEnd::Handover);
             }
-            digest
         }
-    };
+        let done = tokio::task::spawn_blocking(move || encoder.finish())
+            .await
+            .map_err(|e| Stop::Fatal(Failure::new("encode_failed", "writing the file failed", e)))??;
+        if !done.tail.is_empty() || file.parts.is_empty() {
+            // S3 refuses to complete an upload without parts; an empty file is one empty part.
+            file.push(deps, done.tail).await?;
+        }
+        job.sheets = done.sheets;
+        job.truncated_cells = done.truncated_cells;
+        job.checkpoint(file.checkpoint(state, true));
+        save(deps, job).await?;
+    }
+    let sha256 = complete(deps, &mut file).await?;
 
     let now = deps.clock.now();
     let fresh_until = now + Duration::seconds(ds.ttl_seconds as i64);
@@ -568,12 +576,12 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         cache_key: job.cache_key.clone(),
         spec: job.spec.clone(),
         job_id: job.job_id.clone(),
-        object_key: upload.key.clone(),
-        manifest_key: manifest_key(&upload.key),
-        rows,
-        bytes,
+        object_key: file.key.clone(),
+        manifest_key: manifest_key(&file.key),
+        rows: file.rows,
+        bytes: file.bytes(),
         sha256,
-        sheets: encoder_done.sheets,
+        sheets: job.sheets,
         created_at: now,
         fresh_until,
         stale_until: fresh_until + Duration::seconds(ds.stale_seconds as i64),
@@ -581,40 +589,47 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         hits: 0,
         last_hit_at: None,
     };
-    job.truncated_cells = encoder_done.truncated_cells;
-    job.sheets = encoder_done.sheets;
     write_manifest(deps, &ds, job, &entry).await?;
     Ok(RunEnd::Done(Box::new(entry)))
 }
 
-/// An XLSX export stages its sheets on local disk: refuse up front, with a clear error, one whose
-/// expected size (from the previous file of the same key) cannot fit. The encoder also guards
-/// while writing, for exports of unknown size.
-fn check_tmp_space(deps: &Deps, job: &Job, columns: usize) -> Result<(), Stop> {
-    let dir = &deps.config.encode.tmp_dir;
-    let (Some(rows), Some(free)) = (job.rows_total, crate::encode::xlsx::free_tmp_bytes(dir))
-    else {
-        return Ok(());
-    };
-    let needed = crate::encode::xlsx::estimate_tmp_bytes(rows, columns);
-    if needed > free {
-        return Err(Stop::Fatal {
-            code: "no_temp_space",
-            message: format!(
-                "an xlsx of about {rows} rows needs about {} MiB of temporary space and {} has {} MiB free; narrow the export or use csv",
-                needed >> 20,
-                dir.display(),
-                free >> 20
-            ),
-        });
+/// Completes the upload and returns the file's SHA-256. A run that died after completing it but
+/// before recording the entry finds the upload gone: the object is then already there, which its
+/// size confirms.
+async fn complete(deps: &Deps, file: &mut FileInProgress) -> Result<String, Stop> {
+    let completed = deps
+        .files
+        .complete_upload(&file.key, &file.upload_id, &file.parts)
+        .await;
+    if let (Ok(()), Some(h)) = (&completed, file.hasher.take()) {
+        return Ok(hex::encode(h.finalize()));
     }
-    Ok(())
+    // Resumed (the earlier parts' hash is not carried between runs) or completed before.
+    let read_back = deps.files.digest(&file.key).await;
+    match (completed, read_back) {
+        (_, Ok((size, digest))) if size == file.bytes() => Ok(digest),
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), Ok((size, _))) => Err(Stop::Fatal(Failure::new(
+            "upload_mismatch",
+            "the stored file does not match what was written; request it again",
+            format!("uploaded {} bytes but the object has {size}", file.bytes()),
+        ))),
+        (Ok(()), Err(e)) => Err(e.into()),
+    }
 }
 
-fn read_chunk(r: &mut dyn Read, size: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(size);
-    r.take(size as u64).read_to_end(&mut buf)?;
-    Ok(buf)
+/// Latest timestamp seen in the exported rows. Re-reading pages after a resume cannot change a
+/// maximum, so it needs no checkpoint of its own.
+fn watermark(page: &Page, so_far: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    page.rows
+        .iter()
+        .flatten()
+        .filter_map(|v| match v {
+            crate::domain::Value::Ts(t) => Some(*t),
+            _ => None,
+        })
+        .chain(so_far)
+        .max()
 }
 
 /// The manifest describes the file so a reader can trust it without opening it.
@@ -701,9 +716,12 @@ async fn write_manifest(
             read_capacity: job.read_capacity,
         },
     };
-    let body = serde_json::to_vec_pretty(&manifest).map_err(|e| Stop::Fatal {
-        code: "manifest_failed",
-        message: e.to_string(),
+    let body = serde_json::to_vec_pretty(&manifest).map_err(|e| {
+        Stop::Fatal(Failure::new(
+            "manifest_failed",
+            "describing the file failed",
+            e,
+        ))
     })?;
     deps.files
         .put_object(&entry.manifest_key, body, "application/json")
@@ -722,42 +740,40 @@ async fn finish_success(deps: &Deps, mut job: Job, mut entry: CacheEntry) -> Res
         entry.last_hit_at = previous.last_hit_at;
     }
     let now = deps.clock.now();
-    job.status = JobStatus::Succeeded;
-    job.finished_at = Some(now);
+    job.succeed(&entry, now);
     job.updated_at = now;
-    job.rows_written = entry.rows;
-    job.rows_total = Some(entry.rows);
-    job.bytes_written = entry.bytes;
-    job.sha256 = Some(entry.sha256.clone());
-    job.object_key = Some(entry.object_key.clone());
-    job.download_until = Some(entry.stale_until);
-    job.error = None;
-    job.lease = None;
-    job.checkpoint = None;
     job.version += 1;
     deps.meta.complete_job(&job, &entry).await?;
     release_marker(deps, &job).await;
+    record_rows(deps, &job, entry.rows).await;
     tracing::info!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
         rows = entry.rows, bytes = entry.bytes, pages = job.pages_read,
         read_capacity = job.read_capacity, "job succeeded");
     Ok(())
 }
 
-async fn fail_job(deps: &Deps, mut job: Job, code: &str, message: &str) {
+/// Remembers the row count for the progress of the next file of the same rows.
+async fn record_rows(deps: &Deps, job: &Job, rows: u64) {
+    let Some(ds) = deps.catalog.get(&job.spec.dataset) else {
+        return;
+    };
+    let key = rows_key(&job.tenant, ds.user_scoped.then_some(job.user.as_str()), &job.spec);
+    if let Err(e) = deps
+        .meta
+        .record_row_count(&job.tenant, &key, rows, deps.clock.now())
+        .await
+    {
+        tracing::warn!(job_id = %job.job_id, error = %e, "could not record the row count");
+    }
+}
+
+async fn fail_job(deps: &Deps, mut job: Job, failure: &Failure) {
     tracing::warn!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
-        code, message, "job failed");
+        code = failure.code, detail = %failure.detail, "job failed");
     if let Some(cp) = job.checkpoint.take() {
         abort_quietly(deps, &cp.object_key, &cp.upload_id).await;
     }
-    let now = deps.clock.now();
-    job.status = JobStatus::Failed;
-    job.error = Some(JobError {
-        code: code.to_string(),
-        message: message.to_string(),
-    });
-    job.finished_at = Some(now);
-    job.lease = None;
-    job.object_key = None;
+    job.fail(failure.code, &failure.message, deps.clock.now());
     if let Err(e) = save(deps, &mut job).await {
         tracing::error!(job_id = %job.job_id, error = %e, "could not record the failure");
     }
@@ -778,11 +794,5 @@ async fn abort_quietly(deps: &Deps, key: &str, upload_id: &str) {
     if let Err(e) = deps.files.abort_upload(key, upload_id).await {
         // The bucket's lifecycle rule aborts it after a day anyway.
         tracing::warn!(key, error = %e, "could not abort a multipart upload");
-    }
-}
-
-impl From<RetryLater> for ServiceError {
-    fn from(e: RetryLater) -> Self {
-        ServiceError::Unavailable(e.to_string())
     }
 }

@@ -428,28 +428,179 @@ async fn warmer_refreshes_only_hit_entries_about_to_expire() {
     assert_eq!((again.enqueued, again.joined), (0, 1));
 }
 
-#[tokio::test]
-async fn xlsx_that_cannot_fit_in_temp_space_fails_clearly_before_starting() {
-    let f = setup(5);
-    let job_id = miss(&f, "acme", &orders(&[("format", "xlsx")])).await;
-    // Pretend the previous file of this key had a trillion rows.
-    f.meta
-        .jobs
+/// Fakes whose clock starts at a fixed instant, so two of them given the same requests make the
+/// same jobs (same creation time) and so the same bytes in every format.
+fn fixed_fakes(rows: usize, page_rows: usize, part_size: usize) -> Fakes {
+    let mut config = test_config();
+    config.worker.part_size = part_size;
+    let f = fakes(config, page_rows);
+    *f.clock.0.lock().unwrap() = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+    f.source
+        .rows
         .lock()
         .unwrap()
-        .get_mut(&job_id)
-        .unwrap()
-        .rows_total = Some(1_000_000_000_000);
+        .insert("acme".into(), order_rows(rows));
+    f
+}
+
+/// The only file of `format` the fakes hold.
+fn file_of(f: &Fakes, format: &str) -> Vec<u8> {
+    only_object(f, &format!(".{format}"))
+}
+
+/// An uninterrupted export: the file every interrupted run must reproduce.
+async fn uninterrupted(rows: usize, page_rows: usize, part_size: usize, format: &str) -> Vec<u8> {
+    let f = fixed_fakes(rows, page_rows, part_size);
+    miss(&f, "acme", &orders(&[("format", format)])).await;
     let outcomes = run_queue(&f).await;
-    assert_eq!(
-        outcomes,
-        vec![Outcome::Failed {
-            code: "no_temp_space".into()
-        }]
+    assert!(
+        matches!(outcomes[..], [Outcome::Succeeded { .. }]),
+        "{format}: {outcomes:?}"
     );
-    let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
-    assert!(job.error.unwrap().message.contains("temporary space"));
-    assert!(f.files.objects.lock().unwrap().is_empty());
+    file_of(&f, format)
+}
+
+const FORMATS: [&str; 3] = ["csv", "csv.gz", "xlsx"];
+
+#[tokio::test]
+async fn every_format_continues_across_twenty_runs_into_the_identical_file() {
+    const ROWS: usize = 50_000;
+    const PAGE: usize = 500;
+    for format in FORMATS {
+        // Small parts: a run that hands over at every checkpoint takes twenty runs or more.
+        // (Compressed formats cut later than the part size says: the compressor holds back up
+        // to a block.)
+        let whole = uninterrupted(ROWS, PAGE, usize::MAX, format).await;
+        let part_size = whole.len() / 32;
+        let reference = uninterrupted(ROWS, PAGE, part_size, format).await;
+
+        let f = fixed_fakes(ROWS, PAGE, part_size);
+        let job_id = miss(&f, "acme", &orders(&[("format", format)])).await;
+        let mut runs = 0;
+        let outcome = loop {
+            let msg = f.queue.drain().remove(0);
+            runs += 1;
+            assert!(runs < 100, "{format}: no progress across continuations");
+            // Always inside the margin: every run hands over right after its first checkpoint.
+            let tight = f.deps.clock.now() + Duration::seconds(1);
+            match process_job(&f.deps, &msg, &format!("w{runs}"), tight, false)
+                .await
+                .unwrap()
+            {
+                Outcome::Continued { .. } => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(outcome, Outcome::Succeeded { rows, .. } if rows == ROWS as u64),
+            "{format}: {outcome:?}"
+        );
+        assert!(runs >= 20, "{format}: {runs} runs");
+        let file = file_of(&f, format);
+        assert!(file == reference, "{format}: the continued file differs");
+        let job = f.meta.jobs.lock().unwrap()[&job_id].clone();
+        assert_eq!(
+            job.sha256.clone().unwrap(),
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&reference))
+        );
+        assert_eq!(job.failed_attempts(), 0, "hand-overs are not failures");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_at_any_step_resumes_into_the_identical_file() {
+    use crate::testing::{crash_points, CrashPlan, CrashingFiles, CrashingMeta};
+    const ROWS: usize = 3_000;
+    const PAGE: usize = 100;
+    for format in FORMATS {
+        let whole = uninterrupted(ROWS, PAGE, usize::MAX, format).await;
+        let part_size = whole.len() / 5;
+        let reference = uninterrupted(ROWS, PAGE, part_size, format).await;
+        for at in crash_points() {
+            let mut f = fixed_fakes(ROWS, PAGE, part_size);
+            let plan = Arc::new(CrashPlan::default());
+            f.deps.files = Arc::new(CrashingFiles {
+                inner: f.files.clone(),
+                plan: plan.clone(),
+            });
+            f.deps.meta = Arc::new(CrashingMeta {
+                inner: f.meta.clone(),
+                plan: plan.clone(),
+            });
+            let job_id = miss(&f, "acme", &orders(&[("format", format)])).await;
+            let msg = f.queue.drain().remove(0);
+            plan.arm(at);
+            let first = plan
+                .run(process_job(&f.deps, &msg, "w1", far_deadline(&f), false))
+                .await;
+            assert!(first.is_none(), "{format} {at:?}: did not crash: {first:?}");
+
+            // The queue delivers the message again once the dead worker's lease ran out.
+            f.clock.advance(Duration::seconds(
+                f.deps.config.worker.lease.as_secs() as i64 + 1,
+            ));
+            let second = process_job(&f.deps, &msg, "w2", far_deadline(&f), false)
+                .await
+                .unwrap();
+            assert!(
+                matches!(second, Outcome::Succeeded { rows, .. } if rows == ROWS as u64),
+                "{format} {at:?}: {second:?}"
+            );
+            assert!(
+                file_of(&f, format) == reference,
+                "{format} {at:?}: the resumed file differs"
+            );
+            let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
+            assert_eq!(job.status, JobStatus::Succeeded, "{format} {at:?}");
+            assert!(f.files.uploads.lock().unwrap().is_empty(), "{format} {at:?}: upload left open");
+            // The entry serves the file: a hit now.
+            match request_export(&f.deps, &who("acme"), &orders(&[("format", format)]))
+                .await
+                .unwrap()
+            {
+                ExportAnswer::File { stale: false, .. } => {}
+                other => panic!("{format} {at:?}: expected a hit, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn progress_is_unknown_until_an_earlier_file_of_the_same_rows_gives_the_total() {
+    let f = setup(45);
+    let first = miss(&f, "acme", &orders(&[("format", "csv")])).await;
+    let job = f.meta.jobs.lock().unwrap()[&first].clone();
+    assert_eq!(job.progress(), None, "nothing known yet: null, not 0");
+    assert_eq!(job.eta_seconds(), None);
+    run_queue(&f).await;
+    let done = f.meta.jobs.lock().unwrap()[&first].clone();
+    assert_eq!(done.progress(), Some(1.0));
+
+    // Same rows in another file (here another delimiter; the fake source always returns every
+    // column): the total is known before the first row.
+    let second = miss(&f, "acme", &orders(&[("delimiter", ";")])).await;
+    let msg = f.queue.drain().remove(0);
+    let tight = f.deps.clock.now() + Duration::seconds(1);
+    let outcome = process_job(&f.deps, &msg, "w1", tight, false).await.unwrap();
+    assert!(matches!(outcome, Outcome::Continued { .. }), "{outcome:?}");
+    let job = f.meta.jobs.lock().unwrap()[&second].clone();
+    assert_eq!(job.rows_total, Some(45));
+    let p = job.progress().unwrap();
+    assert!(p > 0.0 && p < 1.0, "{p}");
+
+    // Other rows (a filter) know nothing of that total.
+    let third = miss(&f, "acme", &orders(&[("status", "paid")])).await;
+    let msg = f
+        .queue
+        .drain()
+        .into_iter()
+        .find(|m| m.job_id == third)
+        .unwrap();
+    let tight = f.deps.clock.now() + Duration::seconds(1);
+    process_job(&f.deps, &msg, "w1", tight, false).await.unwrap();
+    let job = f.meta.jobs.lock().unwrap()[&third].clone();
+    assert_eq!(job.rows_total, None);
+    assert_eq!(job.progress(), None);
 }
 
 #[tokio::test]
@@ -566,12 +717,41 @@ async fn transient_failures_are_retried_then_the_job_fails_for_good_and_aborts()
     }
     let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
     assert_eq!(job.status, JobStatus::Failed);
-    assert!(job.error.unwrap().message.contains("ThrottlingException"));
+    // Callers get a code and a safe sentence; the SDK's text stays in the logs.
+    let error = job.error.unwrap();
+    assert_eq!(error.code, "retries_exhausted");
+    assert!(!error.message.contains("ThrottlingException"), "{}", error.message);
     assert!(f.files.objects.lock().unwrap().is_empty());
     assert!(
         f.files.uploads.lock().unwrap().is_empty(),
         "no upload left open"
     );
+}
+
+#[tokio::test]
+async fn job_errors_show_a_code_and_a_safe_sentence_never_internals() {
+    use crate::ports::PortError;
+    let secret_row = "row ORD-1: amount `DROP TABLE` is not a decimal";
+    let secret_arn = "AccessDenied: arn:aws:s3:::acme-exports-123456789012/exports";
+    for (error, code, secret) in [
+        (PortError::Data(secret_row.into()), "source_data_invalid", "DROP TABLE"),
+        (
+            PortError::failed("source query", secret_arn, false),
+            "storage_failed",
+            "123456789012",
+        ),
+    ] {
+        let f = setup(5);
+        *f.source.broken.lock().unwrap() = Some(error);
+        let job_id = miss(&f, "acme", &orders(&[])).await;
+        let outcomes = run_queue(&f).await;
+        assert_eq!(outcomes, vec![Outcome::Failed { code: code.into() }]);
+        let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
+        let shown = job.error.unwrap();
+        assert_eq!(shown.code, code);
+        assert!(!shown.message.contains(secret), "{}", shown.message);
+        assert!(!shown.message.contains("arn:"), "{}", shown.message);
+    }
 }
 
 #[tokio::test]
