@@ -9,7 +9,9 @@
 # LOCAL_JWT_SECRET (dev secret), WATCH_TIMEOUT (seconds to wait for the functions, 1200),
 # WATCH_PORT (the API's cargo lambda watch, 9000), WORKER_WATCH_PORT (the worker's own watch,
 # run and restarted by the bridge, WATCH_PORT+1). Distinct ports and STACK names let several
-# local stacks run side by side.
+# local stacks run side by side. KILL_WORKER_CHECK=csv,xlsx,csv.gz: after the demo, export those
+# formats again, kill -9 the worker mid-export and check each job still finishes with the same
+# bytes (about a minute each: the killed run's job lease has to expire).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -118,6 +120,15 @@ if ! "$DEVSTACK" demo --api "$API"; then
   log "the demo failed"
   show_logs
   exit 1
+fi
+
+if [[ -n "${KILL_WORKER_CHECK:-}" ]]; then
+  log "killing the worker mid-export ($KILL_WORKER_CHECK); the bridge restarts it and the jobs go on"
+  if ! "$DEVSTACK" crash-check --api "$API" --worker-port "$WORKER_WATCH_PORT" --format "$KILL_WORKER_CHECK"; then
+    log "a job did not survive its worker being killed"
+    show_logs
+    exit 1
+  fi
 fi
 
 if [[ "$UP_EXIT" == 1 ]]; then

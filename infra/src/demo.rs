@@ -168,7 +168,18 @@ pub fn progress_line(job: &serde_json::Value) -> String {
     )
 }
 
-impl Demo<'_> {
+impl<'a> Demo<'a> {
+    fn new(cfg: &'a DemoConfig) -> anyhow::Result<Self> {
+        let token = dev_token(&cfg.secret, &cfg.tenant, &cfg.user, DEMO_SCOPES, 3_600)?;
+        let http = Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Demo { cfg, http, token })
+    }
+
     async fn get(&self, url: &str) -> anyhow::Result<Response> {
         self.http
             .get(url)
@@ -223,16 +234,21 @@ impl Demo<'_> {
         bail!("GET {url} still answered from the cache after invalidating it")
     }
 
+    /// The job's status.
+    async fn job(&self, job_url: &str) -> anyhow::Result<serde_json::Value> {
+        let resp = self.get(job_url).await?;
+        if resp.status() != StatusCode::OK {
+            bail!("GET {job_url} expected 200, got {}", problem(resp).await);
+        }
+        Self::json(resp).await
+    }
+
     async fn wait_for_job(&self, job_url: &str, job_id: &str) -> anyhow::Result<serde_json::Value> {
         let started = Instant::now();
         let mut last_line = String::new();
         let mut told_about_compile = false;
         loop {
-            let resp = self.get(job_url).await?;
-            if resp.status() != StatusCode::OK {
-                bail!("GET {job_url} expected 200, got {}", problem(resp).await);
-            }
-            let job = Self::json(resp).await?;
+            let job = self.job(job_url).await?;
             let status = job["status"].as_str().unwrap_or("?").to_owned();
             let line = progress_line(&job);
             if line != last_line {
@@ -307,14 +323,16 @@ impl Demo<'_> {
             .ok_or_else(|| anyhow!("{what}: 303 without a Location header"))
     }
 
-    /// Miss, job, download (saved and checked), hit with the same bytes.
-    async fn export(&self, format: &str) -> anyhow::Result<FormatRun> {
+    /// Asks for the export (a miss, dropping a warm entry first) and returns the job's id, its
+    /// URL and how long the 202 took.
+    async fn start_job(&self, format: &str) -> anyhow::Result<(String, String, u128)> {
         let cfg = self.cfg;
-        let export_url = cfg.export_url(format);
         println!();
         println!(
-            "▶ GET {export_url}  (tenant {}, user {})",
-            cfg.tenant, cfg.user
+            "▶ GET {}  (tenant {}, user {})",
+            cfg.export_url(format),
+            cfg.tenant,
+            cfg.user
         );
         let (resp, miss_ms) = self.request_miss(format).await?;
         let location = header_str(&resp, header::LOCATION.as_str())
@@ -331,8 +349,43 @@ impl Demo<'_> {
             "  202 Accepted in {miss_ms} ms: job {job_id}, status {}, Location {location}, Retry-After {retry_after}, X-Export-Cache {cache}",
             job["status"].as_str().unwrap_or("?")
         );
+        Ok((job_id, cfg.resolve(&location), miss_ms))
+    }
 
-        let job_url = cfg.resolve(&location);
+    /// Follows the job's stable download link to the file.
+    async fn download_job(
+        &self,
+        job_url: &str,
+        save_to: Option<&Path>,
+    ) -> anyhow::Result<Download> {
+        let download_url = format!("{job_url}/download");
+        println!("▶ GET {download_url}");
+        let resp = self.get(&download_url).await?;
+        if resp.status() != StatusCode::SEE_OTHER {
+            bail!(
+                "GET {download_url} expected 303, got {}",
+                problem(resp).await
+            );
+        }
+        let presigned = Self::see_other_location(&resp, &download_url)?;
+        let file = self.download(&presigned, save_to).await?;
+        println!(
+            "  303 -> presigned URL; downloaded {} bytes in {} ms{}, sha256 {}",
+            file.bytes,
+            file.ms,
+            save_to
+                .map(|p| format!(" to {}", p.display()))
+                .unwrap_or_default(),
+            file.sha256
+        );
+        Ok(file)
+    }
+
+    /// Miss, job, download (saved and checked), hit with the same bytes.
+    async fn export(&self, format: &str) -> anyhow::Result<FormatRun> {
+        let cfg = self.cfg;
+        let export_url = cfg.export_url(format);
+        let (job_id, job_url, miss_ms) = self.start_job(format).await?;
         println!("▶ polling GET {job_url}");
         let job_started = Instant::now();
         let job = self.wait_for_job(&job_url, &job_id).await?;
@@ -345,26 +398,8 @@ impl Demo<'_> {
             _ => None,
         };
         let rows_written = job["rows_written"].as_u64();
-
-        let download_url = format!("{job_url}/download");
-        println!("▶ GET {download_url}");
-        let resp = self.get(&download_url).await?;
-        if resp.status() != StatusCode::SEE_OTHER {
-            bail!(
-                "GET {download_url} expected 303, got {}",
-                problem(resp).await
-            );
-        }
-        let presigned = Self::see_other_location(&resp, &download_url)?;
         let path = cfg.file_path(format);
-        let first = self.download(&presigned, Some(&path)).await?;
-        println!(
-            "  303 -> presigned URL; downloaded {} bytes in {} ms to {}, sha256 {}",
-            first.bytes,
-            first.ms,
-            path.display(),
-            first.sha256
-        );
+        let first = self.download_job(&job_url, Some(&path)).await?;
 
         println!("▶ GET {export_url} again");
         let started = Instant::now();
@@ -421,6 +456,135 @@ impl Demo<'_> {
             check,
         })
     }
+}
+
+/// What [`crash_check`] saw.
+#[derive(Debug, Clone)]
+pub struct CrashReport {
+    pub format: String,
+    pub job_id: String,
+    pub killed_pid: u32,
+    /// `rows_written` when the worker was killed.
+    pub rows_at_kill: u64,
+    /// From the kill to the client seeing `succeeded`.
+    pub recovered: Duration,
+    pub attempts: Option<u64>,
+    pub sha256: String,
+}
+
+/// [`crash_check`] kills the worker once the job shows rows written or has run this long.
+const KILL_AFTER_RUNNING: Duration = Duration::from_secs(2);
+
+/// The worker's process under the `cargo lambda watch` on `port`.
+async fn worker_pid(port: u16) -> anyhow::Result<Option<u32>> {
+    let table = crate::supervise::process_table().await?;
+    let Some(watch) = crate::supervise::watch_on_port(&table, port) else {
+        bail!("no cargo lambda watch listens on port {port} (the bridge's --worker-port)");
+    };
+    Ok(
+        crate::supervise::function_process(&table, watch, crate::bridge::WORKER_FUNCTION)
+            .filter(|(_, role)| *role == crate::supervise::Role::Function)
+            .map(|(pid, _)| pid),
+    )
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| {
+        format!(
+            "opening {} (the demo's file of this format, run the demo first)",
+            path.display()
+        )
+    })?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// A worker killed mid-export (issue 6, item 4), end to end: starts the export of `format`
+/// again, `kill -9`s the worker process of the bridge's watch on `worker_port` while the job
+/// runs, and checks that the job still succeeds, with the same bytes as the demo's uninterrupted
+/// file of that format.
+pub async fn crash_check(
+    cfg: &DemoConfig,
+    format: &str,
+    worker_port: u16,
+) -> anyhow::Result<CrashReport> {
+    let reference = sha256_file(&cfg.file_path(format))?;
+    let demo = Demo::new(cfg)?;
+    let (job_id, job_url, _) = demo.start_job(format).await?;
+    let waiting = Instant::now();
+    let mut running_since: Option<Instant> = None;
+    let (killed_pid, rows_at_kill) = loop {
+        let job = demo.job(&job_url).await?;
+        let status = job["status"].as_str().unwrap_or("?");
+        let rows = job["rows_written"].as_u64().unwrap_or(0);
+        if status == "running" {
+            // Mid-export: rows on record, or pages being read for a while already.
+            let since = *running_since.get_or_insert_with(Instant::now);
+            if rows > 0 || since.elapsed() >= KILL_AFTER_RUNNING {
+                if let Some(pid) = worker_pid(worker_port).await? {
+                    break (pid, rows);
+                }
+            }
+        }
+        if matches!(status, "succeeded" | "failed") {
+            bail!("job {job_id} was {status} before the worker could be killed: export more rows");
+        }
+        if waiting.elapsed() > cfg.timeout {
+            bail!("job {job_id} never ran (last status {status})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &killed_pid.to_string()])
+        .status()
+        .context("running kill")?;
+    if !killed.success() {
+        bail!("kill -9 {killed_pid} failed");
+    }
+    let kill_time = Instant::now();
+    println!(
+        "  kill -9 {killed_pid} (export-worker, mid-export: job running, {rows_at_kill} rows on record)"
+    );
+    let job = demo.wait_for_job(&job_url, &job_id).await?;
+    let recovered = kill_time.elapsed();
+    let dir = cfg.out_dir.join("after-kill");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{}.{format}", cfg.dataset));
+    let file = demo.download_job(&job_url, Some(&path)).await?;
+    let same = if file.sha256 == reference {
+        "identical to the uninterrupted export".to_owned()
+    } else if format == "xlsx" {
+        // Another job than the demo's: the workbook's creation stamp is its own.
+        crate::filecheck::same_workbook(&cfg.file_path(format), &path).with_context(|| {
+            format!(
+                "after the kill the xlsx file {} is not the uninterrupted one",
+                path.display()
+            )
+        })?;
+        "the uninterrupted export's workbook, entry for entry (but its creation time)".to_owned()
+    } else {
+        bail!(
+            "after the kill the {format} file has sha256 {}, the uninterrupted one {reference}",
+            file.sha256
+        );
+    };
+    println!(
+        "  succeeded {:.1} s after the kill (attempts {}); the file is {same}",
+        recovered.as_secs_f64(),
+        job["attempts"]
+            .as_u64()
+            .map_or("?".to_owned(), |a| a.to_string())
+    );
+    Ok(CrashReport {
+        format: format.to_owned(),
+        job_id,
+        killed_pid,
+        rows_at_kill,
+        recovered,
+        attempts: job["attempts"].as_u64(),
+        sha256: file.sha256,
+    })
 }
 
 /// The labels of `dataset` in the catalog compiled into the functions (the header every format
@@ -490,16 +654,9 @@ pub fn agreement(runs: &[FormatRun], labels: Option<&[String]>) -> anyhow::Resul
 
 /// Runs the demo and prints what happens; returns the measurements.
 pub async fn run(cfg: &DemoConfig) -> anyhow::Result<DemoSummary> {
-    let token = dev_token(&cfg.secret, &cfg.tenant, &cfg.user, DEMO_SCOPES, 3_600)?;
-    let http = Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(120))
-        .build()
-        .context("building the HTTP client")?;
     std::fs::create_dir_all(&cfg.out_dir)
         .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
-    let demo = Demo { cfg, http, token };
+    let demo = Demo::new(cfg)?;
     let mut runs = Vec::new();
     for format in &cfg.formats {
         let run = demo

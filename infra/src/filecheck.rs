@@ -150,6 +150,69 @@ pub fn check_zip(path: &Path) -> anyhow::Result<usize> {
     Ok(zip.len())
 }
 
+/// Every entry of a zip, decompressed, by name.
+fn zip_entries(path: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(file)).context("not a zip file")?;
+    let mut entries = Vec::with_capacity(zip.len());
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).with_context(|| format!("zip entry {i}"))?;
+        let name = entry
+            .name()
+            .map_or_else(|_| format!("#{i}"), |n| n.to_string());
+        let mut bytes = Vec::new();
+        entry
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading zip entry {name}"))?;
+        entries.push((name, bytes));
+    }
+    Ok(entries)
+}
+
+/// `docProps/core.xml` with the text of its created and modified stamps blanked.
+pub fn mask_core_times(xml: &str) -> String {
+    let mut out = xml.to_owned();
+    for tag in ["dcterms:created", "dcterms:modified"] {
+        let (open, close) = (format!("<{tag}"), format!("</{tag}>"));
+        if let Some(start) = out.find(&open) {
+            if let (Some(gt), Some(end)) = (out[start..].find('>'), out.find(&close)) {
+                let text_start = start + gt + 1;
+                if text_start <= end {
+                    out.replace_range(text_start..end, "");
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The same workbook up to the moment it was written: the same zip entries with the same
+/// decompressed bytes, except the created and modified stamps of `docProps/core.xml`, which
+/// rust_xlsxwriter takes from the clock. Two jobs of the same rows differ there and only there.
+pub fn same_workbook(a: &Path, b: &Path) -> anyhow::Result<()> {
+    let (left, right) = (zip_entries(a)?, zip_entries(b)?);
+    let names = |e: &[(String, Vec<u8>)]| e.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    if names(&left) != names(&right) {
+        bail!(
+            "different entries: {:?} vs {:?}",
+            names(&left),
+            names(&right)
+        );
+    }
+    for ((name, x), (_, y)) in left.iter().zip(&right) {
+        let same = if name == "docProps/core.xml" {
+            mask_core_times(&String::from_utf8_lossy(x))
+                == mask_core_times(&String::from_utf8_lossy(y))
+        } else {
+            x == y
+        };
+        if !same {
+            bail!("entry {name} differs");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +302,32 @@ mod tests {
         bytes[30 + name_len + extra_len + 2] ^= 0x55;
         std::fs::write(&path, &bytes).unwrap();
         assert!(check_zip(&path).is_err());
+    }
+
+    #[test]
+    fn workbooks_differing_only_in_their_creation_time_are_the_same() {
+        let core = |t: &str| {
+            format!(
+                "<cp:coreProperties><dc:creator></dc:creator><dcterms:created xsi:type=\"dcterms:W3CDTF\">{t}</dcterms:created><dcterms:modified xsi:type=\"dcterms:W3CDTF\">{t}</dcterms:modified></cp:coreProperties>"
+            )
+        };
+        assert_eq!(
+            mask_core_times(&core("2026-11-22T03:48:43Z")),
+            mask_core_times(&core("2030-01-01T00:00:00Z"))
+        );
+        assert!(!mask_core_times(&core("STAMP")).contains("STAMP"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let a = workbook(dir.path(), &[&[&["h"], &["v"]]]);
+        let a2 = dir.path().join("a.xlsx");
+        std::fs::rename(&a, &a2).unwrap();
+        // Written a second later: only core.xml's stamps can differ.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let b = workbook(dir.path(), &[&[&["h"], &["v"]]]);
+        same_workbook(&a2, &b).unwrap();
+        let c = dir.path().join("c.xlsx");
+        std::fs::rename(workbook(dir.path(), &[&[&["h"], &["w"]]]), &c).unwrap();
+        assert!(same_workbook(&a2, &c).is_err());
     }
 
     #[test]

@@ -160,6 +160,22 @@ fn is_per_crate_cargo_var(name: &str) -> bool {
     EXACT.contains(&name) || name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_BIN_EXE_")
 }
 
+/// The `cargo lambda watch` listening on `port` (`-P {port}` or `--invoke-port {port}`).
+pub fn watch_on_port(table: &[Proc], port: u16) -> Option<u32> {
+    let port = port.to_string();
+    table
+        .iter()
+        .filter(|p| !p.stat.starts_with('Z'))
+        .find(|p| {
+            let args: Vec<&str> = p.args.split_whitespace().collect();
+            args.windows(2).any(|w| w == ["lambda", "watch"])
+                && args
+                    .windows(2)
+                    .any(|w| (w[0] == "-P" || w[0] == "--invoke-port") && w[1] == port)
+        })
+        .map(|p| p.pid)
+}
+
 /// Reads the process table with `ps` (present on Linux and macOS).
 pub async fn process_table() -> anyhow::Result<Vec<Proc>> {
     let out = Command::new("ps")
@@ -486,6 +502,13 @@ mod tests {
         };
         assert_eq!(role_of(&eq, "stub-worker"), Some(Role::Build));
         assert_eq!(role_of(&eq, "stub"), None);
+    }
+
+    #[test]
+    fn a_watch_is_found_by_its_port() {
+        let table = parse_ps(PS);
+        assert_eq!(watch_on_port(&table, 9001), Some(100));
+        assert_eq!(watch_on_port(&table, 9000), None);
     }
 
     #[test]

@@ -17,6 +17,16 @@ use std::time::Duration;
 const DEFAULT_STACK: &str = "export-cache";
 const DEFAULT_REGION: &str = "us-east-1";
 const DEFAULT_WATCH: &str = "http://127.0.0.1:9000";
+/// Flags of `demo`, which `crash-check` takes too.
+const DEMO_FLAGS: &[&str] = &[
+    "api",
+    "tenant",
+    "user",
+    "dataset",
+    "format",
+    "out-dir",
+    "timeout-secs",
+];
 /// The local stack's job lease (see `env_lines`).
 const LOCAL_LEASE_SECONDS: u64 = 60;
 
@@ -44,6 +54,9 @@ USAGE: devstack <command> [--flag value]...
             [--timeout-secs 1200]
         run an export end to end in each format: miss, job progress, download, hit; the files
         are saved to --out-dir and checked (rows and header; gzip; zip integrity and calamine)
+  crash-check [--api ...] [--worker-port 9001] [--format csv,xlsx,csv.gz] [--out-dir target/demo]
+        after `demo`: exports each format again, kill -9s the worker mid-export and checks the
+        job still succeeds with the demo's bytes (the bridge restarts the worker)
   token     [--tenant acme] [--user alice] [--scopes 'exports:read exports:admin'] [--ttl 43200]
         print a dev token signed with LOCAL_JWT_SECRET
 
@@ -307,7 +320,7 @@ fn worker_timeout_secs(flags: &Flags) -> u64 {
         .unwrap_or(bridge::WORKER_TIMEOUT_SECS)
 }
 
-async fn cmd_demo(flags: Flags) -> anyhow::Result<()> {
+fn demo_config(flags: &Flags) -> anyhow::Result<DemoConfig> {
     let mut cfg = DemoConfig::new(flags.or("api", demo::DEFAULT_API), secret());
     cfg.tenant = flags.or("tenant", "acme");
     cfg.user = flags.or("user", "alice");
@@ -324,8 +337,37 @@ async fn cmd_demo(flags: Flags) -> anyhow::Result<()> {
         cfg.out_dir = PathBuf::from(dir);
     }
     cfg.timeout = Duration::from_secs(flags.number("timeout-secs", 20 * 60)?);
+    Ok(cfg)
+}
+
+async fn cmd_demo(flags: Flags) -> anyhow::Result<()> {
+    let cfg = demo_config(&flags)?;
     let summary = demo::run(&cfg).await?;
     demo::print_summary(&cfg, &summary)
+}
+
+async fn cmd_crash_check(flags: Flags) -> anyhow::Result<()> {
+    let cfg = demo_config(&flags)?;
+    let port = flags.number("worker-port", 9001)?;
+    let port = u16::try_from(port).with_context(|| format!("--worker-port {port}"))?;
+    let mut reports = Vec::new();
+    for format in &cfg.formats {
+        reports.push(demo::crash_check(&cfg, format, port).await?);
+    }
+    println!();
+    println!("== a worker killed mid-export (kill -9), per format ==");
+    for r in &reports {
+        println!(
+            "  {:<7} killed pid {} at {} rows; succeeded {:.1} s later, attempts {}; sha256 {}",
+            r.format,
+            r.killed_pid,
+            r.rows_at_kill,
+            r.recovered.as_secs_f64(),
+            r.attempts.map_or("?".to_owned(), |a| a.to_string()),
+            r.sha256
+        );
+    }
+    Ok(())
 }
 
 fn cmd_token(flags: Flags) -> anyhow::Result<()> {
@@ -415,16 +457,12 @@ async fn main() -> std::process::ExitCode {
             Ok(f) => cmd_bridge(f).await,
             Err(e) => Err(e),
         },
-        "demo" => match parsed(&[
-            "api",
-            "tenant",
-            "user",
-            "dataset",
-            "format",
-            "out-dir",
-            "timeout-secs",
-        ]) {
+        "demo" => match parsed(DEMO_FLAGS) {
             Ok(f) => cmd_demo(f).await,
+            Err(e) => Err(e),
+        },
+        "crash-check" => match parsed(&[DEMO_FLAGS, &["worker-port"]].concat()) {
+            Ok(f) => cmd_crash_check(f).await,
             Err(e) => Err(e),
         },
         "token" => parsed(&["tenant", "user", "scopes", "ttl"]).and_then(cmd_token),
