@@ -16,6 +16,7 @@ pub mod csv;
 pub mod deflate;
 pub mod text;
 pub mod xlsx;
+pub mod zipstream;
 
 /// Part of every cache key: bump it when an encoder changes the bytes it writes.
 pub const ENCODER_VERSION: &str = "2";
@@ -29,8 +30,6 @@ pub enum EncodeError {
     Io(#[from] std::io::Error),
     #[error("the spreadsheet writer failed: {0}")]
     Xlsx(String),
-    #[error("not enough temporary space: {0}")]
-    NoSpace(String),
     /// The checkpoint's state does not fit this encoder (another format, or a corrupt record).
     #[error("cannot resume: {0}")]
     Resume(String),
