@@ -264,7 +264,13 @@ impl Job {
 
     /// Takes the job for a run. A planned hand-over (a continuation message for a job that let
     /// go of its lease at a checkpoint) does not spend the retry budget.
-    pub fn lease(&mut self, owner: &str, now: DateTime<Utc>, until: DateTime<Utc>, continuing: bool) {
+    pub fn lease(
+        &mut self,
+        owner: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        continuing: bool,
+    ) {
         if continuing && self.lease.is_none() && self.checkpoint.is_some() {
             self.continuations += 1;
         }

@@ -117,24 +117,16 @@ pub fn encoder_for(
         (Format::Csv, Some(EncoderState::Plain)) => {
             Box::new(csv::CsvEncoder::new(columns, opts, false))
         }
-        (Format::CsvGz, None) => Box::new(csv::GzCsvEncoder::new(
-            columns,
-            opts,
-            settings.gzip_level,
-        )?),
-        (Format::CsvGz, Some(EncoderState::Gzip { crc32, length })) => {
-            Box::new(csv::GzCsvEncoder::resume(
-                columns,
-                opts,
-                settings.gzip_level,
-                *crc32,
-                *length,
-            ))
+        (Format::CsvGz, None) => {
+            Box::new(csv::GzCsvEncoder::new(columns, opts, settings.gzip_level)?)
         }
+        (Format::CsvGz, Some(EncoderState::Gzip { crc32, length })) => Box::new(
+            csv::GzCsvEncoder::resume(columns, opts, settings.gzip_level, *crc32, *length),
+        ),
         (Format::Xlsx, None) => Box::new(xlsx::XlsxEncoder::new(file, columns, settings)?),
-        (Format::Xlsx, Some(EncoderState::Xlsx(state))) => Box::new(xlsx::XlsxEncoder::resume(
-            file, columns, settings, state,
-        )?),
+        (Format::Xlsx, Some(EncoderState::Xlsx(state))) => {
+            Box::new(xlsx::XlsxEncoder::resume(file, columns, settings, state)?)
+        }
         (_, Some(state)) => return Err(mismatch(state)),
     })
 }

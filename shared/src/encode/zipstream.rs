@@ -165,7 +165,14 @@ impl ZipWriter {
             let out = &mut self.out;
             put32(out, CENTRAL_HEADER);
             put16(out, VERSION_MADE_BY);
-            put16(out, if zip64 { VERSION_ZIP64 } else { VERSION_DEFLATE });
+            put16(
+                out,
+                if zip64 {
+                    VERSION_ZIP64
+                } else {
+                    VERSION_DEFLATE
+                },
+            );
             put16(out, flags(&e.name));
             put16(out, DEFLATED);
             put16(out, DOS_TIME);
@@ -307,10 +314,8 @@ mod tests {
         let files = files();
         let bytes = archive(&files, u64::from(u32::MAX));
         let back = read_all(&bytes);
-        let want: Vec<(String, Vec<u8>)> = files
-            .into_iter()
-            .map(|(n, d)| (n.to_string(), d))
-            .collect();
+        let want: Vec<(String, Vec<u8>)> =
+            files.into_iter().map(|(n, d)| (n.to_string(), d)).collect();
         assert_eq!(back, want);
     }
 
@@ -323,16 +328,18 @@ mod tests {
         assert_eq!(read_all(&bytes), plain);
         let end = &bytes[bytes.len() - 22..];
         assert_eq!(&end[..4], &END.to_le_bytes());
-        assert_eq!(&end[16..20], &u32::MAX.to_le_bytes(), "offset from the ZIP64 record");
+        assert_eq!(
+            &end[16..20],
+            &u32::MAX.to_le_bytes(),
+            "offset from the ZIP64 record"
+        );
     }
 
     #[test]
     fn an_entry_beyond_4_gib_is_an_error() {
         let mut zip = ZipWriter::new(0, Vec::new());
         let offset = zip.start_entry("big").unwrap();
-        let err = zip
-            .end_entry("big", offset, 0, 1, 1 << 32)
-            .unwrap_err();
+        let err = zip.end_entry("big", offset, 0, 1, 1 << 32).unwrap_err();
         assert!(err.to_string().contains("4 GiB"), "{err}");
     }
 

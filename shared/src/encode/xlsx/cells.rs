@@ -16,6 +16,7 @@ use chrono_tz::Tz;
 use super::super::text::{needs_neutralising, push_date, push_timestamp, NEUTRALISING_PREFIX};
 use super::twin::StyleIds;
 use crate::catalog::{Column, ColumnType};
+use crate::domain::value::is_decimal_text;
 use crate::domain::{Row, Value};
 
 /// Excel's cell text limit, in UTF-16 units.
@@ -324,10 +325,7 @@ fn push_escaped(out: &mut Vec<u8>, s: &str) {
 
 /// `_xHHHH_`: what a reader would decode as an escaped character.
 fn is_excel_escape(s: &[u8]) -> bool {
-    s.len() >= 7
-        && s[1] == b'x'
-        && s[2..6].iter().all(u8::is_ascii_hexdigit)
-        && s[6] == b'_'
+    s.len() >= 7 && s[1] == b'x' && s[2..6].iter().all(u8::is_ascii_hexdigit) && s[6] == b'_'
 }
 
 fn push_control_escape(out: &mut Vec<u8>, b: u8) {
@@ -351,9 +349,6 @@ struct Decimal {
 fn decimal(s: &str) -> Option<Decimal> {
     let body = s.strip_prefix('-').unwrap_or(s);
     let (int, frac) = body.split_once('.').unwrap_or((body, ""));
-    let plain = !int.is_empty()
-        && int.bytes().all(|b| b.is_ascii_digit())
-        && (frac.is_empty() && !body.ends_with('.') || frac.bytes().all(|b| b.is_ascii_digit()));
     let int = int.trim_start_matches('0');
     let significant = if int.is_empty() {
         frac.trim_start_matches('0').trim_end_matches('0').len()
@@ -364,7 +359,7 @@ fn decimal(s: &str) -> Option<Decimal> {
         return None;
     }
     let places = frac.len().min(MAX_NUMBER_DIGITS);
-    if plain {
+    if is_decimal_text(s) {
         return Some(Decimal {
             value: None,
             places,
@@ -432,7 +427,12 @@ mod tests {
 
     #[test]
     fn decimals_keep_their_places_and_refuse_silent_rounding() {
-        let plain = |places| Some(Decimal { value: None, places });
+        let plain = |places| {
+            Some(Decimal {
+                value: None,
+                places,
+            })
+        };
         assert_eq!(decimal("12.50"), plain(2));
         assert_eq!(decimal("-0.001"), plain(3));
         assert_eq!(decimal("7"), plain(0));

@@ -18,9 +18,7 @@ use std::io::{Cursor, Read};
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use rust_xlsxwriter::utility::{cell_range, column_number_to_name};
-use rust_xlsxwriter::{
-    ColNum, DocProperties, ExcelDateTime, Format, RowNum, Workbook, XlsxError,
-};
+use rust_xlsxwriter::{ColNum, DocProperties, ExcelDateTime, Format, RowNum, Workbook, XlsxError};
 use zip::{CompressionMethod, ZipArchive};
 
 use super::cells::{Kind, MAX_NUMBER_DIGITS};
@@ -243,7 +241,7 @@ fn last_col(layout: &Layout) -> ColNum {
 }
 
 /// The twin workbook's bytes, with a sheet of `rows` rows for each entry of `sheet_rows`.
-fn build(layout: &Layout, sheet_rows: &[u32]) -> Result<Vec<u8>, EncodeError> {
+pub(super) fn build(layout: &Layout, sheet_rows: &[u32]) -> Result<Vec<u8>, EncodeError> {
     build_workbook(layout, sheet_rows).map_err(xlsx_error)
 }
 
@@ -281,7 +279,7 @@ fn build_workbook(layout: &Layout, sheet_rows: &[u32]) -> Result<Vec<u8>, XlsxEr
 /// Splits a twin sheet's XML around its rows: the part before them without `<dimension>` (the
 /// streamed sheet's extent is not known when its start is written, and the element is optional),
 /// ending with `<sheetData>`, and the part after them, starting with `</sheetData>`.
-fn split_sheet(xml: &str) -> Result<(String, String), EncodeError> {
+pub(super) fn split_sheet(xml: &str) -> Result<(String, String), EncodeError> {
     let missing = || twin_error("a sheet without sheetData".into());
     let (head, rest) = xml.split_once("<sheetData").ok_or_else(missing)?;
     let after = match rest.strip_prefix("/>") {
