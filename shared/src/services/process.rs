@@ -23,7 +23,9 @@ use super::Deps;
 use crate::catalog::{Column, Dataset};
 use crate::domain::job::file_name;
 use crate::domain::request::rows_key;
-use crate::domain::{CacheEntry, Checkpoint, ExportSpec, Job, JobMessage, MessageKind, UploadedPart};
+use crate::domain::{
+    CacheEntry, Checkpoint, ExportSpec, Job, JobMessage, MessageKind, UploadedPart,
+};
 use crate::encode::{encoder_for, EncodeError, Encoder, FileInfo, ENCODER_VERSION};
 use crate::ports::{Page, PortError, RangeQuery, SourceQuery};
 
@@ -271,7 +273,11 @@ async fn settle(
 /// The exact count of an earlier file of the same rows, so progress is known from the first row.
 async fn known_rows(deps: &Deps, job: &Job) -> Option<u64> {
     let ds = deps.catalog.get(&job.spec.dataset)?;
-    let key = rows_key(&job.tenant, ds.user_scoped.then_some(job.user.as_str()), &job.spec);
+    let key = rows_key(
+        &job.tenant,
+        ds.user_scoped.then_some(job.user.as_str()),
+        &job.spec,
+    );
     match deps.meta.row_count(&job.tenant, &key).await {
         Ok(rows) => rows,
         Err(e) => {
@@ -385,7 +391,11 @@ impl FileInProgress {
         self.exhausted = page.next.is_none();
     }
 
-    fn checkpoint(&self, encoder: Option<crate::domain::EncoderState>, completing: bool) -> Checkpoint {
+    fn checkpoint(
+        &self,
+        encoder: Option<crate::domain::EncoderState>,
+        completing: bool,
+    ) -> Checkpoint {
         Checkpoint {
             object_key: self.key.clone(),
             upload_id: self.upload_id.clone(),
@@ -514,7 +524,10 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         let margin = to_chrono(settings.deadline_margin);
         let mut state = None;
         while !file.exhausted {
-            let page = deps.source.read_page(&query, file.cursor.as_deref()).await?;
+            let page = deps
+                .source
+                .read_page(&query, file.cursor.as_deref())
+                .await?;
             file.take(&page);
             if file.rows > ds.row_limit {
                 return Err(Stop::Fatal(Failure::new(
@@ -556,7 +569,9 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         }
         let done = tokio::task::spawn_blocking(move || encoder.finish())
             .await
-            .map_err(|e| Stop::Fatal(Failure::new("encode_failed", "writing the file failed", e)))??;
+            .map_err(|e| {
+                Stop::Fatal(Failure::new("encode_failed", "writing the file failed", e))
+            })??;
         if !done.tail.is_empty() || file.parts.is_empty() {
             // S3 refuses to complete an upload without parts; an empty file is one empty part.
             file.push(deps, done.tail).await?;
@@ -757,7 +772,11 @@ async fn record_rows(deps: &Deps, job: &Job, rows: u64) {
     let Some(ds) = deps.catalog.get(&job.spec.dataset) else {
         return;
     };
-    let key = rows_key(&job.tenant, ds.user_scoped.then_some(job.user.as_str()), &job.spec);
+    let key = rows_key(
+        &job.tenant,
+        ds.user_scoped.then_some(job.user.as_str()),
+        &job.spec,
+    );
     if let Err(e) = deps
         .meta
         .record_row_count(&job.tenant, &key, rows, deps.clock.now())

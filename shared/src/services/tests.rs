@@ -552,7 +552,10 @@ async fn a_worker_killed_at_any_step_resumes_into_the_identical_file() {
             );
             let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
             assert_eq!(job.status, JobStatus::Succeeded, "{format} {at:?}");
-            assert!(f.files.uploads.lock().unwrap().is_empty(), "{format} {at:?}: upload left open");
+            assert!(
+                f.files.uploads.lock().unwrap().is_empty(),
+                "{format} {at:?}: upload left open"
+            );
             // The entry serves the file: a hit now.
             match request_export(&f.deps, &who("acme"), &orders(&[("format", format)]))
                 .await
@@ -581,7 +584,9 @@ async fn progress_is_unknown_until_an_earlier_file_of_the_same_rows_gives_the_to
     let second = miss(&f, "acme", &orders(&[("delimiter", ";")])).await;
     let msg = f.queue.drain().remove(0);
     let tight = f.deps.clock.now() + Duration::seconds(1);
-    let outcome = process_job(&f.deps, &msg, "w1", tight, false).await.unwrap();
+    let outcome = process_job(&f.deps, &msg, "w1", tight, false)
+        .await
+        .unwrap();
     assert!(matches!(outcome, Outcome::Continued { .. }), "{outcome:?}");
     let job = f.meta.jobs.lock().unwrap()[&second].clone();
     assert_eq!(job.rows_total, Some(45));
@@ -597,7 +602,9 @@ async fn progress_is_unknown_until_an_earlier_file_of_the_same_rows_gives_the_to
         .find(|m| m.job_id == third)
         .unwrap();
     let tight = f.deps.clock.now() + Duration::seconds(1);
-    process_job(&f.deps, &msg, "w1", tight, false).await.unwrap();
+    process_job(&f.deps, &msg, "w1", tight, false)
+        .await
+        .unwrap();
     let job = f.meta.jobs.lock().unwrap()[&third].clone();
     assert_eq!(job.rows_total, None);
     assert_eq!(job.progress(), None);
@@ -720,7 +727,11 @@ async fn transient_failures_are_retried_then_the_job_fails_for_good_and_aborts()
     // Callers get a code and a safe sentence; the SDK's text stays in the logs.
     let error = job.error.unwrap();
     assert_eq!(error.code, "retries_exhausted");
-    assert!(!error.message.contains("ThrottlingException"), "{}", error.message);
+    assert!(
+        !error.message.contains("ThrottlingException"),
+        "{}",
+        error.message
+    );
     assert!(f.files.objects.lock().unwrap().is_empty());
     assert!(
         f.files.uploads.lock().unwrap().is_empty(),
