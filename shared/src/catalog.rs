@@ -448,6 +448,15 @@ fn validate_dataset(rd: RawDataset) -> Result<Dataset, CatalogError> {
             "must be > 0 (how long a file is fresh)".into(),
         ));
     }
+    // Records and files are kept KEEP_RECORDS_FOR_DAYS: a file cannot be served longer, and the
+    // bound keeps every deadline computed from these numbers in range.
+    let keep = crate::services::KEEP_RECORDS_FOR_DAYS as u64 * 86_400;
+    if rd.ttl_seconds.saturating_add(rd.stale_seconds) > keep {
+        return Err(err(
+            "stale_seconds",
+            format!("ttl_seconds + stale_seconds must be at most {keep} (how long files are kept)"),
+        ));
+    }
     if rd.row_limit == 0 || rd.row_limit > MAX_ROW_LIMIT {
         return Err(err(
             "row_limit",

@@ -13,8 +13,8 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::domain::{CacheEntry, CacheKey, Generation, Job, JobMessage, Row, UploadedPart};
 use crate::ports::{
-    Clock, DatasetStats, HitKind, JobQueue, MetadataStore, ObjectStore, Page, PortError,
-    PortResult, RowSource, SourceQuery,
+    Clock, Created, DatasetStats, HitKind, JobQueue, Lookup, MetadataStore, NewJob, ObjectStore,
+    Page, PortError, PortResult, RowSource, SourceQuery,
 };
 use crate::services::Deps;
 
@@ -35,6 +35,8 @@ pub struct MemoryMeta {
     pub generations: Mutex<HashMap<(String, String), u64>>,
     pub counters: Mutex<HashMap<(String, String), DatasetStats>>,
     pub miss_slots: Mutex<HashMap<(String, i64), u32>>,
+    /// tenant -> slot index -> (job id, held until)
+    pub tenant_slots: Mutex<HashMap<String, BTreeMap<u32, (String, DateTime<Utc>)>>>,
 }
 
 impl MemoryMeta {
@@ -49,17 +51,17 @@ impl MemoryMeta {
 
 #[async_trait]
 impl MetadataStore for MemoryMeta {
-    async fn lookup(
-        &self,
-        tenant: &str,
-        user: &str,
-        key: &CacheKey,
-    ) -> PortResult<(Option<CacheEntry>, Generation)> {
+    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup> {
         let entry = lock(&self.entries)
             .get(&(tenant.into(), key.clone()))
             .cloned();
-        let owner = entry.as_ref().map_or(user, |e| e.user.as_str());
-        Ok((entry.clone(), self.gen(tenant, owner)))
+        Ok(Lookup {
+            entry_current: entry
+                .as_ref()
+                .is_some_and(|e| e.generation == self.gen(tenant, &e.user)),
+            entry,
+            generation: self.gen(tenant, user),
+        })
     }
 
     async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
@@ -83,32 +85,46 @@ impl MetadataStore for MemoryMeta {
         Ok(())
     }
 
-    async fn create_job(
-        &self,
-        job: &Job,
-        marker_until: DateTime<Utc>,
-        replacing: Option<&str>,
-    ) -> PortResult<Option<String>> {
-        let mut markers = lock(&self.markers);
+    async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
+        let job = new.job;
         let k = (job.tenant.clone(), job.cache_key.clone());
+        // Same order of checks as the adapter's transaction outcome.
+        let entry_now = lock(&self.entries).get(&k).map(|e| e.job_id.clone());
+        if entry_now.as_deref() != new.entry_seen {
+            return Ok(Created::EntryChanged);
+        }
+        let mut markers = lock(&self.markers);
         if let Some((holder, until)) = markers.get(&k) {
-            let free = match replacing {
+            let free = match new.replacing {
                 None => *until < job.created_at,
                 Some(old) => holder == old,
             };
             if !free {
-                return Ok(Some(holder.clone()));
+                return Ok(Created::Held(holder.clone()));
             }
-        } else if replacing.is_some() {
+        } else if new.replacing.is_some() {
             return Err(PortError::Conflict("marker gone".into()));
         }
         let mut jobs = lock(&self.jobs);
         if jobs.contains_key(&job.job_id) {
             return Err(PortError::Conflict("job exists".into()));
         }
-        markers.insert(k, (job.job_id.clone(), marker_until));
+        if let Some(limit) = new.miss_limit {
+            let mut slots = lock(&self.miss_slots);
+            let taken = slots
+                .entry((
+                    job.tenant.clone(),
+                    job.created_at.timestamp().div_euclid(60),
+                ))
+                .or_default();
+            if *taken >= limit {
+                return Ok(Created::RateLimited);
+            }
+            *taken += 1;
+        }
+        markers.insert(k, (job.job_id.clone(), new.marker_until));
         jobs.insert(job.job_id.clone(), job.clone());
-        Ok(None)
+        Ok(Created::Created)
     }
 
     async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>> {
@@ -172,23 +188,6 @@ impl MetadataStore for MemoryMeta {
         Ok(self.gen(tenant, user))
     }
 
-    async fn take_miss_slot(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> PortResult<bool> {
-        let mut slots = lock(&self.miss_slots);
-        let taken = slots
-            .entry((tenant.to_string(), now.timestamp() / 60))
-            .or_default();
-        if *taken >= limit {
-            return Ok(false);
-        }
-        *taken += 1;
-        Ok(true)
-    }
-
     async fn stats(
         &self,
         tenant: &str,
@@ -209,6 +208,37 @@ impl MetadataStore for MemoryMeta {
             }
         }
         Ok(out)
+    }
+
+    async fn take_tenant_slot(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> PortResult<bool> {
+        let mut all = lock(&self.tenant_slots);
+        let slots = all.entry(tenant.to_string()).or_default();
+        let mine = slots
+            .iter()
+            .find(|(i, (holder, _))| holder == job_id && **i < limit)
+            .map(|(i, _)| *i);
+        let free = (0..limit).find(|i| slots.get(i).is_none_or(|(_, held)| *held <= now));
+        match mine.or(free) {
+            Some(i) => {
+                slots.insert(i, (job_id.to_string(), until));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn release_tenant_slot(&self, tenant: &str, job_id: &str) -> PortResult<()> {
+        if let Some(slots) = lock(&self.tenant_slots).get_mut(tenant) {
+            slots.retain(|_, (holder, _)| holder != job_id);
+        }
+        Ok(())
     }
 }
 
@@ -298,6 +328,8 @@ impl ObjectStore for MemoryFiles {
 #[derive(Default)]
 pub struct MemoryQueue {
     pub sent: Mutex<Vec<JobMessage>>,
+    /// Messages sent with a delay, and the delay in seconds.
+    pub delayed: Mutex<Vec<(JobMessage, u32)>>,
     pub fail: Mutex<bool>,
 }
 
@@ -314,6 +346,14 @@ impl JobQueue for MemoryQueue {
             return Err(PortError::failed("enqueue", "queue down", true));
         }
         lock(&self.sent).push(msg.clone());
+        Ok(())
+    }
+
+    async fn enqueue_delayed(&self, msg: &JobMessage, seconds: u32) -> PortResult<()> {
+        if *lock(&self.fail) {
+            return Err(PortError::failed("enqueue", "queue down", true));
+        }
+        lock(&self.delayed).push((msg.clone(), seconds));
         Ok(())
     }
 

@@ -20,7 +20,8 @@ use shared::config::Config;
 use shared::services::Deps;
 use shared::testing::ManualClock;
 
-pub const SECRET: &str = "integration-test-secret";
+/// At least 32 bytes: the API refuses shorter local signing keys at start-up.
+pub const SECRET: &str = "integration-test-secret-of-32-bytes-at-least";
 
 pub async fn sdk() -> SdkConfig {
     assert!(

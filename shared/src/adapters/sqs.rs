@@ -23,9 +23,11 @@ impl SqsQueue {
     }
 }
 
-#[async_trait]
-impl JobQueue for SqsQueue {
-    async fn enqueue(&self, msg: &JobMessage) -> PortResult<()> {
+/// SQS's longest message delay.
+const MAX_DELAY_SECONDS: u32 = 900;
+
+impl SqsQueue {
+    async fn send(&self, msg: &JobMessage, delay_seconds: Option<i32>) -> PortResult<()> {
         let body = serde_json::to_string(msg)
             .map_err(|e| PortError::failed("enqueue", e.to_string(), false))?;
         let kind = serde_json::to_value(msg.kind)
@@ -42,10 +44,23 @@ impl JobQueue for SqsQueue {
             .queue_url(&self.url)
             .message_body(body)
             .message_attributes("kind", attr)
+            .set_delay_seconds(delay_seconds)
             .send()
             .await
             .map_err(|e| sdk_error("enqueue", e))?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl JobQueue for SqsQueue {
+    async fn enqueue(&self, msg: &JobMessage) -> PortResult<()> {
+        self.send(msg, None).await
+    }
+
+    async fn enqueue_delayed(&self, msg: &JobMessage, seconds: u32) -> PortResult<()> {
+        self.send(msg, Some(seconds.min(MAX_DELAY_SECONDS) as i32))
+            .await
     }
 
     async fn retry_after(&self, receipt_handle: &str, seconds: i32) -> PortResult<()> {

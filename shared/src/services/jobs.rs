@@ -5,9 +5,12 @@ use chrono::Duration;
 use super::{require_scope, Deps, ServiceError, KEEP_RECORDS_FOR_DAYS, MARKER_HOURS};
 use crate::domain::identity::SCOPE_READ;
 use crate::domain::job::file_name;
+use crate::domain::request::quoted;
 use crate::domain::{
-    CacheKey, ExportSpec, Generation, Identity, Job, JobKind, JobMessage, JobStatus, MessageKind,
+    CacheEntry, CacheKey, ExportSpec, Generation, Identity, Job, JobError, JobKind, JobMessage,
+    JobStatus, MessageKind,
 };
+use crate::ports::{Created, NewJob, PortError};
 
 /// Where a job's file goes: under the tenant, so a key can never reach another tenant's files.
 pub fn object_key(job: &Job) -> String {
@@ -29,25 +32,39 @@ pub fn manifest_key(object_key: &str) -> String {
     format!("{stem}.manifest.json")
 }
 
-pub struct Started {
-    pub job: Job,
-    /// True when the caller joined a job somebody else started.
-    pub joined: bool,
+pub enum Start {
+    /// A new job, queued.
+    New(Job),
+    /// Somebody else's job for the same key, still running.
+    Joined(Job),
+    /// The key's entry changed since the caller looked (a job finished meanwhile): look again
+    /// rather than build the same file twice.
+    EntryChanged,
+}
+
+/// What a new job is started under.
+#[derive(Debug, Clone, Copy)]
+pub struct StartOptions<'a> {
+    pub kind: JobKind,
+    /// The caller's current generations (see `Lookup::generation`).
+    pub generation: Generation,
+    pub rows_estimate: Option<u64>,
+    /// The key's entry the caller looked at, if any.
+    pub entry_seen: Option<&'a CacheEntry>,
+    /// New exports the tenant may start per minute; `None` for refreshes, which are not limited.
+    pub miss_limit: Option<u32>,
 }
 
 /// Creates a job for `key` unless one is already in flight, in which case the caller joins it:
 /// concurrent misses for one key all get the same job id.
-#[allow(clippy::too_many_arguments)]
 pub async fn start_or_join(
     deps: &Deps,
     tenant: &str,
     user: &str,
     key: &CacheKey,
     spec: &ExportSpec,
-    kind: JobKind,
-    generation: Generation,
-    rows_estimate: Option<u64>,
-) -> Result<Started, ServiceError> {
+    opts: StartOptions<'_>,
+) -> Result<Start, ServiceError> {
     let mut replacing: Option<String> = None;
     // A few rounds at most: each lost round means a finished job just released the marker.
     for _ in 0..4 {
@@ -58,34 +75,40 @@ pub async fn start_or_join(
             user,
             key.clone(),
             spec.clone(),
-            kind,
-            generation,
-            rows_estimate,
+            opts.kind,
+            opts.generation,
+            opts.rows_estimate,
             now,
             Duration::days(KEEP_RECORDS_FOR_DAYS),
         );
-        let marker_until = now + Duration::hours(MARKER_HOURS);
-        match deps
+        let created = deps
             .meta
-            .create_job(&job, marker_until, replacing.as_deref())
-            .await
-        {
-            Ok(None) => {
+            .create_job(NewJob {
+                job: &job,
+                marker_until: now + Duration::hours(MARKER_HOURS),
+                replacing: replacing.as_deref(),
+                entry_seen: opts.entry_seen.map(|e| e.job_id.as_str()),
+                miss_limit: opts.miss_limit.filter(|l| *l > 0),
+            })
+            .await;
+        match created {
+            Ok(Created::Created) => {
                 enqueue_or_fail(deps, job.clone()).await?;
-                return Ok(Started { job, joined: false });
+                return Ok(Start::New(job));
             }
-            Ok(Some(existing)) => match deps.meta.get_job(&existing).await? {
-                Some(other) if !other.status.is_terminal() => {
-                    return Ok(Started {
-                        job: other,
-                        joined: true,
-                    })
-                }
+            Ok(Created::EntryChanged) => return Ok(Start::EntryChanged),
+            Ok(Created::RateLimited) => {
+                return Err(ServiceError::RateLimited {
+                    retry_after: 60 - now.timestamp().rem_euclid(60) as u32,
+                })
+            }
+            Ok(Created::Held(existing)) => match deps.meta.get_job(&existing).await? {
+                Some(other) if !other.status.is_terminal() => return Ok(Start::Joined(other)),
                 // Finished (or vanished) but its marker is still there: take the marker over.
                 _ => replacing = Some(existing),
             },
             // The marker changed hands between our read and our write: look again.
-            Err(crate::ports::PortError::Conflict(_)) => replacing = None,
+            Err(PortError::Conflict(_)) => replacing = None,
             Err(e) => return Err(e.into()),
         }
     }
@@ -109,7 +132,7 @@ async fn enqueue_or_fail(deps: &Deps, mut job: Job) -> Result<(), ServiceError> 
     tracing::error!(job_id = %job.job_id, error = %e, "enqueue failed; failing the job");
     let now = deps.clock.now();
     job.status = JobStatus::Failed;
-    job.error = Some(crate::domain::JobError {
+    job.error = Some(JobError {
         code: "enqueue_failed".into(),
         message: "the job could not be queued".into(),
     });
@@ -131,18 +154,71 @@ async fn enqueue_or_fail(deps: &Deps, mut job: Job) -> Result<(), ServiceError> 
     ))
 }
 
-/// The caller's job, or 404 for unknown ids and other tenants' jobs alike (no existence oracle).
+const GENERIC_FAILURE: &str = "the export failed; request it again or contact support";
+
+/// The only sentence a caller sees for a job error code. The stored message may carry internals
+/// (AWS error text with ARNs and account ids, raw row values): it is for the logs, never shown.
+fn safe_sentence(code: &str) -> &'static str {
+    match code {
+        "row_limit_exceeded" => {
+            "the export has more rows than this dataset allows; narrow it with filters or from/to"
+        }
+        "too_large_for_one_run" => {
+            "the export is too large for this format; narrow it with filters or from/to, or use csv"
+        }
+        "no_temp_space" => "the export needs more temporary space than a worker has; narrow it or use csv",
+        "dataset_unknown" => "the dataset is no longer available",
+        "source_data_invalid" => "some source rows do not match the dataset's column types; the operators have the details",
+        "transient" => "a temporary problem interrupted the export; it will be retried",
+        "retries_exhausted" => "the export kept hitting a temporary problem and was given up; request it again later",
+        "enqueue_failed" => "the export could not be queued; request it again",
+        _ => GENERIC_FAILURE,
+    }
+}
+
+/// A job error as a caller may see it: its code (when it is one of ours) and a fixed sentence.
+pub fn public_error(error: &JobError) -> JobError {
+    let well_formed = !error.code.is_empty()
+        && error.code.len() <= 40
+        && error
+            .code
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b == b'_');
+    JobError {
+        code: if well_formed {
+            error.code.clone()
+        } else {
+            "export_failed".into()
+        },
+        message: safe_sentence(&error.code).to_string(),
+    }
+}
+
+/// The caller's job, or 404 for unknown ids, other tenants' jobs and other users' jobs of
+/// user-scoped datasets alike (no existence oracle).
 pub async fn job_for(deps: &Deps, who: &Identity, job_id: &str) -> Result<Job, ServiceError> {
     require_scope(who, SCOPE_READ)?;
-    let not_found = || ServiceError::NotFound(format!("no export job `{job_id}`"));
+    let not_found = || ServiceError::NotFound(format!("no export job {}", quoted(job_id)));
     if job_id.is_empty() || job_id.len() > 64 || !job_id.bytes().all(|b| b.is_ascii_alphanumeric())
     {
         return Err(not_found());
     }
     match deps.meta.get_job(job_id).await? {
-        Some(job) if job.tenant == who.tenant => Ok(job),
+        Some(job)
+            if job.tenant == who.tenant && (job.user == who.user || !user_scoped(deps, &job)) =>
+        {
+            Ok(job)
+        }
         _ => Err(not_found()),
     }
+}
+
+/// A user-scoped export belongs to its user alone; a dataset gone from the catalog is treated as
+/// user-scoped, so a catalog change never widens access.
+fn user_scoped(deps: &Deps, job: &Job) -> bool {
+    deps.catalog
+        .get(&job.spec.dataset)
+        .is_none_or(|d| d.user_scoped)
 }
 
 /// A freshly signed URL for a finished job's file (the job's download link is stable; the
@@ -164,7 +240,7 @@ pub async fn download_url(
             let why = job
                 .error
                 .as_ref()
-                .map_or("unknown reason".to_string(), |e| e.message.clone());
+                .map_or(GENERIC_FAILURE, |e| safe_sentence(&e.code));
             return Err(ServiceError::NotReady(format!(
                 "the job failed and has no file: {why}"
             )));
@@ -185,10 +261,15 @@ pub async fn download_url(
             until.to_rfc3339()
         )));
     }
-    let current = deps.meta.current_generation(&job.tenant, &job.user).await?;
-    if current != job.generation {
+    // The link lives only while the job's file is what the cache serves for its key: deleting
+    // the entry, invalidating it, or replacing it with a newer file revokes it.
+    let found = deps
+        .meta
+        .find(&job.tenant, &job.user, &job.cache_key)
+        .await?;
+    if found.current_entry().is_none_or(|e| e.job_id != job.job_id) {
         return Err(ServiceError::Gone(
-            "this job's file was invalidated; request the export again".into(),
+            "this job's file was invalidated or replaced; request the export again".into(),
         ));
     }
     let url = deps

@@ -10,6 +10,7 @@ pub mod cache_admin;
 pub mod export;
 pub mod jobs;
 pub mod process;
+pub mod tenant_slots;
 pub mod warm;
 
 /// Everything a use case may touch, built once per cold start.
