@@ -524,7 +524,7 @@ columns = [
     #[test]
     fn builtin_catalog_is_valid_and_has_the_demo_datasets() {
         let c = Catalog::builtin().unwrap();
-        assert_eq!(c.names(), vec!["customers", "orders"]);
+        assert_eq!(c.names(), vec!["contacts", "customers", "orders"]);
         let orders = c.get("orders").unwrap();
         assert_eq!(orders.columns.len(), 12);
         assert_eq!(orders.range_column().unwrap().name, "created_at");

@@ -37,7 +37,15 @@ pub struct MemoryMeta {
     pub miss_slots: Mutex<HashMap<(String, i64), u32>>,
     /// tenant -> slot index -> (job id, held until)
     pub tenant_slots: Mutex<HashMap<String, BTreeMap<u32, (String, DateTime<Utc>)>>>,
+    /// When set, the next `find` says so on the first channel and returns only once the second
+    /// fires: a test can finish a job between a request's look at the cache and its write.
+    pub pause_after_find: Mutex<Option<Pause>>,
 }
+
+pub type Pause = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Receiver<()>,
+);
 
 impl MemoryMeta {
     fn gen(&self, tenant: &str, user: &str) -> Generation {
@@ -55,6 +63,11 @@ impl MetadataStore for MemoryMeta {
         let entry = lock(&self.entries)
             .get(&(tenant.into(), key.clone()))
             .cloned();
+        let pause = lock(&self.pause_after_find).take();
+        if let Some((reached, resume)) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
+        }
         Ok(Lookup {
             entry_current: entry
                 .as_ref()

@@ -68,3 +68,5 @@ pub(crate) fn require_scope(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hardening;

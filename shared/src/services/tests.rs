@@ -17,7 +17,7 @@ use crate::domain::identity::{SCOPE_ADMIN, SCOPE_READ};
 use crate::domain::{Identity, JobMessage, JobStatus, MessageKind, RawExportRequest, Row, Value};
 use crate::testing::{fakes, test_config, Fakes};
 
-fn who(tenant: &str) -> Identity {
+pub(super) fn who(tenant: &str) -> Identity {
     Identity {
         tenant: tenant.into(),
         user: "alice".into(),
@@ -25,7 +25,7 @@ fn who(tenant: &str) -> Identity {
     }
 }
 
-fn order_rows(n: usize) -> Vec<Row> {
+pub(super) fn order_rows(n: usize) -> Vec<Row> {
     (0..n)
         .map(|i| {
             vec![
@@ -55,11 +55,11 @@ fn order_rows(n: usize) -> Vec<Row> {
 }
 
 /// Fakes with small parts and pages so a few dozen rows cross several part boundaries.
-fn setup(rows: usize) -> Fakes {
+pub(super) fn setup(rows: usize) -> Fakes {
     setup_with(rows, Catalog::builtin().unwrap())
 }
 
-fn setup_with(rows: usize, catalog: Catalog) -> Fakes {
+pub(super) fn setup_with(rows: usize, catalog: Catalog) -> Fakes {
     let mut config = test_config();
     config.worker.part_size = 300;
     let mut f = fakes(config, 10);
@@ -74,7 +74,7 @@ fn setup_with(rows: usize, catalog: Catalog) -> Fakes {
     f
 }
 
-fn orders(pairs: &[(&str, &str)]) -> RawExportRequest {
+pub(super) fn orders(pairs: &[(&str, &str)]) -> RawExportRequest {
     RawExportRequest::from_query(
         "orders",
         pairs
@@ -84,18 +84,18 @@ fn orders(pairs: &[(&str, &str)]) -> RawExportRequest {
     )
 }
 
-fn far_deadline(f: &Fakes) -> chrono::DateTime<Utc> {
+pub(super) fn far_deadline(f: &Fakes) -> chrono::DateTime<Utc> {
     f.deps.clock.now() + Duration::minutes(15)
 }
 
-async fn miss(f: &Fakes, tenant: &str, req: &RawExportRequest) -> String {
+pub(super) async fn miss(f: &Fakes, tenant: &str, req: &RawExportRequest) -> String {
     match request_export(&f.deps, &who(tenant), req).await.unwrap() {
         ExportAnswer::Job { job, .. } => job.job_id,
         other => panic!("expected a miss, got {other:?}"),
     }
 }
 
-async fn run_queue(f: &Fakes) -> Vec<Outcome> {
+pub(super) async fn run_queue(f: &Fakes) -> Vec<Outcome> {
     let mut out = Vec::new();
     loop {
         let msgs = f.queue.drain();
