@@ -43,6 +43,11 @@ pub struct Config {
     /// are never limited: they cost nothing at the source.
     pub miss_rate_per_minute: u32,
     pub s3_force_path_style: bool,
+    /// Small AWS calls: metadata table and job queue. Short, so a stalled service turns into a
+    /// quick 503 (API) or a retry later (worker) instead of a hung invocation.
+    pub sdk: SdkTimeouts,
+    /// Bulk AWS calls: source table pages and file parts, which legitimately take longer.
+    pub sdk_bulk: SdkTimeouts,
     pub log_format: LogFormat,
     pub worker: WorkerSettings,
     pub warmer: WarmerSettings,
@@ -81,6 +86,14 @@ impl Default for WorkerSettings {
             tenant_wait: Duration::from_secs(30),
         }
     }
+}
+
+/// Limits on one AWS SDK call: connecting, each attempt, and the whole call with its retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdkTimeouts {
+    pub connect: Duration,
+    pub attempt: Duration,
+    pub call: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +195,40 @@ impl Config {
                 })
             }
         };
+        let millis = |k: &'static str, default: u64| -> Result<Duration, ConfigError> {
+            match number(k, default)? {
+                0 => Err(ConfigError::Invalid {
+                    name: k,
+                    value: "0".into(),
+                    message: "must be a positive number of milliseconds".into(),
+                }),
+                ms => Ok(Duration::from_millis(ms)),
+            }
+        };
+        let connect = millis("SDK_CONNECT_TIMEOUT_MS", 1_000)?;
+        let timeouts = |attempt: (&'static str, u64), call: (&'static str, u64)| {
+            let t = SdkTimeouts {
+                connect,
+                attempt: millis(attempt.0, attempt.1)?,
+                call: millis(call.0, call.1)?,
+            };
+            if t.attempt > t.call {
+                return Err(ConfigError::Invalid {
+                    name: attempt.0,
+                    value: t.attempt.as_millis().to_string(),
+                    message: format!("must not exceed {}", call.0),
+                });
+            }
+            Ok(t)
+        };
+        let sdk = timeouts(
+            ("SDK_ATTEMPT_TIMEOUT_MS", 3_000),
+            ("SDK_CALL_TIMEOUT_MS", 8_000),
+        )?;
+        let sdk_bulk = timeouts(
+            ("SDK_BULK_ATTEMPT_TIMEOUT_MS", 60_000),
+            ("SDK_BULK_CALL_TIMEOUT_MS", 180_000),
+        )?;
         let local_jwt_secret = get("LOCAL_JWT_SECRET");
         if let Some(secret) = &local_jwt_secret {
             if secret.len() < MIN_LOCAL_JWT_SECRET_BYTES {
@@ -253,6 +300,8 @@ impl Config {
             presign_ttl,
             miss_rate_per_minute: count("MISS_RATE_LIMIT_PER_MINUTE", 120)?,
             s3_force_path_style: flag("S3_FORCE_PATH_STYLE")?,
+            sdk,
+            sdk_bulk,
             log_format,
             worker: WorkerSettings {
                 part_size,
@@ -344,6 +393,8 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("XLSX_ROWS_PER_SHEET", "2000000"),
             ("TENANT_WAIT_SECONDS", "901"),
+            ("SDK_CALL_TIMEOUT_MS", "0"),
+            ("SDK_ATTEMPT_TIMEOUT_MS", "9000"),
             ("TENANT_MAX_RUNNING_JOBS", "5000000000"),
         ] {
             let mut env = base();

@@ -4,10 +4,11 @@
 use std::error::Error as StdError;
 use std::sync::Arc;
 
+use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
 use crate::catalog::Catalog;
-use crate::config::Config;
+use crate::config::{Config, SdkTimeouts};
 use crate::ports::{PortError, SystemClock};
 use crate::services::Deps;
 
@@ -51,17 +52,39 @@ where
     PortError::failed(op, message, retryable)
 }
 
-/// Builds every port from one `SdkConfig`.
+fn timeouts(t: &SdkTimeouts) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(t.connect)
+        .operation_attempt_timeout(t.attempt)
+        .operation_timeout(t.call)
+        .build()
+}
+
+/// Builds every port from one `SdkConfig`, each client with the timeouts of its kind of call.
 pub fn deps_from_aws(sdk: &aws_config::SdkConfig, config: Config, catalog: Catalog) -> Deps {
-    let ddb = aws_sdk_dynamodb::Client::new(sdk);
+    let ddb = |t: &SdkTimeouts| {
+        aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(sdk)
+                .timeout_config(timeouts(t))
+                .build(),
+        )
+    };
     let s3_conf = aws_sdk_s3::config::Builder::from(sdk)
         .force_path_style(config.s3_force_path_style)
+        .timeout_config(timeouts(&config.sdk_bulk))
         .build();
     let s3 = aws_sdk_s3::Client::from_conf(s3_conf);
-    let sqs = aws_sdk_sqs::Client::new(sdk);
+    let sqs = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(sdk)
+            .timeout_config(timeouts(&config.sdk))
+            .build(),
+    );
     Deps {
-        meta: Arc::new(dynamodb::MetaStore::new(ddb.clone(), &config.meta_table)),
-        source: Arc::new(dynamodb::DynamoSource::new(ddb)),
+        meta: Arc::new(dynamodb::MetaStore::new(
+            ddb(&config.sdk),
+            &config.meta_table,
+        )),
+        source: Arc::new(dynamodb::DynamoSource::new(ddb(&config.sdk_bulk))),
         files: Arc::new(s3::S3Files::new(s3, &config.bucket)),
         queue: Arc::new(sqs::SqsQueue::new(sqs, &config.queue_url)),
         clock: Arc::new(SystemClock),

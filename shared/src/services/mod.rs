@@ -50,7 +50,22 @@ pub enum ServiceError {
     #[error("too many new exports; retry in {retry_after} s")]
     RateLimited { retry_after: u32 },
     #[error("internal: {0}")]
-    Internal(#[from] PortError),
+    Internal(PortError),
+}
+
+impl From<PortError> for ServiceError {
+    /// A retryable failure (a stalled or throttled AWS service, a timeout) is the caller's 503
+    /// with Retry-After, not a 500; its cause goes to the logs, never to the caller.
+    fn from(e: PortError) -> Self {
+        if e.is_retryable() {
+            tracing::warn!(error = %e, "a backing service is slow or unavailable");
+            ServiceError::Unavailable(
+                "a backing service is slow or unavailable; retry shortly".into(),
+            )
+        } else {
+            ServiceError::Internal(e)
+        }
+    }
 }
 
 pub(crate) fn require_scope(

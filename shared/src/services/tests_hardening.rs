@@ -211,3 +211,21 @@ async fn the_warmer_starts_at_most_its_budget_per_tenant_per_run() {
         "{refreshed:?}"
     );
 }
+
+#[test]
+fn a_retryable_port_error_is_unavailable_and_says_nothing_internal() {
+    let stalled = crate::ports::PortError::failed(
+        "metadata get",
+        "dispatch failure: timeout talking to arn:aws:dynamodb:eu-west-1:123456789012",
+        true,
+    );
+    match ServiceError::from(stalled) {
+        ServiceError::Unavailable(m) => assert!(!m.contains("arn:"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let broken = crate::ports::PortError::failed("decode metadata", "no doc", false);
+    assert!(matches!(
+        ServiceError::from(broken),
+        ServiceError::Internal(_)
+    ));
+}
