@@ -24,6 +24,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// (tenant, key) -> (job id holding the marker, until)
 type Markers = HashMap<(String, CacheKey), (String, DateTime<Utc>)>;
+/// tenant -> slot index -> (job id, held until)
+type TenantSlots = HashMap<String, BTreeMap<u32, (String, DateTime<Utc>)>>;
 /// upload id -> (object key, parts by number)
 type Uploads = HashMap<String, (String, BTreeMap<i32, Vec<u8>>)>;
 
@@ -35,8 +37,7 @@ pub struct MemoryMeta {
     pub generations: Mutex<HashMap<(String, String), u64>>,
     pub counters: Mutex<HashMap<(String, String), DatasetStats>>,
     pub miss_slots: Mutex<HashMap<(String, i64), u32>>,
-    /// tenant -> slot index -> (job id, held until)
-    pub tenant_slots: Mutex<HashMap<String, BTreeMap<u32, (String, DateTime<Utc>)>>>,
+    pub tenant_slots: Mutex<TenantSlots>,
     /// When set, the next `find` says so on the first channel and returns only once the second
     /// fires: a test can finish a job between a request's look at the cache and its write.
     pub pause_after_find: Mutex<Option<Pause>>,

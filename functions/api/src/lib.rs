@@ -18,7 +18,7 @@ use shared::domain::request::quoted;
 use shared::domain::{Identity, Job, RawExportRequest};
 use shared::services::cache_admin::{self, Scope};
 use shared::services::export::{request_export, ExportAnswer};
-use shared::services::{jobs, Deps};
+use shared::services::{status, Deps};
 
 mod problem;
 pub use problem::ApiError;
@@ -246,7 +246,7 @@ pub fn job_body(job: &Job) -> serde_json::Value {
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
-        "error": job.error.as_ref().map(jobs::public_error),
+        "error": job.error.as_ref().map(status::public_error),
         "download_url": succeeded.then(|| format!("/exports/jobs/{}/download", job.job_id)),
     })
 }
@@ -256,7 +256,7 @@ async fn job_status(
     Caller(who): Caller,
     Segment(job_id): Segment,
 ) -> Result<Response, ApiError> {
-    let job = jobs::job_for(&state.deps, &who, &job_id).await?;
+    let job = status::job_for(&state.deps, &who, &job_id).await?;
     let mut headers = HeaderMap::new();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if !job.status.is_terminal() {
@@ -270,7 +270,7 @@ async fn download(
     Caller(who): Caller,
     Segment(job_id): Segment,
 ) -> Result<Response, ApiError> {
-    let url = jobs::download_url(&state.deps, &who, &job_id).await?;
+    let url = status::download_url(&state.deps, &who, &job_id).await?;
     tracing::info!(tenant = %who.tenant, job_id = %job_id, "download link signed");
     Ok((
         StatusCode::SEE_OTHER,

@@ -27,7 +27,7 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 use chrono::{DateTime, Duration, DurationRound, NaiveDate, TimeZone, Utc};
 
-use super::sdk_error;
+use super::{sdk_error, IamNeed, IamResource};
 use crate::catalog::ColumnType;
 use crate::domain::value::is_decimal_text;
 use crate::domain::{CacheEntry, CacheKey, Generation, Job, Row, Value};
@@ -37,6 +37,118 @@ use crate::ports::{
 };
 
 type Item = HashMap<String, AttributeValue>;
+
+const fn meta(
+    method: &'static str,
+    calls: &'static [&'static str],
+    actions: &'static [&'static str],
+) -> IamNeed {
+    IamNeed {
+        port: "meta",
+        method,
+        calls,
+        actions,
+        resource: IamResource::MetaTable,
+    }
+}
+
+/// IAM needs of the metadata store's methods (see [`IamNeed`]); transactions are authorised by
+/// the item actions of their parts. Keep in step with the SDK calls below.
+pub const META_IAM: &[IamNeed] = &[
+    meta(
+        "find",
+        &["batch_get_item", "get_item"],
+        &["dynamodb:BatchGetItem", "dynamodb:GetItem"],
+    ),
+    meta(
+        "lookup",
+        &["batch_get_item", "get_item"],
+        &["dynamodb:BatchGetItem", "dynamodb:GetItem"],
+    ),
+    meta("count", &["update_item"], &["dynamodb:UpdateItem"]),
+    meta("touch_entry", &["update_item"], &["dynamodb:UpdateItem"]),
+    meta(
+        "create_job",
+        &["transact_write_items", "get_item"],
+        &[
+            "dynamodb:PutItem",
+            "dynamodb:ConditionCheckItem",
+            "dynamodb:UpdateItem",
+            "dynamodb:GetItem",
+        ],
+    ),
+    meta("get_job", &["get_item"], &["dynamodb:GetItem"]),
+    meta("put_job", &["put_item"], &["dynamodb:PutItem"]),
+    meta(
+        "complete_job",
+        &["get_item", "transact_write_items"],
+        &[
+            "dynamodb:GetItem",
+            "dynamodb:PutItem",
+            "dynamodb:UpdateItem",
+        ],
+    ),
+    meta("release_marker", &["delete_item"], &["dynamodb:DeleteItem"]),
+    IamNeed {
+        port: "meta",
+        method: "expiring_entries",
+        calls: &["query"],
+        actions: &["dynamodb:Query"],
+        resource: IamResource::MetaTableIndexes,
+    },
+    meta(
+        "delete_entry",
+        &["get_item", "transact_write_items"],
+        &[
+            "dynamodb:GetItem",
+            "dynamodb:DeleteItem",
+            "dynamodb:UpdateItem",
+        ],
+    ),
+    meta(
+        "bump_generation",
+        &["update_item"],
+        &["dynamodb:UpdateItem"],
+    ),
+    meta(
+        "current_generation",
+        &["batch_get_item"],
+        &["dynamodb:BatchGetItem"],
+    ),
+    meta(
+        "stats",
+        &["query", "batch_get_item"],
+        &["dynamodb:Query", "dynamodb:BatchGetItem"],
+    ),
+    meta(
+        "take_tenant_slot",
+        &["query", "put_item"],
+        &["dynamodb:Query", "dynamodb:PutItem"],
+    ),
+    meta(
+        "release_tenant_slot",
+        &["query", "delete_item"],
+        &["dynamodb:Query", "dynamodb:DeleteItem"],
+    ),
+];
+
+/// IAM needs of the source reader: a Query of the table, or of its range index.
+pub const SOURCE_IAM: &[IamNeed] = &[
+    IamNeed {
+        port: "source",
+        method: "read_page",
+        calls: &["query"],
+        actions: &["dynamodb:Query"],
+        resource: IamResource::SourceTables,
+    },
+    IamNeed {
+        port: "source",
+        method: "read_page",
+        calls: &["query"],
+        actions: &["dynamodb:Query"],
+        resource: IamResource::SourceTableIndexes,
+    },
+];
 
 fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())

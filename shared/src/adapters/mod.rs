@@ -16,6 +16,34 @@ pub mod dynamodb;
 pub mod s3;
 pub mod sqs;
 
+/// What one port method needs from IAM. Each adapter keeps the list for its methods next to its
+/// code; `tests/template.rs` checks that every SDK call an adapter makes is in its list, and that
+/// template.yaml grants each listed action, on its resource, to every function whose code calls
+/// the method. A new SDK call or a new port call in a function that lacks its grant fails there,
+/// not in AWS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IamNeed {
+    /// The port field of `Deps` the method is called through (`meta`, `source`, `files`, `queue`).
+    pub port: &'static str,
+    pub method: &'static str,
+    /// SDK operations the method sends, as the code names them (`batch_get_item`).
+    pub calls: &'static [&'static str],
+    pub actions: &'static [&'static str],
+    pub resource: IamResource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IamResource {
+    MetaTable,
+    /// The metadata table's indexes (the warmer's expiry index).
+    MetaTableIndexes,
+    SourceTables,
+    SourceTableIndexes,
+    /// Objects under `exports/` in the export bucket.
+    ExportObjects,
+    JobQueue,
+}
+
 /// Error codes after which the same call may well succeed.
 const RETRYABLE_CODES: [&str; 9] = [
     "ThrottlingException",

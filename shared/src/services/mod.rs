@@ -10,6 +10,7 @@ pub mod cache_admin;
 pub mod export;
 pub mod jobs;
 pub mod process;
+pub mod status;
 pub mod tenant_slots;
 pub mod warm;
 

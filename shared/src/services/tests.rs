@@ -8,8 +8,8 @@ use chrono::{Duration, NaiveDate, TimeZone, Utc};
 
 use super::cache_admin::{invalidate_scope, Scope};
 use super::export::{request_export, ExportAnswer};
-use super::jobs::{download_url, job_for};
 use super::process::{process_job, Outcome};
+use super::status::{download_url, job_for};
 use super::warm::warm;
 use super::ServiceError;
 use crate::catalog::{Catalog, BUILTIN_CATALOG};

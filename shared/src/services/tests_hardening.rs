@@ -6,7 +6,7 @@ use chrono::Duration;
 
 use super::cache_admin::{invalidate_entry, invalidate_scope, Scope};
 use super::export::{request_export, ExportAnswer};
-use super::jobs::{download_url, job_for};
+use super::status::{download_url, job_for};
 use super::tests::{miss, orders, run_queue, setup, setup_with, who};
 use super::warm::warm;
 use super::ServiceError;

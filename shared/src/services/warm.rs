@@ -118,7 +118,7 @@ pub async fn warm(deps: &Deps, now: DateTime<Utc>) -> Result<WarmReport, Service
         .await?;
     report.candidates = entries.len();
     // The most popular first, so a tenant's budget goes where it saves the most misses.
-    entries.sort_by(|a, b| b.hits.cmp(&a.hits));
+    entries.sort_by_key(|e| std::cmp::Reverse(e.hits));
     for entry in entries {
         if entry.stale_until <= now - interval {
             continue;
