@@ -461,6 +461,29 @@ pub struct Fakes {
     pub deps: Deps,
 }
 
+impl Fakes {
+    /// Runs queued jobs through the worker's use case until the queue is empty (continuations
+    /// included), as one worker with a roomy deadline would.
+    pub async fn run_jobs(&self) -> Vec<crate::services::process::Outcome> {
+        let mut out = Vec::new();
+        loop {
+            let msgs = self.queue.drain();
+            if msgs.is_empty() {
+                return out;
+            }
+            for m in msgs {
+                let deadline = self.clock.now() + chrono::Duration::minutes(15);
+                match crate::services::process::process_job(&self.deps, &m, "w1", deadline, false)
+                    .await
+                {
+                    Ok(outcome) => out.push(outcome),
+                    Err(e) => panic!("job {} asks to be retried: {e}", m.job_id),
+                }
+            }
+        }
+    }
+}
+
 pub fn fakes(config: Config, page_rows: usize) -> Fakes {
     let meta = Arc::new(MemoryMeta::default());
     let files = Arc::new(MemoryFiles::default());

@@ -335,7 +335,6 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use http::Request;
-    use shared::ports::Clock;
     use shared::testing::{fakes, test_config};
     use tower::ServiceExt;
 
@@ -465,31 +464,26 @@ mod tests {
 
     #[tokio::test]
     async fn job_errors_show_only_a_code_and_a_safe_sentence() {
-        let mut config = test_config();
-        config.local_jwt_secret = Some(KEY.into());
-        let f = fakes(config, 10);
+        let f = fakes(keyed(), 10);
         let id = failed_job(&f);
         let auth = token(KEY);
-        let (status, _, body) = call(
-            router(f.deps.clone()),
-            &format!("/exports/jobs/{id}"),
-            Some(&auth),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body["error"]["code"], "storage_failed");
-        let (dl_status, _, dl) = call(
-            router(f.deps.clone()),
-            &format!("/exports/jobs/{id}/download"),
-            Some(&auth),
-        )
-        .await;
-        assert_eq!(dl_status, StatusCode::CONFLICT);
-        for shown in [body.to_string(), dl.to_string()] {
+        let mut shown = Vec::new();
+        for (uri, expected) in [
+            (format!("/exports/jobs/{id}"), StatusCode::OK),
+            (format!("/exports/jobs/{id}/download"), StatusCode::CONFLICT),
+        ] {
+            let (status, _, body) = call(router(f.deps.clone()), &uri, Some(&auth)).await;
+            assert_eq!(status, expected, "{uri}");
+            shown.push(body);
+        }
+        for body in &shown {
+            let text = body.to_string();
             for secret in ["arn:", "123456789012", "4111", "AccessDenied"] {
-                assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+                assert!(!text.contains(secret), "{secret} leaked: {text}");
             }
         }
+        let body = &shown[0];
+        assert_eq!(body["error"]["code"], "storage_failed");
         assert!(body["error"]["message"]
             .as_str()
             .unwrap()
@@ -611,12 +605,7 @@ mod tests {
                 .0,
             StatusCode::ACCEPTED
         );
-        for msg in f.queue.drain() {
-            let deadline = f.clock.now() + chrono::Duration::minutes(15);
-            shared::services::process::process_job(&f.deps, &msg, "w", deadline, false)
-                .await
-                .unwrap();
-        }
+        f.run_jobs().await;
         // Past its fresh deadline: whether it is served depends on max_stale arithmetic.
         f.clock.advance(chrono::Duration::seconds(1000));
         for v in [

@@ -6,7 +6,6 @@
 use axum::body::Body;
 use http::{HeaderName, HeaderValue, Request, StatusCode};
 use proptest::prelude::*;
-use shared::ports::Clock;
 use shared::testing::{fakes, test_config, Fakes};
 use tower::ServiceExt;
 
@@ -37,12 +36,7 @@ fn stack(rt: &tokio::runtime::Runtime) -> Fakes {
             .unwrap();
         let resp = api::router(f.deps.clone()).oneshot(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::ACCEPTED);
-        for msg in f.queue.drain() {
-            let deadline = f.clock.now() + chrono::Duration::minutes(15);
-            shared::services::process::process_job(&f.deps, &msg, "w", deadline, false)
-                .await
-                .unwrap();
-        }
+        f.run_jobs().await;
     });
     f.clock.advance(chrono::Duration::seconds(1000));
     f

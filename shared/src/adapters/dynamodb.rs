@@ -27,7 +27,8 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 use chrono::{DateTime, Duration, DurationRound, NaiveDate, TimeZone, Utc};
 
-use super::{sdk_error, IamNeed, IamResource};
+use super::IamResource::{MetaTable, MetaTableIndexes, SourceTableIndexes, SourceTables};
+use super::{sdk_error, IamNeed};
 use crate::catalog::ColumnType;
 use crate::domain::value::is_decimal_text;
 use crate::domain::{CacheEntry, CacheKey, Generation, Job, Row, Value};
@@ -38,116 +39,33 @@ use crate::ports::{
 
 type Item = HashMap<String, AttributeValue>;
 
-const fn meta(
-    method: &'static str,
-    calls: &'static [&'static str],
-    actions: &'static [&'static str],
-) -> IamNeed {
-    IamNeed {
-        port: "meta",
-        method,
-        calls,
-        actions,
-        resource: IamResource::MetaTable,
-    }
-}
-
 /// IAM needs of the metadata store's methods (see [`IamNeed`]); transactions are authorised by
 /// the item actions of their parts. Keep in step with the SDK calls below.
+#[rustfmt::skip]
 pub const META_IAM: &[IamNeed] = &[
-    meta(
-        "find",
-        &["batch_get_item", "get_item"],
-        &["dynamodb:BatchGetItem", "dynamodb:GetItem"],
-    ),
-    meta(
-        "lookup",
-        &["batch_get_item", "get_item"],
-        &["dynamodb:BatchGetItem", "dynamodb:GetItem"],
-    ),
-    meta("count", &["update_item"], &["dynamodb:UpdateItem"]),
-    meta("touch_entry", &["update_item"], &["dynamodb:UpdateItem"]),
-    meta(
-        "create_job",
-        &["transact_write_items", "get_item"],
-        &[
-            "dynamodb:PutItem",
-            "dynamodb:ConditionCheckItem",
-            "dynamodb:UpdateItem",
-            "dynamodb:GetItem",
-        ],
-    ),
-    meta("get_job", &["get_item"], &["dynamodb:GetItem"]),
-    meta("put_job", &["put_item"], &["dynamodb:PutItem"]),
-    meta(
-        "complete_job",
-        &["get_item", "transact_write_items"],
-        &[
-            "dynamodb:GetItem",
-            "dynamodb:PutItem",
-            "dynamodb:UpdateItem",
-        ],
-    ),
-    meta("release_marker", &["delete_item"], &["dynamodb:DeleteItem"]),
-    IamNeed {
-        port: "meta",
-        method: "expiring_entries",
-        calls: &["query"],
-        actions: &["dynamodb:Query"],
-        resource: IamResource::MetaTableIndexes,
-    },
-    meta(
-        "delete_entry",
-        &["get_item", "transact_write_items"],
-        &[
-            "dynamodb:GetItem",
-            "dynamodb:DeleteItem",
-            "dynamodb:UpdateItem",
-        ],
-    ),
-    meta(
-        "bump_generation",
-        &["update_item"],
-        &["dynamodb:UpdateItem"],
-    ),
-    meta(
-        "current_generation",
-        &["batch_get_item"],
-        &["dynamodb:BatchGetItem"],
-    ),
-    meta(
-        "stats",
-        &["query", "batch_get_item"],
-        &["dynamodb:Query", "dynamodb:BatchGetItem"],
-    ),
-    meta(
-        "take_tenant_slot",
-        &["query", "put_item"],
-        &["dynamodb:Query", "dynamodb:PutItem"],
-    ),
-    meta(
-        "release_tenant_slot",
-        &["query", "delete_item"],
-        &["dynamodb:Query", "dynamodb:DeleteItem"],
-    ),
+    IamNeed::new("meta", "find", &["batch_get_item", "get_item"], &["dynamodb:BatchGetItem", "dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "lookup", &["batch_get_item", "get_item"], &["dynamodb:BatchGetItem", "dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "count", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "touch_entry", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "create_job", &["transact_write_items", "get_item"], &["dynamodb:PutItem", "dynamodb:ConditionCheckItem", "dynamodb:UpdateItem", "dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "get_job", &["get_item"], &["dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "put_job", &["put_item"], &["dynamodb:PutItem"], MetaTable),
+    IamNeed::new("meta", "complete_job", &["get_item", "transact_write_items"], &["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "release_marker", &["delete_item"], &["dynamodb:DeleteItem"], MetaTable),
+    IamNeed::new("meta", "expiring_entries", &["query"], &["dynamodb:Query"], MetaTableIndexes),
+    IamNeed::new("meta", "delete_entry", &["get_item", "transact_write_items"], &["dynamodb:GetItem", "dynamodb:DeleteItem", "dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "bump_generation", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "current_generation", &["batch_get_item"], &["dynamodb:BatchGetItem"], MetaTable),
+    IamNeed::new("meta", "stats", &["query", "batch_get_item"], &["dynamodb:Query", "dynamodb:BatchGetItem"], MetaTable),
+    IamNeed::new("meta", "take_tenant_slot", &["query", "put_item"], &["dynamodb:Query", "dynamodb:PutItem"], MetaTable),
+    IamNeed::new("meta", "release_tenant_slot", &["query", "delete_item"], &["dynamodb:Query", "dynamodb:DeleteItem"], MetaTable),
 ];
 
 /// IAM needs of the source reader: a Query of the table, or of its range index.
+#[rustfmt::skip]
 pub const SOURCE_IAM: &[IamNeed] = &[
-    IamNeed {
-        port: "source",
-        method: "read_page",
-        calls: &["query"],
-        actions: &["dynamodb:Query"],
-        resource: IamResource::SourceTables,
-    },
-    IamNeed {
-        port: "source",
-        method: "read_page",
-        calls: &["query"],
-        actions: &["dynamodb:Query"],
-        resource: IamResource::SourceTableIndexes,
-    },
+    IamNeed::new("source", "read_page", &["query"], &["dynamodb:Query"], SourceTables),
+    IamNeed::new("source", "read_page", &["query"], &["dynamodb:Query"], SourceTableIndexes),
 ];
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -478,6 +396,49 @@ impl MetaStore {
 }
 
 impl MetaStore {
+    /// Runs the transaction `items` builds from the key's current entry (nothing when it builds
+    /// none), and again when that entry changed in between: item `entry_item` is conditioned on
+    /// it. Any other cancellation comes back as its reasons.
+    async fn on_current_entry(
+        &self,
+        tenant: &str,
+        key_: &CacheKey,
+        entry_item: usize,
+        items: impl Fn(Option<&CacheEntry>) -> PortResult<Vec<TransactWriteItem>>,
+    ) -> PortResult<Result<(), Vec<String>>> {
+        for _ in 0..4 {
+            let old = self
+                .get_item(tenant_pk(tenant), entry_sk(key_))
+                .await?
+                .map(CacheEntry::try_from)
+                .transpose()?;
+            let items = items(old.as_ref())?;
+            if items.is_empty() {
+                return Ok(Ok(()));
+            }
+            let err = match self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items))
+                .send()
+                .await
+            {
+                Ok(_) => return Ok(Ok(())),
+                Err(e) => e,
+            };
+            match cancellation_codes(&err) {
+                Some(codes) if condition_failed(&codes, entry_item) => continue,
+                Some(codes) => return Ok(Err(codes)),
+                None => return Err(sdk_error("entry transaction", err)),
+            }
+        }
+        Err(PortError::failed(
+            "entry transaction",
+            "the entry kept changing underneath",
+            true,
+        ))
+    }
+
     /// The tenant's items whose sort key starts with `prefix`, read consistently.
     async fn tenant_items(&self, tenant: &str, prefix: &str) -> PortResult<Vec<Item>> {
         let pk = tenant_pk(tenant);
@@ -706,59 +667,43 @@ impl MetadataStore for MetaStore {
         let invalid = |e: aws_sdk_dynamodb::error::BuildError| {
             PortError::failed("complete job", e.to_string(), false)
         };
-        // The entry replaces whatever is there; counters move from the old entry to the new one,
-        // so the put is conditioned on the old one still being there.
-        for _ in 0..4 {
-            let old = self
-                .get_item(tenant_pk(&entry.tenant), entry_sk(&entry.cache_key))
-                .await?
-                .map(CacheEntry::try_from)
-                .transpose()?;
-            let job_put = Put::builder()
-                .table_name(&self.table)
-                .set_item(Some(job_item(job)?))
-                .condition_expression("version = :prev")
-                .expression_attribute_values(":prev", n(job.version.saturating_sub(1)))
-                .build()
-                .map_err(invalid)?;
-            let (condition, seen) = entry_is(old.as_ref().map(|o| o.job_id.as_str()));
-            let entry_put = Put::builder()
-                .table_name(&self.table)
-                .set_item(Some(entry_item(entry)?))
-                .condition_expression(condition)
-                .set_expression_attribute_values(seen.map(|v| HashMap::from([(":seen".into(), v)])))
-                .build()
-                .map_err(invalid)?;
-            let mut tx = self
-                .client
-                .transact_write_items()
-                .transact_items(TransactWriteItem::builder().put(job_put).build())
-                .transact_items(TransactWriteItem::builder().put(entry_put).build());
-            for update in live_updates(&self.table, Some(entry), old.as_ref())? {
-                tx = tx.transact_items(update);
-            }
-            let err = match tx.send().await {
-                Ok(_) => return Ok(()),
-                Err(e) => e,
-            };
-            match cancellation_codes(&err) {
-                Some(codes) if condition_failed(&codes, 0) => {
-                    return Err(PortError::Conflict(format!(
-                        "job {} changed before completion",
-                        job.job_id
-                    )))
-                }
-                // Another writer replaced or removed the entry since it was read: read again.
-                Some(codes) if condition_failed(&codes, 1) => continue,
-                Some(codes) => return Err(cancelled("complete job", &codes)),
-                None => return Err(sdk_error("complete job", err)),
-            }
+        // The entry replaces whatever is there, and the counters move from the old entry to
+        // the new one.
+        let outcome = self
+            .on_current_entry(&entry.tenant, &entry.cache_key, 1, |old| {
+                let job_put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(job_item(job)?))
+                    .condition_expression("version = :prev")
+                    .expression_attribute_values(":prev", n(job.version.saturating_sub(1)))
+                    .build()
+                    .map_err(invalid)?;
+                let (condition, seen) = entry_is(old.map(|o| o.job_id.as_str()));
+                let entry_put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(entry_item(entry)?))
+                    .condition_expression(condition)
+                    .set_expression_attribute_values(
+                        seen.map(|v| HashMap::from([(":seen".into(), v)])),
+                    )
+                    .build()
+                    .map_err(invalid)?;
+                let mut items = vec![
+                    TransactWriteItem::builder().put(job_put).build(),
+                    TransactWriteItem::builder().put(entry_put).build(),
+                ];
+                items.extend(live_updates(&self.table, Some(entry), old)?);
+                Ok(items)
+            })
+            .await?;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(codes) if condition_failed(&codes, 0) => Err(PortError::Conflict(format!(
+                "job {} changed before completion",
+                job.job_id
+            ))),
+            Err(codes) => Err(cancelled("complete job", &codes)),
         }
-        Err(PortError::failed(
-            "complete job",
-            "the entry kept changing underneath",
-            true,
-        ))
     }
 
     async fn release_marker(&self, tenant: &str, key_: &CacheKey, job_id: &str) -> PortResult<()> {
@@ -808,45 +753,27 @@ impl MetadataStore for MetaStore {
     }
 
     async fn delete_entry(&self, tenant: &str, key_: &CacheKey) -> PortResult<()> {
-        for _ in 0..4 {
-            let Some(old) = self
-                .get_item(tenant_pk(tenant), entry_sk(key_))
-                .await?
-                .map(CacheEntry::try_from)
-                .transpose()?
-            else {
-                return Ok(());
-            };
-            let (condition, seen) = entry_is(Some(&old.job_id));
-            let delete = Delete::builder()
-                .table_name(&self.table)
-                .set_key(Some(key(tenant_pk(tenant), entry_sk(key_))))
-                .condition_expression(condition)
-                .set_expression_attribute_values(seen.map(|v| HashMap::from([(":seen".into(), v)])))
-                .build()
-                .map_err(|e| PortError::failed("delete entry", e.to_string(), false))?;
-            let mut tx = self
-                .client
-                .transact_write_items()
-                .transact_items(TransactWriteItem::builder().delete(delete).build());
-            for update in live_updates(&self.table, None, Some(&old))? {
-                tx = tx.transact_items(update);
-            }
-            let err = match tx.send().await {
-                Ok(_) => return Ok(()),
-                Err(e) => e,
-            };
-            match cancellation_codes(&err) {
-                Some(codes) if condition_failed(&codes, 0) => continue,
-                Some(codes) => return Err(cancelled("delete entry", &codes)),
-                None => return Err(sdk_error("delete entry", err)),
-            }
-        }
-        Err(PortError::failed(
-            "delete entry",
-            "the entry kept changing underneath",
-            true,
-        ))
+        let outcome = self
+            .on_current_entry(tenant, key_, 0, |old| {
+                let Some(old) = old else {
+                    return Ok(Vec::new());
+                };
+                let (condition, seen) = entry_is(Some(&old.job_id));
+                let delete = Delete::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(key(tenant_pk(tenant), entry_sk(key_))))
+                    .condition_expression(condition)
+                    .set_expression_attribute_values(
+                        seen.map(|v| HashMap::from([(":seen".into(), v)])),
+                    )
+                    .build()
+                    .map_err(|e| PortError::failed("delete entry", e.to_string(), false))?;
+                let mut items = vec![TransactWriteItem::builder().delete(delete).build()];
+                items.extend(live_updates(&self.table, None, Some(old))?);
+                Ok(items)
+            })
+            .await?;
+        outcome.map_err(|codes| cancelled("delete entry", &codes))
     }
 
     async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()> {

@@ -32,6 +32,24 @@ pub struct IamNeed {
     pub resource: IamResource,
 }
 
+impl IamNeed {
+    pub const fn new(
+        port: &'static str,
+        method: &'static str,
+        calls: &'static [&'static str],
+        actions: &'static [&'static str],
+        resource: IamResource,
+    ) -> Self {
+        Self {
+            port,
+            method,
+            calls,
+            actions,
+            resource,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IamResource {
     MetaTable,

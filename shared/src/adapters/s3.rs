@@ -9,46 +9,22 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use sha2::{Digest, Sha256};
 
-use super::{sdk_error, IamNeed, IamResource};
+use super::IamResource::ExportObjects;
+use super::{sdk_error, IamNeed};
 use crate::domain::UploadedPart;
 use crate::ports::{ObjectStore, PortError, PortResult};
 
-const fn objects(
-    method: &'static str,
-    calls: &'static [&'static str],
-    action: &'static [&'static str],
-) -> IamNeed {
-    IamNeed {
-        port: "files",
-        method,
-        calls,
-        actions: action,
-        resource: IamResource::ExportObjects,
-    }
-}
-
 /// IAM needs of the file store's methods (see [`IamNeed`]): the multipart calls are authorised
 /// by `s3:PutObject`, and a presigned URL carries the signer's `s3:GetObject`.
+#[rustfmt::skip]
 pub const FILES_IAM: &[IamNeed] = &[
-    objects(
-        "start_upload",
-        &["create_multipart_upload"],
-        &["s3:PutObject"],
-    ),
-    objects("upload_part", &["upload_part"], &["s3:PutObject"]),
-    objects(
-        "complete_upload",
-        &["complete_multipart_upload"],
-        &["s3:PutObject"],
-    ),
-    objects(
-        "abort_upload",
-        &["abort_multipart_upload"],
-        &["s3:AbortMultipartUpload"],
-    ),
-    objects("put_object", &["put_object"], &["s3:PutObject"]),
-    objects("digest", &["get_object"], &["s3:GetObject"]),
-    objects("presign_get", &["get_object"], &["s3:GetObject"]),
+    IamNeed::new("files", "start_upload", &["create_multipart_upload"], &["s3:PutObject"], ExportObjects),
+    IamNeed::new("files", "upload_part", &["upload_part"], &["s3:PutObject"], ExportObjects),
+    IamNeed::new("files", "complete_upload", &["complete_multipart_upload"], &["s3:PutObject"], ExportObjects),
+    IamNeed::new("files", "abort_upload", &["abort_multipart_upload"], &["s3:AbortMultipartUpload"], ExportObjects),
+    IamNeed::new("files", "put_object", &["put_object"], &["s3:PutObject"], ExportObjects),
+    IamNeed::new("files", "digest", &["get_object"], &["s3:GetObject"], ExportObjects),
+    IamNeed::new("files", "presign_get", &["get_object"], &["s3:GetObject"], ExportObjects),
 ];
 
 #[derive(Clone)]

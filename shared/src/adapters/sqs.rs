@@ -4,34 +4,18 @@ use async_trait::async_trait;
 use aws_sdk_sqs::types::MessageAttributeValue;
 use aws_sdk_sqs::Client;
 
-use super::{sdk_error, IamNeed, IamResource};
+use super::IamResource::JobQueue as Queue;
+use super::{sdk_error, IamNeed};
 use crate::domain::JobMessage;
 use crate::ports::{JobQueue, PortError, PortResult};
 
 /// IAM needs of the job queue's methods (see [`IamNeed`]).
+#[rustfmt::skip]
 pub const QUEUE_IAM: &[IamNeed] = &[
-    IamNeed {
-        port: "queue",
-        method: "enqueue",
-        calls: &["send_message"],
-        actions: &["sqs:SendMessage"],
-        resource: IamResource::JobQueue,
-    },
-    IamNeed {
-        port: "queue",
-        method: "enqueue_delayed",
-        calls: &["send_message"],
-        actions: &["sqs:SendMessage"],
-        resource: IamResource::JobQueue,
-    },
+    IamNeed::new("queue", "enqueue", &["send_message"], &["sqs:SendMessage"], Queue),
+    IamNeed::new("queue", "enqueue_delayed", &["send_message"], &["sqs:SendMessage"], Queue),
     // The worker's backoff: without it every retry waits the queue's whole visibility timeout.
-    IamNeed {
-        port: "queue",
-        method: "retry_after",
-        calls: &["change_message_visibility"],
-        actions: &["sqs:ChangeMessageVisibility"],
-        resource: IamResource::JobQueue,
-    },
+    IamNeed::new("queue", "retry_after", &["change_message_visibility"], &["sqs:ChangeMessageVisibility"], Queue),
 ];
 
 #[derive(Clone)]

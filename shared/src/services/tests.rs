@@ -96,20 +96,7 @@ pub(super) async fn miss(f: &Fakes, tenant: &str, req: &RawExportRequest) -> Str
 }
 
 pub(super) async fn run_queue(f: &Fakes) -> Vec<Outcome> {
-    let mut out = Vec::new();
-    loop {
-        let msgs = f.queue.drain();
-        if msgs.is_empty() {
-            return out;
-        }
-        for m in msgs {
-            out.push(
-                process_job(&f.deps, &m, "w1", far_deadline(f), false)
-                    .await
-                    .unwrap(),
-            );
-        }
-    }
+    f.run_jobs().await
 }
 
 /// An uninterrupted export of the same rows for globex, to compare a resumed acme file with.
