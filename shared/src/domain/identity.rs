@@ -237,6 +237,24 @@ mod tests {
     }
 
     #[test]
+    fn unsigned_alg_none_tokens_are_refused() {
+        use base64::Engine;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let forged = format!(
+            "{}.{}.",
+            b64(serde_json::json!({"alg": "none", "typ": "JWT"})),
+            b64(serde_json::json!({"sub": "mallory", "tenant_id": "acme", "exp": exp()}))
+        );
+        let v = BearerVerifier::hs256(KEY.as_bytes(), None, None);
+        assert!(matches!(
+            v.verify(Some(&format!("Bearer {forged}"))),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
     fn tokens_not_yet_valid_are_refused() {
         let v = BearerVerifier::hs256(KEY.as_bytes(), None, None);
         let later = chrono::Utc::now().timestamp() + 300;
