@@ -88,13 +88,24 @@ async fn finished_sha(stack: &Stack, job_id: &str) -> String {
     let key = job.object_key.clone().unwrap();
     let (size, digest) = stack.deps.files.digest(&key).await.unwrap();
     assert_eq!(size, job.bytes_written);
-    assert_eq!(Some(&digest), job.sha256.as_ref(), "the entry's checksum is the file's");
+    assert_eq!(
+        Some(&digest),
+        job.sha256.as_ref(),
+        "the entry's checksum is the file's"
+    );
     digest
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_format_survives_a_worker_killed_at_each_step_with_the_identical_file() {
-    let mut stack = Stack::new(0, &[("PART_SIZE_BYTES", "5242880"), ("PROGRESS_INTERVAL_SECONDS", "3600")]).await;
+    let mut stack = Stack::new(
+        0,
+        &[
+            ("PART_SIZE_BYTES", "5242880"),
+            ("PROGRESS_INTERVAL_SECONDS", "3600"),
+        ],
+    )
+    .await;
     let tenants: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
     let source = Arc::new(MemorySource {
         page_rows: 1000,
@@ -124,8 +135,17 @@ async fn every_format_survives_a_worker_killed_at_each_step_with_the_identical_f
         let outcome = process_job(&stack.deps, &reference, "ref", far(&stack), false)
             .await
             .unwrap();
-        assert!(matches!(outcome, Outcome::Succeeded { .. }), "{format}: {outcome:?}");
-        let job = stack.deps.meta.get_job(&reference.job_id).await.unwrap().unwrap();
+        assert!(
+            matches!(outcome, Outcome::Succeeded { .. }),
+            "{format}: {outcome:?}"
+        );
+        let job = stack
+            .deps
+            .meta
+            .get_job(&reference.job_id)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
             job.bytes_written > 5 << 20,
             "{format}: {} bytes is one part; the test needs two",

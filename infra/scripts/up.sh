@@ -26,7 +26,7 @@ WATCH_PORT="${WATCH_PORT:-9000}"
 WORKER_WATCH_PORT="${WORKER_WATCH_PORT:-$((WATCH_PORT + 1))}"
 WATCH_URL="http://127.0.0.1:$WATCH_PORT"
 API="$WATCH_URL/lambda-url/export-api"
-export LOCAL_JWT_SECRET="${LOCAL_JWT_SECRET:-export-cache-local-dev-secret}"
+export LOCAL_JWT_SECRET="${LOCAL_JWT_SECRET:-export-cache-local-dev-secret-not-for-production}"
 DEVSTACK="$ROOT/target/debug/devstack"
 
 MOTO_PID="" WATCH_PID="" BRIDGE_PID=""

@@ -6,7 +6,11 @@
 //! its peak RSS (`VmHWM`) is the encoder's alone. The child makes rows lazily, one 1,000-row page
 //! at a time, from a deterministic generator; only the encoder calls are timed (page generation
 //! is not), and the bytes go to a sink that counts them, as the worker's part upload would take
-//! them: `take_buffered` after every page, the tail read to its end.
+//! them: a part cut once 8 MiB are buffered after a page, then the tail.
+//!
+//! "disk writes" is what the child caused to be written to storage (`write_bytes` of
+//! `/proc/self/io`, which counts page-cache writes when they are made): every encoder streams, so
+//! it is 0 unless `BENCH_KEEP` keeps the files.
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -55,8 +59,10 @@ fn main() -> Res<()> {
         Err(_) => DEFAULT_CASES.iter().map(|s| s.to_string()).collect(),
     };
     let exe = std::env::current_exe()?;
-    println!("| format | rows | seconds | rows/s | MB/s | output | peak RSS | of which finish |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| format | rows | seconds | rows/s | MB/s | output | peak RSS | of which finish | disk writes |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &rows {
         for case in &cases {
             let out = Command::new(&exe)
@@ -73,7 +79,7 @@ fn main() -> Res<()> {
             let m = Measurement::parse(&stdout)?;
             let secs = m.elapsed.as_secs_f64();
             println!(
-                "| {} | {} | {:.2} | {} | {:.1} | {} | {:.1} MiB | {:.2} s |",
+                "| {} | {} | {:.2} | {} | {:.1} | {} | {:.1} MiB | {:.2} s | {} B |",
                 case_label(case),
                 group(n),
                 secs,
@@ -82,6 +88,7 @@ fn main() -> Res<()> {
                 size(m.bytes),
                 m.peak_rss_kib as f64 / 1024.0,
                 m.finish.as_secs_f64(),
+                group(m.disk_bytes),
             );
         }
     }
@@ -101,20 +108,23 @@ fn case_label(case: &str) -> String {
 
 struct Measurement {
     elapsed: Duration,
-    /// The part spent in `finish` and reading the tail (for XLSX: zipping the staged sheets).
+    /// The part spent in `finish` (for XLSX: the end of the last sheet, the rest of the
+    /// workbook, the central directory).
     finish: Duration,
     bytes: u64,
     peak_rss_kib: u64,
+    disk_bytes: u64,
 }
 
 impl Measurement {
     fn print(&self) {
         println!(
-            "elapsed_ns={} finish_ns={} bytes={} peak_rss_kib={}",
+            "elapsed_ns={} finish_ns={} bytes={} peak_rss_kib={} disk_bytes={}",
             self.elapsed.as_nanos(),
             self.finish.as_nanos(),
             self.bytes,
-            self.peak_rss_kib
+            self.peak_rss_kib,
+            self.disk_bytes
         );
     }
 
@@ -134,6 +144,7 @@ impl Measurement {
             finish: Duration::from_nanos(get("finish_ns")?),
             bytes: get("bytes")?,
             peak_rss_kib: get("peak_rss_kib")?,
+            disk_bytes: get("disk_bytes")?,
         })
     }
 }
@@ -219,23 +230,29 @@ fn child(case: &str, rows: u64) -> Res<()> {
         finish: elapsed - finish_start,
         bytes,
         peak_rss_kib: peak_rss_kib()?,
+        disk_bytes: disk_write_bytes()?,
     }
     .print();
     Ok(())
 }
 
+/// Bytes this process caused to be written to storage so far.
+fn disk_write_bytes() -> Res<u64> {
+    proc_self_field("io", "write_bytes:")
+}
+
 fn peak_rss_kib() -> Res<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status
+    proc_self_field("status", "VmHWM:")
+}
+
+/// The number after `key` in `/proc/self/{file}` (a unit after it is dropped).
+fn proc_self_field(file: &str, key: &str) -> Res<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/{file}"))?;
+    let value = text
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .ok_or("no VmHWM in /proc/self/status")?;
-    Ok(line
-        .trim_start_matches("VmHWM:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()?)
+        .find_map(|l| l.strip_prefix(key))
+        .ok_or(format!("no {key} in /proc/self/{file}"))?;
+    Ok(value.trim().trim_end_matches("kB").trim().parse()?)
 }
 
 /// Deterministic synthetic `orders` rows: row `i` is always the same, so every case and every

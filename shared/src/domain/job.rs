@@ -105,9 +105,52 @@ pub enum EncoderState {
     Xlsx(XlsxState),
 }
 
-/// The streaming XLSX encoder's resume point (owned by `encode::xlsx`).
+/// The streaming XLSX encoder's resume point (written and read by `encode::xlsx`): what the ZIP
+/// container needs to go on and to write its central directory at the end.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct XlsxState {}
+pub struct XlsxState {
+    /// Bytes of the file in the parts so far: the offset the next part starts at.
+    pub written: u64,
+    /// Sheets whose ZIP entries are complete, in order.
+    pub sheets: Vec<SheetEntry>,
+    /// The sheet being written, its entry so far.
+    pub open: SheetEntry,
+    pub truncated_cells: u64,
+}
+
+/// One sheet's ZIP entry: where its local header starts, the CRC-32 and the compressed and
+/// uncompressed sizes of its XML (so far, for the open sheet), and its rows including the header.
+/// Stored as a five-number array to keep checkpoints small (a sheet holds up to a million rows,
+/// so a long export has a few dozen of these).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SheetEntryTuple", into = "SheetEntryTuple")]
+pub struct SheetEntry {
+    pub offset: u64,
+    pub crc32: u32,
+    pub compressed: u64,
+    pub size: u64,
+    pub rows: u32,
+}
+
+type SheetEntryTuple = (u64, u32, u64, u64, u32);
+
+impl From<SheetEntryTuple> for SheetEntry {
+    fn from((offset, crc32, compressed, size, rows): SheetEntryTuple) -> Self {
+        Self {
+            offset,
+            crc32,
+            compressed,
+            size,
+            rows,
+        }
+    }
+}
+
+impl From<SheetEntry> for SheetEntryTuple {
+    fn from(e: SheetEntry) -> Self {
+        (e.offset, e.crc32, e.compressed, e.size, e.rows)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
@@ -221,7 +264,13 @@ impl Job {
 
     /// Takes the job for a run. A planned hand-over (a continuation message for a job that let
     /// go of its lease at a checkpoint) does not spend the retry budget.
-    pub fn lease(&mut self, owner: &str, now: DateTime<Utc>, until: DateTime<Utc>, continuing: bool) {
+    pub fn lease(
+        &mut self,
+        owner: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        continuing: bool,
+    ) {
         if continuing && self.lease.is_none() && self.checkpoint.is_some() {
             self.continuations += 1;
         }

@@ -7,8 +7,8 @@ pub mod value;
 
 pub use identity::Identity;
 pub use job::{
-    CacheEntry, Checkpoint, EncoderState, Freshness, Generation, Job, JobError, JobKind, JobMessage, JobStatus,
-    MessageKind, UploadedPart, XlsxState,
+    CacheEntry, Checkpoint, EncoderState, Freshness, Generation, Job, JobError, JobKind,
+    JobMessage, JobStatus, MessageKind, SheetEntry, UploadedPart, XlsxState,
 };
 pub use request::{
     CacheKey, ExportRequest, ExportSpec, FieldError, Format, RawExportRequest, RequestError,

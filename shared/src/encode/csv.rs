@@ -206,7 +206,13 @@ impl GzCsvEncoder {
     }
 
     /// Continues a member whose text so far has this CRC-32 and length.
-    pub fn resume(columns: Vec<Column>, opts: CsvOptions, level: u32, crc32: u32, length: u64) -> Self {
+    pub fn resume(
+        columns: Vec<Column>,
+        opts: CsvOptions,
+        level: u32,
+        crc32: u32,
+        length: u64,
+    ) -> Self {
         Self {
             csv: CsvEncoder::new(columns, opts, false),
             deflate: Deflater::new(level, crc32, length),
@@ -432,7 +438,10 @@ mod tests {
     ) -> (Vec<u8>, Vec<(usize, u32, u64)>) {
         let opts = CsvOptions::default();
         let (mut e, skip): (Box<dyn Encoder>, usize) = match resume {
-            None => (Box::new(GzCsvEncoder::new(columns.to_vec(), opts, 4).unwrap()), 0),
+            None => (
+                Box::new(GzCsvEncoder::new(columns.to_vec(), opts, 4).unwrap()),
+                0,
+            ),
             Some((page, crc, len)) => (
                 Box::new(GzCsvEncoder::resume(columns.to_vec(), opts, 4, crc, len)),
                 page + 1,
@@ -489,7 +498,10 @@ mod tests {
             resumed.extend(rest);
             assert_eq!(resumed, whole, "resumed after page {}", cut.0);
         }
-        assert_eq!(gunzip(&whole), encode(columns, &rows, CsvOptions::default()));
+        assert_eq!(
+            gunzip(&whole),
+            encode(columns, &rows, CsvOptions::default())
+        );
     }
 
     #[test]

@@ -61,7 +61,10 @@ impl Deflater {
     pub fn cut(&mut self) -> Result<Vec<u8>, EncodeError> {
         self.run(&[], FlushCompress::Full)?;
         self.compress = Compress::new(Compression::new(self.level), false);
-        Ok(std::mem::replace(&mut self.out, Vec::with_capacity(1 << 20)))
+        Ok(std::mem::replace(
+            &mut self.out,
+            Vec::with_capacity(1 << 20),
+        ))
     }
 
     /// Ends the stream with a final block and returns the last segment's bytes.

@@ -16,6 +16,7 @@ pub mod csv;
 pub mod deflate;
 pub mod text;
 pub mod xlsx;
+pub mod zipstream;
 
 /// Part of every cache key: bump it when an encoder changes the bytes it writes.
 pub const ENCODER_VERSION: &str = "2";
@@ -29,8 +30,6 @@ pub enum EncodeError {
     Io(#[from] std::io::Error),
     #[error("the spreadsheet writer failed: {0}")]
     Xlsx(String),
-    #[error("not enough temporary space: {0}")]
-    NoSpace(String),
     /// The checkpoint's state does not fit this encoder (another format, or a corrupt record).
     #[error("cannot resume: {0}")]
     Resume(String),
@@ -118,24 +117,16 @@ pub fn encoder_for(
         (Format::Csv, Some(EncoderState::Plain)) => {
             Box::new(csv::CsvEncoder::new(columns, opts, false))
         }
-        (Format::CsvGz, None) => Box::new(csv::GzCsvEncoder::new(
-            columns,
-            opts,
-            settings.gzip_level,
-        )?),
-        (Format::CsvGz, Some(EncoderState::Gzip { crc32, length })) => {
-            Box::new(csv::GzCsvEncoder::resume(
-                columns,
-                opts,
-                settings.gzip_level,
-                *crc32,
-                *length,
-            ))
+        (Format::CsvGz, None) => {
+            Box::new(csv::GzCsvEncoder::new(columns, opts, settings.gzip_level)?)
         }
+        (Format::CsvGz, Some(EncoderState::Gzip { crc32, length })) => Box::new(
+            csv::GzCsvEncoder::resume(columns, opts, settings.gzip_level, *crc32, *length),
+        ),
         (Format::Xlsx, None) => Box::new(xlsx::XlsxEncoder::new(file, columns, settings)?),
-        (Format::Xlsx, Some(EncoderState::Xlsx(state))) => Box::new(xlsx::XlsxEncoder::resume(
-            file, columns, settings, state,
-        )?),
+        (Format::Xlsx, Some(EncoderState::Xlsx(state))) => {
+            Box::new(xlsx::XlsxEncoder::resume(file, columns, settings, state)?)
+        }
         (_, Some(state)) => return Err(mismatch(state)),
     })
 }

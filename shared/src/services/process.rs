@@ -19,11 +19,14 @@ use chrono::{DateTime, Duration, Utc};
 use sha2::{Digest, Sha256};
 
 use super::jobs::{manifest_key, object_key};
+use super::tenant_slots::{self, Slot};
 use super::Deps;
 use crate::catalog::{Column, Dataset};
 use crate::domain::job::file_name;
 use crate::domain::request::rows_key;
-use crate::domain::{CacheEntry, Checkpoint, ExportSpec, Job, JobMessage, MessageKind, UploadedPart};
+use crate::domain::{
+    CacheEntry, Checkpoint, ExportSpec, Job, JobMessage, MessageKind, UploadedPart,
+};
 use crate::encode::{encoder_for, EncodeError, Encoder, FileInfo, ENCODER_VERSION};
 use crate::ports::{Page, PortError, RangeQuery, SourceQuery};
 
@@ -51,6 +54,11 @@ pub enum Outcome {
     UnknownJob,
     /// Another worker took over the job while this one ran; it stops without touching it.
     LostLease,
+    /// The tenant already runs as many jobs as it may: the job waits its turn (a new message,
+    /// visible after `retry_in` seconds), while other tenants' jobs start.
+    Deferred {
+        retry_in: u32,
+    },
 }
 
 /// Errors that should make the queue deliver the message again later.
@@ -169,17 +177,32 @@ pub async fn process_job(
             until,
         });
     }
+    match tenant_slots::acquire(deps, &job, now).await {
+        Ok(Slot::Granted) => {}
+        Ok(Slot::Full { retry_in }) => {
+            // A new delayed message: waiting spends neither the receive count nor an attempt.
+            return match tenant_slots::defer(deps, msg, retry_in).await {
+                Ok(()) => Ok(Outcome::Deferred { retry_in }),
+                Err(e) => Err(transient(0, &e)),
+            };
+        }
+        Err(e) => return Err(transient(0, &e)),
+    }
     job.lease(owner, now, lease_until, msg.kind == MessageKind::Continue);
     if job.rows_total.is_none() {
         job.rows_total = known_rows(deps, &job).await;
     }
     if let Err(e) = save(deps, &mut job).await {
         return match e {
+            // Another worker owns the job, and with it the slot.
             PortError::Conflict(_) => Err(RetryLater::Busy {
                 job_id: job.job_id,
                 until: lease_until,
             }),
-            other => Err(transient(job.attempts, &other)),
+            other => {
+                tenant_slots::release(deps, &job).await;
+                Err(transient(job.attempts, &other))
+            }
         };
     }
     tracing::info!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
@@ -230,6 +253,7 @@ async fn settle(
                     other => Err(transient(&job, other.to_string())),
                 };
             }
+            tenant_slots::release(deps, &job).await;
             let cont = JobMessage {
                 job_id: job.job_id.clone(),
                 kind: MessageKind::Continue,
@@ -260,8 +284,11 @@ async fn settle(
                 });
             }
             job.release_for_retry();
-            if let Err(e) = save(deps, &mut job).await {
-                tracing::warn!(job_id = %job.job_id, error = %e, "could not release the lease");
+            match save(deps, &mut job).await {
+                Ok(()) => tenant_slots::release(deps, &job).await,
+                Err(e) => {
+                    tracing::warn!(job_id = %job.job_id, error = %e, "could not release the lease")
+                }
             }
             Err(transient(&job, message))
         }
@@ -271,7 +298,11 @@ async fn settle(
 /// The exact count of an earlier file of the same rows, so progress is known from the first row.
 async fn known_rows(deps: &Deps, job: &Job) -> Option<u64> {
     let ds = deps.catalog.get(&job.spec.dataset)?;
-    let key = rows_key(&job.tenant, ds.user_scoped.then_some(job.user.as_str()), &job.spec);
+    let key = rows_key(
+        &job.tenant,
+        ds.user_scoped.then_some(job.user.as_str()),
+        &job.spec,
+    );
     match deps.meta.row_count(&job.tenant, &key).await {
         Ok(rows) => rows,
         Err(e) => {
@@ -385,7 +416,11 @@ impl FileInProgress {
         self.exhausted = page.next.is_none();
     }
 
-    fn checkpoint(&self, encoder: Option<crate::domain::EncoderState>, completing: bool) -> Checkpoint {
+    fn checkpoint(
+        &self,
+        encoder: Option<crate::domain::EncoderState>,
+        completing: bool,
+    ) -> Checkpoint {
         Checkpoint {
             object_key: self.key.clone(),
             upload_id: self.upload_id.clone(),
@@ -514,7 +549,10 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         let margin = to_chrono(settings.deadline_margin);
         let mut state = None;
         while !file.exhausted {
-            let page = deps.source.read_page(&query, file.cursor.as_deref()).await?;
+            let page = deps
+                .source
+                .read_page(&query, file.cursor.as_deref())
+                .await?;
             file.take(&page);
             if file.rows > ds.row_limit {
                 return Err(Stop::Fatal(Failure::new(
@@ -556,7 +594,9 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         }
         let done = tokio::task::spawn_blocking(move || encoder.finish())
             .await
-            .map_err(|e| Stop::Fatal(Failure::new("encode_failed", "writing the file failed", e)))??;
+            .map_err(|e| {
+                Stop::Fatal(Failure::new("encode_failed", "writing the file failed", e))
+            })??;
         if !done.tail.is_empty() || file.parts.is_empty() {
             // S3 refuses to complete an upload without parts; an empty file is one empty part.
             file.push(deps, done.tail).await?;
@@ -745,6 +785,7 @@ async fn finish_success(deps: &Deps, mut job: Job, mut entry: CacheEntry) -> Res
     job.version += 1;
     deps.meta.complete_job(&job, &entry).await?;
     release_marker(deps, &job).await;
+    tenant_slots::release(deps, &job).await;
     record_rows(deps, &job, entry.rows).await;
     tracing::info!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
         rows = entry.rows, bytes = entry.bytes, pages = job.pages_read,
@@ -757,7 +798,11 @@ async fn record_rows(deps: &Deps, job: &Job, rows: u64) {
     let Some(ds) = deps.catalog.get(&job.spec.dataset) else {
         return;
     };
-    let key = rows_key(&job.tenant, ds.user_scoped.then_some(job.user.as_str()), &job.spec);
+    let key = rows_key(
+        &job.tenant,
+        ds.user_scoped.then_some(job.user.as_str()),
+        &job.spec,
+    );
     if let Err(e) = deps
         .meta
         .record_row_count(&job.tenant, &key, rows, deps.clock.now())
@@ -778,6 +823,7 @@ async fn fail_job(deps: &Deps, mut job: Job, failure: &Failure) {
         tracing::error!(job_id = %job.job_id, error = %e, "could not record the failure");
     }
     release_marker(deps, &job).await;
+    tenant_slots::release(deps, &job).await;
 }
 
 async fn release_marker(deps: &Deps, job: &Job) {
