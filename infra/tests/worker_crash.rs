@@ -82,6 +82,27 @@ async fn send(sqs: &aws_sdk_sqs::Client, queue_url: &str, body: serde_json::Valu
         .expect("SendMessage");
 }
 
+/// Sends a message the stub hangs on at its first delivery; returns the stub's pid once it does.
+async fn send_hanging(
+    sqs: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    dir: &Path,
+    id: &str,
+    within: Duration,
+) -> u32 {
+    send(
+        sqs,
+        queue_url,
+        serde_json::json!({"job_id": id, "hang_first": true}),
+    )
+    .await;
+    marker(dir, &format!("{id}.hanging"), within)
+        .await
+        .trim()
+        .parse()
+        .expect("the stub writes its pid")
+}
+
 /// Visible plus in-flight messages.
 async fn messages_left(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> u64 {
     let attrs = sqs
@@ -145,17 +166,7 @@ async fn a_worker_killed_or_hung_mid_invocation_is_restarted_and_its_message_ser
     });
 
     // 1. Killed mid-invocation: noticed, watch restarted, message delivered again and served.
-    send(
-        &sqs,
-        &queue_url,
-        serde_json::json!({"job_id": "killed", "hang_first": true}),
-    )
-    .await;
-    let pid: u32 = marker(&dir_path, "killed.hanging", FIRST_DELIVERY)
-        .await
-        .trim()
-        .parse()
-        .expect("the stub writes its pid");
+    let pid = send_hanging(&sqs, &queue_url, &dir_path, "killed", FIRST_DELIVERY).await;
     let status = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
@@ -183,17 +194,7 @@ async fn a_worker_killed_or_hung_mid_invocation_is_restarted_and_its_message_ser
 
     // 3. Hung (alive, never answering): given up after the timeout, its process ended, the
     //    message served again.
-    send(
-        &sqs,
-        &queue_url,
-        serde_json::json!({"job_id": "hung", "hang_first": true}),
-    )
-    .await;
-    let hung_pid: u32 = marker(&dir_path, "hung.hanging", RECOVERY)
-        .await
-        .trim()
-        .parse()
-        .expect("the stub writes its pid");
+    let hung_pid = send_hanging(&sqs, &queue_url, &dir_path, "hung", RECOVERY).await;
     let hung = Instant::now();
     assert_eq!(marker(&dir_path, "hung.done", RECOVERY).await, "2");
     assert!(!alive(hung_pid), "the hung worker {hung_pid} was stopped");
