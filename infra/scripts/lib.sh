@@ -4,7 +4,8 @@
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV_BIN="$ROOT/.local/venv/bin"
-RUN_DIR="$ROOT/.local/run"
+# Logs, env.sh and summaries; another RUN_DIR lets a second stack run from the same checkout.
+RUN_DIR="${RUN_DIR:-$ROOT/.local/run}"
 export PATH="$VENV_BIN:$PATH"
 
 log() { printf '\033[1m[%s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

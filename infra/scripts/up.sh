@@ -8,10 +8,11 @@
 # MOTO_PORT (4566; a free port when taken), SCHEDULE_SECS (warmer period, 900),
 # LOCAL_JWT_SECRET (dev secret), WATCH_TIMEOUT (seconds to wait for the functions, 1200),
 # WATCH_PORT (the API's cargo lambda watch, 9000), WORKER_WATCH_PORT (the worker's own watch,
-# run and restarted by the bridge, WATCH_PORT+1). Distinct ports and STACK names let several
-# local stacks run side by side. KILL_WORKER_CHECK=csv,xlsx,csv.gz: after the demo, export those
-# formats again, kill -9 the worker mid-export and check each job still finishes with the same
-# bytes (about a minute each: the killed run's job lease has to expire).
+# run and restarted by the bridge, WATCH_PORT+1). Distinct ports, STACK names and RUN_DIRs (logs
+# and env.sh, .local/run) let several local stacks run side by side.
+# KILL_WORKER_CHECK=csv,xlsx,csv.gz: after the demo, export those formats again, kill -9 the
+# worker mid-export and check each job still finishes with the same file (about a minute each:
+# the killed run's job lease has to expire).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -99,7 +100,7 @@ start_bg bridge "$RUN_DIR/bridge.log" \
   --worker-port "$WORKER_WATCH_PORT" --worker-log "$RUN_DIR/worker-watch.log"
 BRIDGE_PID=$BG_PID
 
-log "waiting for the API at $API/health (the first call compiles export-api; log: .local/run/watch.log)"
+log "waiting for the API at $API/health (the first call compiles export-api; log: ${RUN_DIR#"$ROOT"/}/watch.log)"
 deadline=$((SECONDS + WATCH_TIMEOUT))
 until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 900 "$API/health" || true)" == 200 ]]; do
   if ! alive "$WATCH_PID"; then
@@ -136,14 +137,15 @@ if [[ "$UP_EXIT" == 1 ]]; then
   exit 0
 fi
 
+RUN_REL="${RUN_DIR#"$ROOT"/}"
 cat >&2 <<INFO
 
 The local stack is running:
   API        $API
   emulator   $AWS_ENDPOINT_URL   (stack $STACK)
   worker     http://127.0.0.1:$WORKER_WATCH_PORT (the bridge's own watch, restarted if the worker dies)
-  logs       .local/run/watch.log  .local/run/worker-watch.log  .local/run/bridge.log  .local/run/moto.log
-  shell      source .local/run/env.sh && target/debug/devstack token
+  logs       $RUN_REL/watch.log  $RUN_REL/worker-watch.log  $RUN_REL/bridge.log  $RUN_REL/moto.log
+  shell      source $RUN_REL/env.sh && target/debug/devstack token
 Press Ctrl-C to stop everything.
 INFO
 
