@@ -213,6 +213,7 @@ pub struct Supervisor {
     child: Option<Child>,
     /// The function's pid last seen under the current watch.
     seen: Option<u32>,
+    /// Starts so far, for the log (2 and up are restarts).
     started: u32,
     warned_ps: bool,
 }
@@ -233,20 +234,6 @@ impl Supervisor {
 
     pub fn url(&self) -> String {
         self.spec.url()
-    }
-
-    pub fn function(&self) -> &str {
-        &self.spec.function
-    }
-
-    /// How many times the watch was started (1 = never restarted).
-    pub fn starts(&self) -> u32 {
-        self.started
-    }
-
-    /// The watch's pid while it runs.
-    pub fn watch_pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
