@@ -248,13 +248,14 @@ impl XlsxEncoder {
         let deflate = std::mem::replace(&mut self.deflate, Deflater::new(self.level, 0, 0));
         let (crc32, size) = (deflate.crc32(), deflate.length());
         let last = deflate.finish()?;
-        self.zip.write(&last);
+        let compressed = self.open.compressed + last.len() as u64;
+        self.zip.write(last);
         let number = self.finished_rows.len() + 1;
         self.zip.end_entry(
             &sheet_entry_name(number),
             self.open.offset,
             crc32,
-            self.open.compressed + last.len() as u64,
+            compressed,
             size,
         )?;
         self.finished_rows.push(self.open.rows);
@@ -328,9 +329,10 @@ impl Encoder for XlsxEncoder {
         let parts = twin::parts(&self.layout, &self.finished_rows, &self.template.styles)?;
         for p in parts {
             let offset = self.zip.start_entry(&p.name)?;
-            self.zip.write(&p.deflated);
+            let compressed = p.deflated.len() as u64;
+            self.zip.write(p.deflated);
             self.zip
-                .end_entry(&p.name, offset, p.crc32, p.deflated.len() as u64, p.size)?;
+                .end_entry(&p.name, offset, p.crc32, compressed, p.size)?;
         }
         let sheets = self.finished_rows.len() as u32;
         let truncated_cells = self.cells.truncated;
