@@ -265,7 +265,7 @@ fn put64(out: &mut Vec<u8>, v: u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::encode::deflate::Deflater;
     use std::io::{Cursor, Read};
@@ -295,7 +295,8 @@ mod tests {
         bytes
     }
 
-    fn read_all(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    /// Every entry, read through the `zip` crate (which checks each CRC-32 and size).
+    pub(crate) fn read_all(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
         let mut z = ::zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
         (0..z.len())
             .map(|i| {
