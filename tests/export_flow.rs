@@ -514,7 +514,12 @@ async fn authorizer_claims_identify_the_caller_in_aws() {
         lambda_http::request::from_str(include_str!("../functions/api/events/get-export.json"))
             .unwrap();
     use tower::ServiceExt;
-    let resp = api::router(stack.deps.clone()).oneshot(req).await.unwrap();
+    // In AWS no local key is configured: the authorizer is what verified the token.
+    let mut in_aws = stack.deps.clone();
+    let mut config = (*in_aws.config).clone();
+    config.local_jwt_secret = None;
+    in_aws.config = std::sync::Arc::new(config);
+    let resp = api::router(in_aws).oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     let job_id = resp.headers()["x-export-id"].to_str().unwrap().to_string();
     // The job belongs to the claims' tenant.

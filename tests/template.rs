@@ -12,6 +12,10 @@ use infra::template::{
     self, BillingMode, KeyElement, Projection, StackSpecs, Template, LOCAL_ACCOUNT_ID,
 };
 use serde_yaml::Value;
+use shared::adapters::dynamodb::{META_IAM, SOURCE_IAM};
+use shared::adapters::s3::FILES_IAM;
+use shared::adapters::sqs::QUEUE_IAM;
+use shared::adapters::{IamNeed, IamResource};
 
 const STACK: &str = "export-cache";
 const FUNCTIONS: [(&str, &str); 3] = [
@@ -419,8 +423,212 @@ fn every_function_can_enqueue_only_on_the_job_queue() {
             .collect();
         assert!(!sends.is_empty(), "{id} can send to the job queue");
         for s in sends {
-            assert_eq!(actions(&s), vec!["sqs:SendMessage"], "{id}");
+            for action in actions(&s) {
+                assert!(
+                    ["sqs:SendMessage", "sqs:ChangeMessageVisibility"].contains(&action.as_str()),
+                    "{id}: {action}"
+                );
+            }
             assert!(is_arn_of(&s["Resource"], "JobQueue"), "{id}: {s:?}");
+        }
+    }
+}
+
+/// Every adapter's IAM list (kept next to its code), by port.
+fn iam_lists() -> Vec<IamNeed> {
+    [META_IAM, SOURCE_IAM, FILES_IAM, QUEUE_IAM]
+        .concat()
+        .to_vec()
+}
+
+fn workspace_file(path: &str) -> String {
+    let full = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+/// Production code of a file with whitespace and comments removed: test modules (at the end,
+/// by convention) and `//` comments would only add calls the function never makes.
+fn code_of(path: &str) -> String {
+    let text = workspace_file(path);
+    let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+    text.lines()
+        .map(|l| l.split("//").next().unwrap_or_default())
+        .collect::<String>()
+        .split_whitespace()
+        .collect()
+}
+
+fn identifier_at(code: &str, from: usize) -> String {
+    code[from..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// `name` for each `{prefix}name(` in the code.
+fn calls_after(code: &str, prefix: &str) -> BTreeSet<String> {
+    code.match_indices(prefix)
+        .map(|(i, _)| identifier_at(code, i + prefix.len()))
+        .filter(|name| !name.is_empty())
+        .filter(|name| code.contains(&format!("{prefix}{name}(")))
+        .collect()
+}
+
+/// Service modules a piece of code names (`services::jobs`, `super::{jobs, warm}`).
+fn service_modules(code: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for prefix in ["services::", "super::"] {
+        for (i, _) in code.match_indices(prefix) {
+            let rest = &code[i + prefix.len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let group = group.split('}').next().unwrap_or_default();
+                out.extend(group.split(',').map(|p| identifier_at(p, 0)));
+            } else {
+                out.insert(identifier_at(rest, 0));
+            }
+        }
+    }
+    out.retain(|m| {
+        !m.is_empty()
+            && std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("../shared/src/services/{m}.rs"))
+                .exists()
+    });
+    out
+}
+
+/// The files whose code runs in a function: its crate, and the service modules it reaches.
+fn function_code(crate_dir: &str) -> Vec<(String, String)> {
+    let mut files: Vec<String> = std::fs::read_dir(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../{crate_dir}/src")),
+    )
+    .unwrap()
+    .map(|e| {
+        format!(
+            "{crate_dir}/src/{}",
+            e.unwrap().file_name().to_string_lossy()
+        )
+    })
+    .collect();
+    let mut i = 0;
+    while i < files.len() {
+        let code = code_of(&files[i]);
+        for m in service_modules(&code) {
+            let path = format!("shared/src/services/{m}.rs");
+            if !files.contains(&path) {
+                files.push(path);
+            }
+        }
+        i += 1;
+    }
+    files.into_iter().map(|f| (code_of(&f), f)).collect()
+}
+
+/// The template resources an IAM need must be granted on, all of them.
+fn granted_on(resource: IamResource) -> Vec<(&'static str, &'static str)> {
+    match resource {
+        IamResource::MetaTable => vec![("GetAtt", "MetaTable")],
+        IamResource::MetaTableIndexes => vec![("Sub", "${MetaTable.Arn}/index/*")],
+        IamResource::SourceTables => vec![("GetAtt", "OrdersTable"), ("GetAtt", "CustomersTable")],
+        IamResource::SourceTableIndexes => vec![
+            ("Sub", "${OrdersTable.Arn}/index/*"),
+            ("Sub", "${CustomersTable.Arn}/index/*"),
+        ],
+        IamResource::ExportObjects => vec![("Sub", "${ExportBucket.Arn}/exports/*")],
+        IamResource::JobQueue => vec![("GetAtt", "JobQueue")],
+    }
+}
+
+fn resource_values(statement: &Value) -> Vec<&Value> {
+    match &statement["Resource"] {
+        Value::Sequence(items) => items.iter().collect(),
+        other => vec![other],
+    }
+}
+
+fn grants(t: &Template, function: &str, action: &str, (kind, target): (&str, &str)) -> bool {
+    statements(t, function).iter().any(|statement| {
+        actions(statement).iter().any(|a| a == action)
+            && resource_values(statement).iter().any(|v| match kind {
+                "GetAtt" => is_arn_of(v, target),
+                _ => matches!(intrinsic(v), Some((name, Value::String(s))) if name == "Sub" && s == target),
+            })
+    })
+}
+
+#[test]
+fn every_sdk_call_of_an_adapter_is_in_its_iam_list() {
+    let ports = code_of("shared/src/ports.rs");
+    for (file, lists) in [
+        (
+            "shared/src/adapters/dynamodb.rs",
+            [META_IAM, SOURCE_IAM].concat(),
+        ),
+        ("shared/src/adapters/s3.rs", FILES_IAM.to_vec()),
+        ("shared/src/adapters/sqs.rs", QUEUE_IAM.to_vec()),
+    ] {
+        let listed: BTreeSet<&str> = lists.iter().flat_map(|n| n.calls.iter().copied()).collect();
+        let called = calls_after(&code_of(file), ".client.");
+        assert!(!called.is_empty(), "{file}: no SDK calls found");
+        for call in &called {
+            assert!(
+                listed.contains(call.as_str()),
+                "{file} calls `{call}` but its IAM list does not say so: add it next to the adapter"
+            );
+        }
+        for need in &lists {
+            assert!(
+                ports.contains(&format!("fn{}(", need.method)),
+                "{file}: `{}` in the IAM list is not a port method",
+                need.method
+            );
+        }
+    }
+}
+
+#[test]
+fn every_aws_action_the_code_calls_is_granted_on_its_resource() {
+    let t = template();
+    let needs = iam_lists();
+    // Only port methods: `.source.` also reaches a catalog column's `source` field.
+    let ports = code_of("shared/src/ports.rs");
+    for (id, crate_dir) in [
+        ("ApiFunction", "functions/api"),
+        ("WorkerFunction", "functions/worker"),
+        ("WarmerFunction", "functions/warmer"),
+    ] {
+        let mut used = BTreeSet::new();
+        for (code, file) in function_code(crate_dir) {
+            for port in ["meta", "source", "files", "queue"] {
+                for method in calls_after(&code, &format!(".{port}.")) {
+                    if ports.contains(&format!("fn{method}(")) {
+                        used.insert((port, method, file.clone()));
+                    }
+                }
+            }
+        }
+        assert!(!used.is_empty(), "{id}: no port calls found");
+        for (port, method, file) in &used {
+            let of_method: Vec<&IamNeed> = needs
+                .iter()
+                .filter(|n| n.port == *port && n.method == method)
+                .collect();
+            assert!(
+                !of_method.is_empty(),
+                "{file} calls {port}.{method}, which no adapter IAM list describes"
+            );
+            for need in of_method {
+                for action in need.actions {
+                    for resource in granted_on(need.resource) {
+                        assert!(
+                            grants(&t, id, action, resource),
+                            "{id} calls {port}.{method} ({file}), which needs {action} on {resource:?}: template.yaml does not grant it"
+                        );
+                    }
+                }
+            }
         }
     }
 }

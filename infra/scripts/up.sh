@@ -6,7 +6,10 @@
 #
 # Knobs: ROWS (orders per tenant, 20000), TENANTS (acme,globex), STACK (export-cache),
 # MOTO_PORT (4566; a free port when taken), SCHEDULE_SECS (warmer period, 900),
-# LOCAL_JWT_SECRET (dev secret), WATCH_TIMEOUT (seconds to wait for the functions, 1200).
+# LOCAL_JWT_SECRET (dev secret), WATCH_TIMEOUT (seconds to wait for the functions, 1200),
+# WATCH_PORT (the API's cargo lambda watch, 9000), WORKER_WATCH_PORT (the worker's own watch,
+# run and restarted by the bridge, WATCH_PORT+1). Distinct ports and STACK names let several
+# local stacks run side by side.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -17,10 +20,11 @@ TENANTS="${TENANTS:-acme,globex}"
 SCHEDULE_SECS="${SCHEDULE_SECS:-900}"
 WATCH_TIMEOUT="${WATCH_TIMEOUT:-1200}"
 UP_EXIT="${UP_EXIT:-0}"
-WATCH_PORT=9000
+WATCH_PORT="${WATCH_PORT:-9000}"
+WORKER_WATCH_PORT="${WORKER_WATCH_PORT:-$((WATCH_PORT + 1))}"
 WATCH_URL="http://127.0.0.1:$WATCH_PORT"
 API="$WATCH_URL/lambda-url/export-api"
-export LOCAL_JWT_SECRET="${LOCAL_JWT_SECRET:-export-cache-local-dev-secret}"
+export LOCAL_JWT_SECRET="${LOCAL_JWT_SECRET:-export-cache-local-dev-secret-not-for-production}"
 DEVSTACK="$ROOT/target/debug/devstack"
 
 MOTO_PID="" WATCH_PID="" BRIDGE_PID=""
@@ -41,7 +45,7 @@ trap 'exit 143' TERM
 
 show_logs() {
   local f
-  for f in "$RUN_DIR"/watch.log "$RUN_DIR"/bridge.log; do
+  for f in "$RUN_DIR"/watch.log "$RUN_DIR"/worker-watch.log "$RUN_DIR"/bridge.log; do
     [[ -s "$f" ]] || continue
     printf '\n--- last lines of %s ---\n' "${f#"$ROOT"/}" >&2
     tail -n 30 "$f" >&2
@@ -51,10 +55,12 @@ show_logs() {
 log "bootstrapping tools"
 "$ROOT/infra/scripts/bootstrap.sh"
 
-if port_in_use "$WATCH_PORT"; then
-  log "port $WATCH_PORT on 127.0.0.1 is taken (another 'make up' or 'cargo lambda watch'?); stop it first"
-  exit 1
-fi
+for port in "$WATCH_PORT" "$WORKER_WATCH_PORT"; do
+  if port_in_use "$port"; then
+    log "port $port on 127.0.0.1 is taken (another 'make up' or 'cargo lambda watch'?); stop it first or set WATCH_PORT/WORKER_WATCH_PORT"
+    exit 1
+  fi
+done
 
 log "building the workspace (debug)"
 cargo build --workspace --bins
@@ -82,8 +88,13 @@ start_bg "cargo lambda watch" "$RUN_DIR/watch.log" \
   cargo lambda watch -A 127.0.0.1 -P "$WATCH_PORT"
 WATCH_PID=$BG_PID
 
+# The bridge runs the worker under a cargo lambda watch of its own on WORKER_WATCH_PORT and
+# restarts it when the worker dies or hangs (cargo lambda watch never starts a dead function
+# again); the API's watch above is never touched by that.
+: >"$RUN_DIR/worker-watch.log"
 start_bg bridge "$RUN_DIR/bridge.log" \
-  "$DEVSTACK" bridge --stack "$STACK" --watch "$WATCH_URL" --schedule-secs "$SCHEDULE_SECS"
+  "$DEVSTACK" bridge --stack "$STACK" --watch "$WATCH_URL" --schedule-secs "$SCHEDULE_SECS" \
+  --worker-port "$WORKER_WATCH_PORT" --worker-log "$RUN_DIR/worker-watch.log"
 BRIDGE_PID=$BG_PID
 
 log "waiting for the API at $API/health (the first call compiles export-api; log: .local/run/watch.log)"
@@ -119,7 +130,8 @@ cat >&2 <<INFO
 The local stack is running:
   API        $API
   emulator   $AWS_ENDPOINT_URL   (stack $STACK)
-  logs       .local/run/watch.log  .local/run/bridge.log  .local/run/moto.log
+  worker     http://127.0.0.1:$WORKER_WATCH_PORT (the bridge's own watch, restarted if the worker dies)
+  logs       .local/run/watch.log  .local/run/worker-watch.log  .local/run/bridge.log  .local/run/moto.log
   shell      source .local/run/env.sh && target/debug/devstack token
 Press Ctrl-C to stop everything.
 INFO

@@ -5,7 +5,17 @@
 //! Delivery follows Lambda's rules: messages the function did not report as failed are deleted;
 //! failed ones are left to reappear after their visibility timeout (and reach the DLQ after
 //! `maxReceiveCount`); when the invoke itself fails, nothing is deleted.
+//!
+//! A worker that dies or hangs mid-invocation is what Lambda handles by ending the invocation
+//! (crash, or its timeout) and giving the next one a fresh runtime; the message comes back after
+//! its visibility timeout. `cargo lambda watch` does neither: a dead function is never started
+//! again and its invokes are never answered. So the bridge can run the worker under a watch of its
+//! own ([`crate::supervise`]), notice a dead worker process at once and a hung one at the
+//! function's timeout plus a grace period, restart that watch, and make the message visible again
+//! after a few seconds ([`BridgeConfig::redeliver_after`]) instead of the queue's visibility
+//! timeout (90 minutes in the template, sized for AWS's 15-minute invocations).
 
+use crate::supervise::{Health, Supervisor, WatchSpec};
 use anyhow::{anyhow, bail, Context};
 use aws_config::SdkConfig;
 use aws_lambda_events::encodings::Base64Data;
@@ -19,7 +29,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use std::collections::HashSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex};
 
 pub const WORKER_FUNCTION: &str = "export-worker";
 pub const WARMER_FUNCTION: &str = "export-warmer";
@@ -27,6 +37,11 @@ pub const WARMER_FUNCTION: &str = "export-warmer";
 pub const BATCH_SIZE: i32 = 1;
 /// Pause before trying the watch again when it does not accept connections yet.
 const UNREACHABLE_BACKOFF: Duration = Duration::from_secs(2);
+/// The template's `Timeout` of the worker function (seconds), used when none is given.
+pub const WORKER_TIMEOUT_SECS: u64 = 900;
+/// Added to the function's timeout before an invocation is given up: Lambda's own timeout is
+/// enforced inside the function's sandbox, the bridge only sees the HTTP answer come later.
+pub const TIMEOUT_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
@@ -38,10 +53,25 @@ pub struct BridgeConfig {
     pub schedule_secs: u64,
     /// Long-poll wait per ReceiveMessage (1..=20). Shutdown waits for at most one poll.
     pub wait_secs: i32,
-    /// Upper bound for one worker invocation (the first one also compiles the worker).
+    /// Longest a worker invocation may run: the function's timeout plus [`TIMEOUT_GRACE`]. With
+    /// a supervised watch the clock starts when the worker's process is there (Lambda's timeout
+    /// never includes a build); otherwise it bounds the whole HTTP invoke.
     pub invoke_timeout: Duration,
+    /// With a supervised watch: longest wait for the worker's process to appear after an invoke
+    /// (the first `cargo run` compiles it).
+    pub cold_start_timeout: Duration,
     /// Name used in the schedule event's rule ARN.
     pub rule_name: String,
+    /// The function SQS batches are delivered to.
+    pub worker_function: String,
+    /// Serve the worker from a `cargo lambda watch` of the bridge's own, restarted when the
+    /// worker dies or hangs; `None` invokes the worker on `watch` and can only time out.
+    pub worker_watch: Option<WatchSpec>,
+    /// After a dead or hung invocation the message is visible again this soon (Lambda would
+    /// leave it for the queue's visibility timeout; locally nothing else holds it).
+    pub redeliver_after: Duration,
+    /// How often the worker's process is looked at during an invocation.
+    pub liveness_every: Duration,
 }
 
 impl BridgeConfig {
@@ -51,8 +81,13 @@ impl BridgeConfig {
             watch: watch.into(),
             schedule_secs: 900,
             wait_secs: 3,
-            invoke_timeout: Duration::from_secs(1_800),
+            invoke_timeout: Duration::from_secs(WORKER_TIMEOUT_SECS) + TIMEOUT_GRACE,
+            cold_start_timeout: Duration::from_secs(1_800),
             rule_name: "export-cache-warmer-schedule".to_owned(),
+            worker_function: WORKER_FUNCTION.to_owned(),
+            worker_watch: None,
+            redeliver_after: Duration::from_secs(5),
+            liveness_every: Duration::from_millis(300),
         }
     }
 }
@@ -264,16 +299,24 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
+    let supervisor = match cfg.worker_watch.clone() {
+        Some(spec) => Some(Mutex::new(Supervisor::start(spec).await?)),
+        None => None,
+    };
     let bridge = Bridge {
         sqs,
         http,
         cfg,
         queue,
+        supervisor,
     };
     let (polled, scheduled) = tokio::join!(
         bridge.poll_loop(stop_rx.clone()),
         bridge.schedule_loop(stop_rx)
     );
+    if let Some(s) = &bridge.supervisor {
+        s.lock().await.stop().await;
+    }
     tracing::info!("bridge stopped");
     polled.and(scheduled)
 }
@@ -319,12 +362,25 @@ struct Bridge {
     http: reqwest::Client,
     cfg: BridgeConfig,
     queue: QueueIdentity,
+    /// The worker's own watch, when the bridge runs it.
+    supervisor: Option<Mutex<Supervisor>>,
 }
 
 struct Answer {
     status: u16,
     function_error: Option<String>,
     body: Vec<u8>,
+}
+
+/// How one worker invocation ended.
+enum Attempt {
+    /// The bridge is stopping.
+    Stopped,
+    Answered(Result<Answer, reqwest::Error>),
+    /// The worker's process (or its watch) is gone: no answer will ever come.
+    Died(String),
+    /// Ran past the function's timeout plus grace.
+    TimedOut(String),
 }
 
 impl Bridge {
@@ -395,41 +451,64 @@ impl Bridge {
                 return;
             }
         };
-        let url = invoke_url(&self.cfg.watch, WORKER_FUNCTION);
+        // With a supervised watch the supervisor enforces the timeout (its clock starts when the
+        // worker runs); the HTTP timeout is only a backstop.
+        let http_timeout = match self.supervisor {
+            Some(_) => self.cfg.cold_start_timeout + self.cfg.invoke_timeout,
+            None => self.cfg.invoke_timeout,
+        };
 
         let mut warned = false;
-        let answer = loop {
+        let attempt = loop {
+            let url = invoke_url(&self.worker_base().await, &self.cfg.worker_function);
             let attempt = tokio::select! {
-                _ = stopped(stop.clone()) => None,
-                answer = self.invoke(&url, body.clone(), self.cfg.invoke_timeout) => Some(answer),
+                _ = stopped(stop.clone()) => Attempt::Stopped,
+                answer = self.invoke(&url, body.clone(), http_timeout) => Attempt::Answered(answer),
+                end = self.watch_invocation() => end,
             };
             match attempt {
-                None => {
-                    // Stopping mid-invoke: make the messages visible again right away so the
-                    // next bridge picks them up (the job's lease guards against double work).
-                    self.release(messages).await;
-                    tracing::info!(%message_id, %job_id, outcome = "released (bridge stopping)", "delivery");
-                    return;
-                }
-                Some(Err(e)) if e.is_connect() => {
+                Attempt::Answered(Err(e)) if e.is_connect() => {
                     if !warned {
                         tracing::warn!(url = %url, "worker not reachable yet; holding the message and retrying");
                         warned = true;
                     }
                     if pause(UNREACHABLE_BACKOFF, stop).await {
-                        self.release(messages).await;
+                        self.set_visibility(messages, 0).await;
                         return;
                     }
                 }
-                Some(Err(e)) => break Err(e),
-                Some(Ok(answer)) => break Ok(answer),
+                other => break other,
             }
         };
-        let settlement = match answer {
-            Ok(a) => settle(&ids, a.status, a.function_error.as_deref(), &a.body),
-            Err(e) => Settlement::InvokeFailed(format!("invoke failed: {e}")),
+        let settlement = match attempt {
+            Attempt::Stopped => {
+                // Stopping mid-invoke: make the messages visible again right away so the
+                // next bridge picks them up (the job's lease guards against double work).
+                self.set_visibility(messages, 0).await;
+                tracing::info!(%message_id, %job_id, outcome = "released (bridge stopping)", "delivery");
+                return;
+            }
+            // No answer from the function, and none coming: like a crashed or timed-out Lambda
+            // invocation, not like a function error.
+            Attempt::Died(reason) => Err(format!("worker died: {reason}")),
+            Attempt::TimedOut(reason) => Err(reason),
+            Attempt::Answered(Err(e)) if e.is_timeout() => {
+                Err(format!("no answer within {http_timeout:?}"))
+            }
+            Attempt::Answered(Err(e)) => Err(format!("invoke failed: {e}")),
+            Attempt::Answered(Ok(a)) => {
+                Ok(settle(&ids, a.status, a.function_error.as_deref(), &a.body))
+            }
         };
         let ms = started.elapsed().as_millis();
+        let settlement = match settlement {
+            Ok(settlement) => settlement,
+            Err(reason) => {
+                let outcome = self.abandon(messages, &reason).await;
+                tracing::warn!(%message_id, %job_id, %receive_count, ms, %outcome, "delivery");
+                return;
+            }
+        };
         match settlement {
             Settlement::Partial { delete, failed } => {
                 let deleted = self.delete(messages, &delete).await;
@@ -511,7 +590,8 @@ impl Bridge {
         Ok(())
     }
 
-    async fn release(&self, messages: &[Message]) {
+    /// Makes the messages visible again in `secs` seconds.
+    async fn set_visibility(&self, messages: &[Message], secs: i32) {
         for m in messages {
             let Some(handle) = m.receipt_handle.as_deref() else {
                 continue;
@@ -521,13 +601,80 @@ impl Bridge {
                 .change_message_visibility()
                 .queue_url(&self.cfg.queue_url)
                 .receipt_handle(handle)
-                .visibility_timeout(0)
+                .visibility_timeout(secs)
                 .send()
                 .await
             {
-                tracing::warn!(error = %DisplayErrorContext(&e), "could not release a message");
+                tracing::warn!(error = %DisplayErrorContext(&e), "could not change a message's visibility; it comes back after the queue's visibility timeout");
             }
         }
+    }
+
+    /// Where the worker is invoked. A supervised worker that died between invocations is
+    /// started again first: its watch would take the invoke and never answer it.
+    async fn worker_base(&self) -> String {
+        let Some(sup) = &self.supervisor else {
+            return self.cfg.watch.clone();
+        };
+        let mut sup = sup.lock().await;
+        if let Health::Dead(reason) = sup.health().await {
+            tracing::warn!(%reason, "worker found dead before an invocation; restarting its watch");
+            if let Err(e) = sup.restart().await {
+                tracing::error!(error = %format!("{e:#}"), "could not restart the worker's watch");
+            }
+        }
+        sup.url()
+    }
+
+    /// Completes when the running invocation can no longer be answered (the worker's process
+    /// died) or ran past the function's timeout; never without a supervised watch.
+    async fn watch_invocation(&self) -> Attempt {
+        let Some(sup) = &self.supervisor else {
+            return std::future::pending().await;
+        };
+        let invoked = Instant::now();
+        let mut running_since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(self.cfg.liveness_every).await;
+            let health = sup.lock().await.health().await;
+            match health {
+                Health::Dead(reason) => return Attempt::Died(reason),
+                Health::NotStarted | Health::Building(_) => {
+                    if invoked.elapsed() > self.cfg.cold_start_timeout {
+                        return Attempt::TimedOut(format!(
+                            "{} did not start within {:?}",
+                            self.cfg.worker_function, self.cfg.cold_start_timeout
+                        ));
+                    }
+                }
+                Health::Running(_) | Health::Unknown => {
+                    let since = *running_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.cfg.invoke_timeout {
+                        return Attempt::TimedOut(format!(
+                            "no answer {:?} into the invocation (the function's timeout plus grace)",
+                            self.cfg.invoke_timeout
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up an invocation that will not answer: restarts the worker's watch (which also ends
+    /// a hung worker) and lets the message come back soon, as a fresh Lambda runtime would take
+    /// it after the visibility timeout. Nothing is deleted: the job's checkpoint and lease
+    /// decide what the next delivery does. Returns the outcome for the delivery log line.
+    async fn abandon(&self, messages: &[Message], reason: &str) -> String {
+        let restarted = match &self.supervisor {
+            Some(sup) => match sup.lock().await.restart().await {
+                Ok(()) => "worker watch restarted".to_owned(),
+                Err(e) => format!("worker watch NOT restarted: {e:#}"),
+            },
+            None => "no supervised watch to restart (run the bridge with --worker-port); later invokes may hang too".to_owned(),
+        };
+        let secs = i32::try_from(self.cfg.redeliver_after.as_secs()).unwrap_or(i32::MAX);
+        self.set_visibility(messages, secs).await;
+        format!("{reason}; {restarted}; message visible again in {secs} s")
     }
 
     async fn schedule_loop(&self, stop: watch::Receiver<bool>) -> anyhow::Result<()> {

@@ -1,13 +1,22 @@
-//! The demo client `make up` runs against the local stack: a miss that starts a job, the job's
-//! progress, the download, then the same request again answered from the cache with the same bytes.
+//! The demo client `make up` runs against the local stack. For each format (CSV, XLSX, csv.gz by
+//! default): a miss that starts a job, the job's progress, the download, then the same request
+//! again answered from the cache with the same bytes. Every file is saved (under `target/demo`,
+//! for CI's independent readers) and checked here: row count and header for CSV and csv.gz (whose
+//! decompressed bytes must be the CSV export's), zip integrity and calamine's reading for XLSX,
+//! and the same rows in every format.
 
+use crate::filecheck::{check_file, FileCheck};
 use crate::token::{dev_token, DEMO_SCOPES};
 use anyhow::{anyhow, bail, Context};
 use reqwest::{header, Client, Response, StatusCode};
 use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_API: &str = "http://127.0.0.1:9000/lambda-url/export-api";
+/// CSV first: the other formats are compared with it.
+pub const DEFAULT_FORMATS: &[&str] = &["csv", "xlsx", "csv.gz"];
 
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
@@ -18,9 +27,12 @@ pub struct DemoConfig {
     pub tenant: String,
     pub user: String,
     pub dataset: String,
-    pub format: String,
+    /// Exported in this order, each a miss then a hit.
+    pub formats: Vec<String>,
+    /// Where the downloaded files are kept (`{dataset}.{format}`).
+    pub out_dir: PathBuf,
     pub poll_every: Duration,
-    /// Give up waiting for the job after this long (the first run compiles the worker).
+    /// Give up waiting for a job after this long (the first run compiles the worker).
     pub timeout: Duration,
 }
 
@@ -32,24 +44,27 @@ impl DemoConfig {
             tenant: "acme".to_owned(),
             user: "alice".to_owned(),
             dataset: "orders".to_owned(),
-            format: "csv".to_owned(),
+            formats: DEFAULT_FORMATS.iter().map(|f| (*f).to_owned()).collect(),
+            out_dir: PathBuf::from("target/demo"),
             poll_every: Duration::from_millis(500),
             timeout: Duration::from_secs(20 * 60),
         }
     }
 
-    fn export_url(&self) -> String {
+    fn export_url(&self, format: &str) -> String {
+        format!("{}/exports/{}?format={format}", self.api, self.dataset)
+    }
+
+    fn cache_url(&self, format: &str) -> String {
         format!(
-            "{}/exports/{}?format={}",
-            self.api, self.dataset, self.format
+            "{}/exports/cache/{}?format={format}",
+            self.api, self.dataset
         )
     }
 
-    fn cache_url(&self) -> String {
-        format!(
-            "{}/exports/cache/{}?format={}",
-            self.api, self.dataset, self.format
-        )
+    /// Where the file of `format` is saved.
+    pub fn file_path(&self, format: &str) -> PathBuf {
+        self.out_dir.join(format!("{}.{format}", self.dataset))
     }
 
     /// A path from the API (`/exports/jobs/...`) as a full URL.
@@ -62,66 +77,43 @@ impl DemoConfig {
     }
 }
 
+/// One format's round: miss, job, download, hit, check.
 #[derive(Debug, Clone)]
-pub struct DemoSummary {
+pub struct FormatRun {
+    pub format: String,
     pub job_id: String,
     pub miss_ms: u128,
     /// From the 202 to the client seeing `succeeded`.
     pub job_observed: Duration,
     /// `finished_at - started_at` as recorded by the worker, when both are present.
     pub job_worker: Option<Duration>,
-    pub rows: Option<u64>,
     pub rows_written: Option<u64>,
+    pub path: PathBuf,
     pub bytes: u64,
     pub sha256: String,
-    pub hit_ms: u128,
     pub download_ms: u128,
+    pub hit_ms: u128,
+    pub check: FileCheck,
 }
 
-impl DemoSummary {
+impl FormatRun {
     pub fn rows_per_sec(&self) -> Option<f64> {
-        let rows = self.rows_written.or(self.rows)? as f64;
+        let rows = self.rows_written.unwrap_or(self.check.rows) as f64;
         let secs = self.job_worker.unwrap_or(self.job_observed).as_secs_f64();
         (secs > 0.0).then(|| rows / secs)
     }
 }
 
-/// Counts CSV records (RFC 4180: quoted fields may contain newlines) across chunk boundaries.
-#[derive(Debug, Default, Clone)]
-pub struct CsvRecordCounter {
-    in_quotes: bool,
-    records: u64,
-    open_record: bool,
-}
-
-impl CsvRecordCounter {
-    pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            match b {
-                b'"' => {
-                    self.in_quotes = !self.in_quotes;
-                    self.open_record = true;
-                }
-                b'\n' if !self.in_quotes => {
-                    self.records += 1;
-                    self.open_record = false;
-                }
-                b'\r' if !self.in_quotes => {}
-                _ => self.open_record = true,
-            }
-        }
-    }
-
-    /// Records seen, the header included; a last record without a line break counts.
-    pub fn records(&self) -> u64 {
-        self.records + u64::from(self.open_record)
-    }
+#[derive(Debug, Clone)]
+pub struct DemoSummary {
+    pub runs: Vec<FormatRun>,
+    /// What was compared across formats.
+    pub agreement: Vec<String>,
 }
 
 struct Download {
     bytes: u64,
     sha256: String,
-    rows: Option<u64>,
     ms: u128,
 }
 
@@ -150,6 +142,32 @@ fn parse_time(v: &serde_json::Value) -> Option<chrono::DateTime<chrono::FixedOff
         .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
 }
 
+/// One line of job progress. `progress` null means the total is not known yet ("counting");
+/// `rows_per_second` and `eta_seconds` print `-` when absent or null.
+pub fn progress_line(job: &serde_json::Value) -> String {
+    let status = job["status"].as_str().unwrap_or("?");
+    let rows = match (job["rows_written"].as_u64(), job["rows_total"].as_u64()) {
+        (Some(w), Some(t)) => format!("{w}/{t}"),
+        (Some(w), None) => format!("{w}/?"),
+        _ => "-".to_owned(),
+    };
+    let progress = match job["progress"].as_f64() {
+        Some(p) => format!("{:.1}%", p * 100.0),
+        None => "counting".to_owned(),
+    };
+    let number = |key: &str, unit: &str| {
+        job[key]
+            .as_f64()
+            .map(|v| format!("{v:.0}{unit}"))
+            .unwrap_or_else(|| "-".to_owned())
+    };
+    format!(
+        "  {status:<9} rows {rows:>15}  progress {progress:>8}  rows_per_second {:>7}  eta_seconds {}",
+        number("rows_per_second", ""),
+        number("eta_seconds", "")
+    )
+}
+
 impl Demo<'_> {
     async fn get(&self, url: &str) -> anyhow::Result<Response> {
         self.http
@@ -174,8 +192,8 @@ impl Demo<'_> {
     }
 
     /// Asks for the export until it is answered with a 202 (dropping a warm entry once).
-    async fn request_miss(&self) -> anyhow::Result<(Response, u128)> {
-        let url = self.cfg.export_url();
+    async fn request_miss(&self, format: &str) -> anyhow::Result<(Response, u128)> {
+        let url = self.cfg.export_url(format);
         for attempt in 0..2 {
             let started = Instant::now();
             let resp = self.get(&url).await?;
@@ -187,19 +205,16 @@ impl Demo<'_> {
                     println!(
                         "  already cached ({cache}); dropping the cache entry so the demo starts with a miss"
                     );
+                    let cache_url = self.cfg.cache_url(format);
                     let del = self
                         .http
-                        .delete(self.cfg.cache_url())
+                        .delete(&cache_url)
                         .bearer_auth(&self.token)
                         .send()
                         .await
                         .context("DELETE the cache entry")?;
                     if del.status() != StatusCode::NO_CONTENT {
-                        bail!(
-                            "DELETE {} answered {}",
-                            self.cfg.cache_url(),
-                            problem(del).await
-                        );
+                        bail!("DELETE {cache_url} answered {}", problem(del).await);
                     }
                 }
                 _ => bail!("GET {url} expected 202, got {}", problem(resp).await),
@@ -219,14 +234,7 @@ impl Demo<'_> {
             }
             let job = Self::json(resp).await?;
             let status = job["status"].as_str().unwrap_or("?").to_owned();
-            let line = match (job["rows_written"].as_u64(), job["rows_total"].as_u64()) {
-                (Some(w), Some(t)) => format!(
-                    "  {status:<9} {w:>9}/{t} rows  {:>5.1}%",
-                    job["progress"].as_f64().unwrap_or(0.0) * 100.0
-                ),
-                (Some(w), None) => format!("  {status:<9} {w:>9} rows"),
-                _ => format!("  {status}"),
-            };
+            let line = progress_line(&job);
             if line != last_line {
                 println!("{line}");
                 last_line = line;
@@ -254,9 +262,9 @@ impl Demo<'_> {
         }
     }
 
-    /// Follows a 303 to the presigned URL and downloads it (no Authorization header: the
-    /// signature is in the URL).
-    async fn download(&self, presigned: &str) -> anyhow::Result<Download> {
+    /// Downloads a presigned URL (no Authorization header: the signature is in the URL), hashing
+    /// it and, when `save_to` is given, writing it there.
+    async fn download(&self, presigned: &str, save_to: Option<&Path>) -> anyhow::Result<Download> {
         let started = Instant::now();
         let mut resp = self
             .http
@@ -268,19 +276,28 @@ impl Demo<'_> {
         if resp.status() != StatusCode::OK {
             bail!("presigned download answered {}", problem(resp).await);
         }
+        let mut file = match save_to {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            )),
+            None => None,
+        };
         let mut hasher = Sha256::new();
-        let mut counter = CsvRecordCounter::default();
         let mut bytes = 0u64;
         while let Some(chunk) = resp.chunk().await.context("reading the download")? {
             hasher.update(&chunk);
-            counter.feed(&chunk);
+            if let Some(f) = file.as_mut() {
+                f.write_all(&chunk).context("writing the download")?;
+            }
             bytes += chunk.len() as u64;
         }
-        let rows = (self.cfg.format == "csv").then(|| counter.records().saturating_sub(1));
+        if let Some(f) = file.as_mut() {
+            f.flush().context("writing the download")?;
+        }
         Ok(Download {
             bytes,
             sha256: hex::encode(hasher.finalize()),
-            rows,
             ms: started.elapsed().as_millis(),
         })
     }
@@ -289,6 +306,186 @@ impl Demo<'_> {
         header_str(resp, header::LOCATION.as_str())
             .ok_or_else(|| anyhow!("{what}: 303 without a Location header"))
     }
+
+    /// Miss, job, download (saved and checked), hit with the same bytes.
+    async fn export(&self, format: &str) -> anyhow::Result<FormatRun> {
+        let cfg = self.cfg;
+        let export_url = cfg.export_url(format);
+        println!();
+        println!(
+            "▶ GET {export_url}  (tenant {}, user {})",
+            cfg.tenant, cfg.user
+        );
+        let (resp, miss_ms) = self.request_miss(format).await?;
+        let location = header_str(&resp, header::LOCATION.as_str())
+            .ok_or_else(|| anyhow!("202 without a Location header"))?;
+        let retry_after = header_str(&resp, header::RETRY_AFTER.as_str())
+            .ok_or_else(|| anyhow!("202 without a Retry-After header"))?;
+        let cache = header_str(&resp, "x-export-cache").unwrap_or_else(|| "(none)".to_owned());
+        let job = Self::json(resp).await?;
+        let job_id = job["job_id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("202 body has no job_id: {job}"))?
+            .to_owned();
+        println!(
+            "  202 Accepted in {miss_ms} ms: job {job_id}, status {}, Location {location}, Retry-After {retry_after}, X-Export-Cache {cache}",
+            job["status"].as_str().unwrap_or("?")
+        );
+
+        let job_url = cfg.resolve(&location);
+        println!("▶ polling GET {job_url}");
+        let job_started = Instant::now();
+        let job = self.wait_for_job(&job_url, &job_id).await?;
+        let job_observed = job_started.elapsed();
+        let job_worker = match (
+            parse_time(&job["started_at"]),
+            parse_time(&job["finished_at"]),
+        ) {
+            (Some(s), Some(f)) => (f - s).to_std().ok(),
+            _ => None,
+        };
+        let rows_written = job["rows_written"].as_u64();
+
+        let download_url = format!("{job_url}/download");
+        println!("▶ GET {download_url}");
+        let resp = self.get(&download_url).await?;
+        if resp.status() != StatusCode::SEE_OTHER {
+            bail!(
+                "GET {download_url} expected 303, got {}",
+                problem(resp).await
+            );
+        }
+        let presigned = Self::see_other_location(&resp, &download_url)?;
+        let path = cfg.file_path(format);
+        let first = self.download(&presigned, Some(&path)).await?;
+        println!(
+            "  303 -> presigned URL; downloaded {} bytes in {} ms to {}, sha256 {}",
+            first.bytes,
+            first.ms,
+            path.display(),
+            first.sha256
+        );
+
+        println!("▶ GET {export_url} again");
+        let started = Instant::now();
+        let resp = self.get(&export_url).await?;
+        let hit_ms = started.elapsed().as_millis();
+        if resp.status() != StatusCode::SEE_OTHER {
+            bail!(
+                "second request expected 303 from the cache, got {}",
+                problem(resp).await
+            );
+        }
+        let cache = header_str(&resp, "x-export-cache").unwrap_or_default();
+        if cache != "hit" {
+            bail!("second request: expected X-Export-Cache: hit, got {cache:?}");
+        }
+        let export_id = header_str(&resp, "x-export-id").unwrap_or_default();
+        let age = header_str(&resp, header::AGE.as_str()).unwrap_or_default();
+        let presigned = Self::see_other_location(&resp, "cache hit")?;
+        let second = self.download(&presigned, None).await?;
+        println!(
+            "  303 in {hit_ms} ms: X-Export-Cache hit, X-Export-Id {export_id}, Age {age}; downloaded {} bytes, sha256 {}",
+            second.bytes, second.sha256
+        );
+        if second.sha256 != first.sha256 || second.bytes != first.bytes {
+            bail!(
+                "the cached file differs from the job's file ({} bytes {} vs {} bytes {})",
+                second.bytes,
+                second.sha256,
+                first.bytes,
+                first.sha256
+            );
+        }
+
+        let check = check_file(format, &path)
+            .with_context(|| format!("checking the {format} file {}", path.display()))?;
+        println!(
+            "  check: {} data rows, header of {} labels; {}",
+            check.rows,
+            check.header.len(),
+            check.detail
+        );
+        Ok(FormatRun {
+            format: format.to_owned(),
+            job_id,
+            miss_ms,
+            job_observed,
+            job_worker,
+            rows_written,
+            path,
+            bytes: first.bytes,
+            sha256: first.sha256,
+            download_ms: first.ms,
+            hit_ms,
+            check,
+        })
+    }
+}
+
+/// The labels of `dataset` in the catalog compiled into the functions (the header every format
+/// must start with), when the dataset is there.
+fn catalog_labels(dataset: &str) -> Option<Vec<String>> {
+    let catalog = shared::catalog::Catalog::builtin().ok()?;
+    let ds = catalog.get(dataset)?;
+    Some(ds.columns.iter().map(|c| c.label.clone()).collect())
+}
+
+/// What every format must agree on: the job's row count, the catalog's labels as header, the
+/// same number of rows, and csv.gz holding exactly the CSV export's bytes. Returns what was
+/// verified, one line each.
+pub fn agreement(runs: &[FormatRun], labels: Option<&[String]>) -> anyhow::Result<Vec<String>> {
+    let mut verified = Vec::new();
+    for run in runs {
+        if let Some(written) = run.rows_written {
+            if written != run.check.rows {
+                bail!(
+                    "{}: the file has {} rows, the job reports rows_written {written}",
+                    run.format,
+                    run.check.rows
+                );
+            }
+        }
+        if let Some(labels) = labels {
+            if run.check.header != labels {
+                bail!(
+                    "{}: header {:?}, the catalog's labels are {labels:?}",
+                    run.format,
+                    run.check.header
+                );
+            }
+        }
+    }
+    if labels.is_some() && !runs.is_empty() {
+        verified.push("every header is the catalog's labels".to_owned());
+    }
+    if let Some((first, rest)) = runs.split_first() {
+        if let Some(other) = rest.iter().find(|r| r.check.rows != first.check.rows) {
+            bail!(
+                "{} has {} rows but {} has {}",
+                first.format,
+                first.check.rows,
+                other.format,
+                other.check.rows
+            );
+        }
+        verified.push(format!(
+            "{} rows in every format, as the jobs report",
+            first.check.rows
+        ));
+    }
+    let by_format = |f: &str| runs.iter().find(|r| r.format == f);
+    if let (Some(csv), Some(gz)) = (by_format("csv"), by_format("csv.gz")) {
+        if gz.check.inner_sha256.as_deref() != Some(csv.sha256.as_str()) {
+            bail!(
+                "csv.gz decompressed (sha256 {}) is not the CSV export (sha256 {})",
+                gz.check.inner_sha256.as_deref().unwrap_or("?"),
+                csv.sha256
+            );
+        }
+        verified.push("csv.gz decompressed is the CSV export byte for byte".to_owned());
+    }
+    Ok(verified)
 }
 
 /// Runs the demo and prints what happens; returns the measurements.
@@ -300,117 +497,20 @@ pub async fn run(cfg: &DemoConfig) -> anyhow::Result<DemoSummary> {
         .timeout(Duration::from_secs(120))
         .build()
         .context("building the HTTP client")?;
+    std::fs::create_dir_all(&cfg.out_dir)
+        .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
     let demo = Demo { cfg, http, token };
-
-    println!(
-        "▶ GET {}  (tenant {}, user {})",
-        cfg.export_url(),
-        cfg.tenant,
-        cfg.user
-    );
-    let (resp, miss_ms) = demo.request_miss().await?;
-    let location = header_str(&resp, header::LOCATION.as_str())
-        .ok_or_else(|| anyhow!("202 without a Location header"))?;
-    let retry_after = header_str(&resp, header::RETRY_AFTER.as_str())
-        .ok_or_else(|| anyhow!("202 without a Retry-After header"))?;
-    let cache = header_str(&resp, "x-export-cache").unwrap_or_else(|| "(none)".to_owned());
-    let job = Demo::json(resp).await?;
-    let job_id = job["job_id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("202 body has no job_id: {job}"))?
-        .to_owned();
-    println!(
-        "  202 Accepted in {miss_ms} ms: job {job_id}, status {}, Location {location}, Retry-After {retry_after}, X-Export-Cache {cache}",
-        job["status"].as_str().unwrap_or("?")
-    );
-
-    let job_url = cfg.resolve(&location);
-    println!("▶ polling GET {job_url}");
-    let job_started = Instant::now();
-    let job = demo.wait_for_job(&job_url, &job_id).await?;
-    let job_observed = job_started.elapsed();
-    let job_worker = match (
-        parse_time(&job["started_at"]),
-        parse_time(&job["finished_at"]),
-    ) {
-        (Some(s), Some(f)) => (f - s).to_std().ok(),
-        _ => None,
-    };
-    let rows_written = job["rows_written"].as_u64();
-
-    let download_url = format!("{job_url}/download");
-    println!("▶ GET {download_url}");
-    let resp = demo.get(&download_url).await?;
-    if resp.status() != StatusCode::SEE_OTHER {
-        bail!(
-            "GET {download_url} expected 303, got {}",
-            problem(resp).await
-        );
+    let mut runs = Vec::new();
+    for format in &cfg.formats {
+        let run = demo
+            .export(format)
+            .await
+            .with_context(|| format!("{} {format}", cfg.dataset))?;
+        runs.push(run);
     }
-    let presigned = Demo::see_other_location(&resp, &download_url)?;
-    let first = demo.download(&presigned).await?;
-    println!(
-        "  303 -> presigned URL; downloaded {} bytes{} in {} ms, sha256 {}",
-        first.bytes,
-        first
-            .rows
-            .map(|r| format!(", {r} rows"))
-            .unwrap_or_default(),
-        first.ms,
-        first.sha256
-    );
-    if let (Some(rows), Some(written)) = (first.rows, rows_written) {
-        if rows != written {
-            println!(
-                "  WARNING: the file has {rows} rows but the job reports rows_written {written}"
-            );
-        }
-    }
-
-    println!("▶ GET {} again", cfg.export_url());
-    let started = Instant::now();
-    let resp = demo.get(&cfg.export_url()).await?;
-    let hit_ms = started.elapsed().as_millis();
-    if resp.status() != StatusCode::SEE_OTHER {
-        bail!(
-            "second request expected 303 from the cache, got {}",
-            problem(resp).await
-        );
-    }
-    let cache = header_str(&resp, "x-export-cache").unwrap_or_default();
-    if cache != "hit" {
-        bail!("second request: expected X-Export-Cache: hit, got {cache:?}");
-    }
-    let export_id = header_str(&resp, "x-export-id").unwrap_or_default();
-    let age = header_str(&resp, header::AGE.as_str()).unwrap_or_default();
-    let presigned = Demo::see_other_location(&resp, "cache hit")?;
-    let second = demo.download(&presigned).await?;
-    println!(
-        "  303 in {hit_ms} ms: X-Export-Cache hit, X-Export-Id {export_id}, Age {age}; downloaded {} bytes, sha256 {}",
-        second.bytes, second.sha256
-    );
-    if second.sha256 != first.sha256 || second.bytes != first.bytes {
-        bail!(
-            "the cached file differs from the job's file ({} bytes {} vs {} bytes {})",
-            second.bytes,
-            second.sha256,
-            first.bytes,
-            first.sha256
-        );
-    }
-
-    Ok(DemoSummary {
-        job_id,
-        miss_ms,
-        job_observed,
-        job_worker,
-        rows: first.rows,
-        rows_written,
-        bytes: first.bytes,
-        sha256: first.sha256,
-        hit_ms,
-        download_ms: first.ms,
-    })
+    let labels = catalog_labels(&cfg.dataset);
+    let agreement = agreement(&runs, labels.as_deref())?;
+    Ok(DemoSummary { runs, agreement })
 }
 
 fn human_bytes(bytes: u64) -> String {
@@ -428,50 +528,56 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// The closing report: timings, then how to call the API by hand.
+/// The closing report: timings per format, what was checked, then how to call the API by hand.
 pub fn print_summary(cfg: &DemoConfig, s: &DemoSummary) -> anyhow::Result<()> {
-    let rows = s
-        .rows_written
-        .or(s.rows)
-        .map(|r| r.to_string())
-        .unwrap_or_else(|| "?".to_owned());
-    let rate = s
-        .rows_per_sec()
-        .map(|r| format!("{r:.0} rows/s"))
-        .unwrap_or_else(|| "n/a".to_owned());
-    let worker = s
-        .job_worker
-        .map(|d| format!(", worker {:.2} s", d.as_secs_f64()))
-        .unwrap_or_default();
     println!();
     println!(
-        "== export-cache demo: {} {} for tenant {} ==",
-        cfg.dataset, cfg.format, cfg.tenant
+        "== export-cache demo: {} for tenant {} ==",
+        cfg.dataset, cfg.tenant
     );
     println!(
-        "  miss answered    202 in {} ms (job {})",
-        s.miss_ms, s.job_id
+        "  {:<7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>9}  file",
+        "format", "miss", "job", "rows", "rows/s", "size", "hit"
     );
-    println!(
-        "  job              {:.2} s until succeeded{worker}; {rows} rows, {rate}",
-        s.job_observed.as_secs_f64()
-    );
-    println!(
-        "  download         {} in {} ms, sha256 {}",
-        human_bytes(s.bytes),
-        s.download_ms,
-        s.sha256
-    );
-    println!("  hit answered     303 in {} ms, identical bytes", s.hit_ms);
+    for r in &s.runs {
+        let job = match r.job_worker {
+            Some(w) => format!("{:.1} s", w.as_secs_f64()),
+            None => format!("~{:.1} s", r.job_observed.as_secs_f64()),
+        };
+        let rate = r
+            .rows_per_sec()
+            .map(|v| format!("{v:.0}"))
+            .unwrap_or_else(|| "-".to_owned());
+        println!(
+            "  {:<7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>9}  {}",
+            r.format,
+            format!("{} ms", r.miss_ms),
+            job,
+            r.check.rows,
+            rate,
+            human_bytes(r.bytes),
+            format!("{} ms", r.hit_ms),
+            r.path.display()
+        );
+    }
+    println!("  (miss: 202 answered; job: worker start to finish; hit: 303 answered, same bytes downloaded)");
+    for line in &s.agreement {
+        println!("  checked: {line}");
+    }
+    for r in &s.runs {
+        println!("  checked: {} {}", r.format, r.check.detail);
+    }
     println!();
     let token = dev_token(&cfg.secret, &cfg.tenant, &cfg.user, DEMO_SCOPES, 12 * 3_600)?;
     println!("API base URL: {}", cfg.api);
     println!("Try it (token valid 12 h):");
     println!("  export TOKEN='{token}'");
-    println!(
-        "  curl -si -H \"Authorization: Bearer $TOKEN\" '{}'",
-        cfg.export_url()
-    );
+    for format in &cfg.formats {
+        println!(
+            "  curl -si -H \"Authorization: Bearer $TOKEN\" '{}'",
+            cfg.export_url(format)
+        );
+    }
     println!(
         "  curl -s -H \"Authorization: Bearer $TOKEN\" '{}/exports/cache/stats'",
         cfg.api
@@ -482,35 +588,7 @@ pub fn print_summary(cfg: &DemoConfig, s: &DemoSummary) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn count(chunks: &[&[u8]]) -> u64 {
-        let mut c = CsvRecordCounter::default();
-        for chunk in chunks {
-            c.feed(chunk);
-        }
-        c.records()
-    }
-
-    #[test]
-    fn counts_records_not_lines() {
-        let csv = b"id,name\r\n1,\"Smith, Jo\"\r\n2,\"multi\nline \"\"quoted\"\"\"\r\n3,plain\r\n";
-        assert_eq!(count(&[csv]), 4);
-    }
-
-    #[test]
-    fn counts_across_chunk_boundaries() {
-        let csv = b"id,name\n1,\"a\nb\"\n2,c\n";
-        for split in 0..csv.len() {
-            let (a, b) = csv.split_at(split);
-            assert_eq!(count(&[a, b]), 3, "split at {split}");
-        }
-    }
-
-    #[test]
-    fn last_record_without_line_break_counts() {
-        assert_eq!(count(&[b"h\n1\n2"]), 3);
-        assert_eq!(count(&[b""]), 0);
-    }
+    use serde_json::json;
 
     #[test]
     fn job_locations_resolve_against_the_api_base() {
@@ -521,9 +599,99 @@ mod tests {
         );
         assert_eq!(cfg.resolve("http://x/y"), "http://x/y");
         assert_eq!(
-            cfg.export_url(),
-            "http://127.0.0.1:9000/lambda-url/export-api/exports/orders?format=csv"
+            cfg.export_url("csv.gz"),
+            "http://127.0.0.1:9000/lambda-url/export-api/exports/orders?format=csv.gz"
         );
+        assert_eq!(
+            cfg.file_path("csv.gz"),
+            Path::new("target/demo/orders.csv.gz")
+        );
+        assert_eq!(cfg.formats, ["csv", "xlsx", "csv.gz"]);
+    }
+
+    #[test]
+    fn progress_lines_show_rate_and_eta() {
+        let line = progress_line(&json!({
+            "status": "running", "rows_written": 4000, "rows_total": 20000, "progress": 0.2,
+            "rows_per_second": 812.4, "eta_seconds": 19.7
+        }));
+        assert!(line.contains("running"), "{line}");
+        assert!(line.contains("4000/20000"), "{line}");
+        assert!(line.contains("20.0%"), "{line}");
+        assert!(line.contains("rows_per_second     812"), "{line}");
+        assert!(line.ends_with("eta_seconds 20"), "{line}");
+    }
+
+    #[test]
+    fn unknown_progress_reads_counting_and_missing_numbers_a_dash() {
+        let line = progress_line(&json!({
+            "status": "running", "rows_written": 1500, "rows_total": null, "progress": null,
+            "rows_per_second": null
+        }));
+        assert!(line.contains("1500/?"), "{line}");
+        assert!(line.contains("progress counting"), "{line}");
+        assert!(line.contains("rows_per_second       -"), "{line}");
+        assert!(line.ends_with("eta_seconds -"), "{line}");
+        let queued = progress_line(&json!({"status": "queued"}));
+        assert!(queued.contains("rows               -"), "{queued}");
+    }
+
+    fn run(format: &str, rows: u64, header: &[&str], sha: &str, inner: Option<&str>) -> FormatRun {
+        FormatRun {
+            format: format.to_owned(),
+            job_id: "j".to_owned(),
+            miss_ms: 1,
+            job_observed: Duration::from_secs(1),
+            job_worker: None,
+            rows_written: Some(rows),
+            path: PathBuf::from(format!("x.{format}")),
+            bytes: 1,
+            sha256: sha.to_owned(),
+            download_ms: 1,
+            hit_ms: 1,
+            check: FileCheck {
+                rows,
+                header: header.iter().map(|h| (*h).to_owned()).collect(),
+                inner_sha256: inner.map(str::to_owned),
+                detail: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn formats_must_agree_on_rows_header_and_bytes() {
+        let labels = vec!["Order ID".to_owned(), "Note".to_owned()];
+        let h = ["Order ID", "Note"];
+        let good = [
+            run("csv", 3, &h, "aa", None),
+            run("xlsx", 3, &h, "bb", None),
+            run("csv.gz", 3, &h, "cc", Some("aa")),
+        ];
+        let verified = agreement(&good, Some(&labels)).unwrap();
+        assert_eq!(verified.len(), 3, "{verified:?}");
+
+        let wrong_bytes = [
+            run("csv", 3, &h, "aa", None),
+            run("csv.gz", 3, &h, "cc", Some("ab")),
+        ];
+        assert!(agreement(&wrong_bytes, Some(&labels)).is_err());
+        let wrong_rows = [
+            run("csv", 3, &h, "aa", None),
+            run("xlsx", 2, &h, "bb", None),
+        ];
+        assert!(agreement(&wrong_rows, None).is_err());
+        let wrong_header = [run("xlsx", 3, &["Order", "Note"], "bb", None)];
+        assert!(agreement(&wrong_header, Some(&labels)).is_err());
+        let mut lying_job = run("csv", 3, &h, "aa", None);
+        lying_job.rows_written = Some(4);
+        assert!(agreement(&[lying_job], None).is_err());
+    }
+
+    #[test]
+    fn the_builtin_catalog_gives_the_orders_labels() {
+        let labels = catalog_labels("orders").expect("orders is in the catalog");
+        assert_eq!(labels[..2], ["Order ID", "Created at"]);
+        assert_eq!(catalog_labels("nope"), None);
     }
 
     #[test]

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The secret `make up` configures when `LOCAL_JWT_SECRET` is not set. Local use only.
-pub const DEFAULT_DEV_SECRET: &str = "export-cache-local-dev-secret";
+/// At least 32 bytes: the API refuses shorter keys at start-up.
+pub const DEFAULT_DEV_SECRET: &str = "export-cache-local-dev-secret-not-for-production";
 
 /// Scopes of the demo user: may read exports and administer the tenant's cache.
 pub const DEMO_SCOPES: &[&str] = &["exports:read", "exports:admin"];
@@ -91,6 +92,11 @@ mod tests {
         let token = dev_token("k", "globex", "bob", &[], 60).unwrap();
         let header = jsonwebtoken::decode_header(&token).unwrap();
         assert_eq!(header.alg, Algorithm::HS256);
+    }
+
+    #[test]
+    fn the_default_dev_secret_is_long_enough_for_the_api() {
+        assert!(DEFAULT_DEV_SECRET.len() >= shared::config::MIN_LOCAL_JWT_SECRET_BYTES);
     }
 
     #[test]

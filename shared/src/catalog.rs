@@ -448,6 +448,15 @@ fn validate_dataset(rd: RawDataset) -> Result<Dataset, CatalogError> {
             "must be > 0 (how long a file is fresh)".into(),
         ));
     }
+    // Records and files are kept KEEP_RECORDS_FOR_DAYS: a file cannot be served longer, and the
+    // bound keeps every deadline computed from these numbers in range.
+    let keep = crate::services::KEEP_RECORDS_FOR_DAYS as u64 * 86_400;
+    if rd.ttl_seconds.saturating_add(rd.stale_seconds) > keep {
+        return Err(err(
+            "stale_seconds",
+            format!("ttl_seconds + stale_seconds must be at most {keep} (how long files are kept)"),
+        ));
+    }
     if rd.row_limit == 0 || rd.row_limit > MAX_ROW_LIMIT {
         return Err(err(
             "row_limit",
@@ -515,7 +524,7 @@ columns = [
     #[test]
     fn builtin_catalog_is_valid_and_has_the_demo_datasets() {
         let c = Catalog::builtin().unwrap();
-        assert_eq!(c.names(), vec!["customers", "orders"]);
+        assert_eq!(c.names(), vec!["contacts", "customers", "orders"]);
         let orders = c.get("orders").unwrap();
         assert_eq!(orders.columns.len(), 12);
         assert_eq!(orders.range_column().unwrap().name, "created_at");

@@ -32,12 +32,22 @@ pub struct Config {
     pub source_table_prefix: String,
     pub catalog_path: Option<PathBuf>,
     pub tenant_claim: String,
+    /// HS256 key the API verifies bearer tokens with where no authorizer ran (local only); at
+    /// least [`MIN_LOCAL_JWT_SECRET_BYTES`] long.
     pub local_jwt_secret: Option<String>,
+    /// When set, locally verified tokens must carry this `iss` / `aud`.
+    pub local_jwt_issuer: Option<String>,
+    pub local_jwt_audience: Option<String>,
     pub presign_ttl: Duration,
     /// Cache misses (new exports) a tenant may request per minute; 0 turns the limit off. Hits
     /// are never limited: they cost nothing at the source.
     pub miss_rate_per_minute: u32,
     pub s3_force_path_style: bool,
+    /// Small AWS calls: metadata table and job queue. Short, so a stalled service turns into a
+    /// quick 503 (API) or a retry later (worker) instead of a hung invocation.
+    pub sdk: SdkTimeouts,
+    /// Bulk AWS calls: source table pages and file parts, which legitimately take longer.
+    pub sdk_bulk: SdkTimeouts,
     pub log_format: LogFormat,
     pub worker: WorkerSettings,
     pub warmer: WarmerSettings,
@@ -57,6 +67,10 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     /// Items per source Query page (None = DynamoDB's 1 MB pages).
     pub page_size: Option<i32>,
+    /// Jobs of one tenant running at once; more wait their turn. 0 = no limit.
+    pub max_running_per_tenant: u32,
+    /// How long a job that found its tenant at the limit waits before it asks again.
+    pub tenant_wait: Duration,
 }
 
 impl Default for WorkerSettings {
@@ -68,14 +82,26 @@ impl Default for WorkerSettings {
             deadline_margin: Duration::from_secs(60),
             max_attempts: 5,
             page_size: None,
+            max_running_per_tenant: 3,
+            tenant_wait: Duration::from_secs(30),
         }
     }
+}
+
+/// Limits on one AWS SDK call: connecting, each attempt, and the whole call with its retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdkTimeouts {
+    pub connect: Duration,
+    pub attempt: Duration,
+    pub call: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct WarmerSettings {
     pub interval: Duration,
     pub hit_window: Duration,
+    /// New refresh jobs one tenant may get per warmer run (pins included); 0 = no limit.
+    pub max_refreshes_per_tenant: u32,
 }
 
 impl Default for WarmerSettings {
@@ -83,11 +109,14 @@ impl Default for WarmerSettings {
         Self {
             interval: Duration::from_secs(900),
             hit_window: Duration::from_secs(86_400),
+            max_refreshes_per_tenant: 20,
         }
     }
 }
 
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+/// An HS256 key shorter than its hash output can be brute-forced from one token (RFC 7518 3.2).
+pub const MIN_LOCAL_JWT_SECRET_BYTES: usize = 32;
 pub const MAX_PRESIGN_TTL: u64 = 900;
 
 impl Config {
@@ -138,6 +167,15 @@ impl Config {
             }
         };
 
+        let count = |k: &'static str, default: u32| -> Result<u32, ConfigError> {
+            let v = number(k, default.into())?;
+            u32::try_from(v).map_err(|_| ConfigError::Invalid {
+                name: k,
+                value: v.to_string(),
+                message: format!("must be at most {}", u32::MAX),
+            })
+        };
+        let warm_defaults = WarmerSettings::default();
         let presign_ttl = secs("PRESIGN_TTL_SECONDS", 300)?;
         if presign_ttl.as_secs() == 0 || presign_ttl.as_secs() > MAX_PRESIGN_TTL {
             return Err(ConfigError::Invalid {
@@ -157,7 +195,62 @@ impl Config {
                 })
             }
         };
+        let millis = |k: &'static str, default: u64| -> Result<Duration, ConfigError> {
+            match number(k, default)? {
+                0 => Err(ConfigError::Invalid {
+                    name: k,
+                    value: "0".into(),
+                    message: "must be a positive number of milliseconds".into(),
+                }),
+                ms => Ok(Duration::from_millis(ms)),
+            }
+        };
+        let connect = millis("SDK_CONNECT_TIMEOUT_MS", 1_000)?;
+        let timeouts = |attempt: (&'static str, u64), call: (&'static str, u64)| {
+            let t = SdkTimeouts {
+                connect,
+                attempt: millis(attempt.0, attempt.1)?,
+                call: millis(call.0, call.1)?,
+            };
+            if t.attempt > t.call {
+                return Err(ConfigError::Invalid {
+                    name: attempt.0,
+                    value: t.attempt.as_millis().to_string(),
+                    message: format!("must not exceed {}", call.0),
+                });
+            }
+            Ok(t)
+        };
+        let sdk = timeouts(
+            ("SDK_ATTEMPT_TIMEOUT_MS", 3_000),
+            ("SDK_CALL_TIMEOUT_MS", 8_000),
+        )?;
+        let sdk_bulk = timeouts(
+            ("SDK_BULK_ATTEMPT_TIMEOUT_MS", 60_000),
+            ("SDK_BULK_CALL_TIMEOUT_MS", 180_000),
+        )?;
+        let local_jwt_secret = get("LOCAL_JWT_SECRET");
+        if let Some(secret) = &local_jwt_secret {
+            if secret.len() < MIN_LOCAL_JWT_SECRET_BYTES {
+                return Err(ConfigError::Invalid {
+                    name: "LOCAL_JWT_SECRET",
+                    // Never echo a key, not even a weak one.
+                    value: format!("({} bytes)", secret.len()),
+                    message: format!(
+                        "must be at least {MIN_LOCAL_JWT_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`)"
+                    ),
+                });
+            }
+        }
         let defaults = WorkerSettings::default();
+        let tenant_wait = secs("TENANT_WAIT_SECONDS", defaults.tenant_wait.as_secs())?;
+        if !(1..=900).contains(&tenant_wait.as_secs()) {
+            return Err(ConfigError::Invalid {
+                name: "TENANT_WAIT_SECONDS",
+                value: tenant_wait.as_secs().to_string(),
+                message: "must be between 1 and 900 (the longest SQS message delay)".into(),
+            });
+        }
         let part_size = number("PART_SIZE_BYTES", defaults.part_size as u64)? as usize;
         if part_size < MIN_PART_SIZE {
             return Err(ConfigError::Invalid {
@@ -201,15 +294,14 @@ impl Config {
             source_table_prefix: get("SOURCE_TABLE_PREFIX").unwrap_or_default(),
             catalog_path: get("CATALOG_PATH").map(PathBuf::from),
             tenant_claim: get("TENANT_CLAIM").unwrap_or_else(|| "tenant_id".into()),
-            local_jwt_secret: get("LOCAL_JWT_SECRET"),
+            local_jwt_secret,
+            local_jwt_issuer: get("LOCAL_JWT_ISSUER"),
+            local_jwt_audience: get("LOCAL_JWT_AUDIENCE"),
             presign_ttl,
-            miss_rate_per_minute: u32::try_from(number("MISS_RATE_LIMIT_PER_MINUTE", 120)?)
-                .map_err(|_| ConfigError::Invalid {
-                    name: "MISS_RATE_LIMIT_PER_MINUTE",
-                    value: "too large".into(),
-                    message: "expected a number of requests per minute".into(),
-                })?,
+            miss_rate_per_minute: count("MISS_RATE_LIMIT_PER_MINUTE", 120)?,
             s3_force_path_style: flag("S3_FORCE_PATH_STYLE")?,
+            sdk,
+            sdk_bulk,
             log_format,
             worker: WorkerSettings {
                 part_size,
@@ -224,10 +316,19 @@ impl Config {
                 )?,
                 max_attempts: number("MAX_ATTEMPTS", defaults.max_attempts as u64)? as u32,
                 page_size,
+                max_running_per_tenant: count(
+                    "TENANT_MAX_RUNNING_JOBS",
+                    defaults.max_running_per_tenant,
+                )?,
+                tenant_wait,
             },
             warmer: WarmerSettings {
                 interval: secs("WARM_INTERVAL_SECONDS", 900)?,
                 hit_window: secs("WARM_HIT_WINDOW_SECONDS", 86_400)?,
+                max_refreshes_per_tenant: count(
+                    "WARM_MAX_REFRESHES_PER_TENANT",
+                    warm_defaults.max_refreshes_per_tenant,
+                )?,
             },
             encode: EncodeSettings {
                 xlsx_rows_per_sheet: rows_per_sheet as u32,
@@ -268,6 +369,19 @@ mod tests {
     }
 
     #[test]
+    fn short_local_signing_keys_are_refused_at_start_up() {
+        let mut env = base();
+        env.insert("LOCAL_JWT_SECRET".into(), "k".repeat(31));
+        let err = Config::from_map(&env).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { name: "LOCAL_JWT_SECRET", value, .. } if !value.contains('k')),
+            "{err:?}"
+        );
+        env.insert("LOCAL_JWT_SECRET".into(), "k".repeat(32));
+        assert!(Config::from_map(&env).unwrap().local_jwt_secret.is_some());
+    }
+
+    #[test]
     fn out_of_range_values_are_refused() {
         for (k, v) in [
             ("PRESIGN_TTL_SECONDS", "3600"),
@@ -275,6 +389,10 @@ mod tests {
             ("S3_FORCE_PATH_STYLE", "yes please"),
             ("LOG_FORMAT", "xml"),
             ("XLSX_ROWS_PER_SHEET", "2000000"),
+            ("TENANT_WAIT_SECONDS", "901"),
+            ("SDK_CALL_TIMEOUT_MS", "0"),
+            ("SDK_ATTEMPT_TIMEOUT_MS", "9000"),
+            ("TENANT_MAX_RUNNING_JOBS", "5000000000"),
         ] {
             let mut env = base();
             env.insert(k.into(), v.into());

@@ -95,32 +95,76 @@ pub struct DatasetStats {
     pub rows: u64,
 }
 
+/// What a request needs to decide, read together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lookup {
+    /// The key's entry, current or not: its job id guards the creation of a new job.
+    pub entry: Option<CacheEntry>,
+    /// Whether `entry` still has its builder's generations (nothing invalidated it since).
+    pub entry_current: bool,
+    /// The caller's current generations: what a job started now records, so the file it builds
+    /// is current for the user it is recorded for.
+    pub generation: Generation,
+}
+
+impl Lookup {
+    pub fn current_entry(&self) -> Option<&CacheEntry> {
+        self.entry.as_ref().filter(|_| self.entry_current)
+    }
+}
+
+/// A job to create, and the conditions it is created under.
+#[derive(Debug, Clone, Copy)]
+pub struct NewJob<'a> {
+    pub job: &'a Job,
+    pub marker_until: DateTime<Utc>,
+    /// Take the key's in-flight marker over only from this (finished or dead) job.
+    pub replacing: Option<&'a str>,
+    /// Job id of the key's entry when the caller decided to start a job (`None`: no entry). If
+    /// the entry changed since, nothing is created: a file finished meanwhile is served rather
+    /// than built again.
+    pub entry_seen: Option<&'a str>,
+    /// Spend one of the tenant's `limit` new-export slots of the job's minute, only when the job
+    /// is created (joining a running job costs nothing).
+    pub miss_limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    Created,
+    /// Another job holds the key's marker.
+    Held(String),
+    /// The key's entry is no longer the one the caller saw: look again.
+    EntryChanged,
+    /// The tenant started its `miss_limit` new exports this minute already.
+    RateLimited,
+}
+
 #[async_trait]
 pub trait MetadataStore: Send + Sync {
-    /// The entry for `key` (if any) and the tenant's and user's current generations, together.
+    /// The key's entry and the generations that judge it, with the caller's, together.
+    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup>;
+    /// The key's entry (current or not) and the caller's current generations.
     async fn lookup(
         &self,
         tenant: &str,
         user: &str,
         key: &CacheKey,
-    ) -> PortResult<(Option<CacheEntry>, Generation)>;
+    ) -> PortResult<(Option<CacheEntry>, Generation)> {
+        let found = self.find(tenant, user, key).await?;
+        Ok((found.entry, found.generation))
+    }
     async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()>;
     /// Bumps the entry's hit counter and last-hit time (what the warmer looks at).
     async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()>;
 
-    /// Writes the job and the key's in-flight marker together. `Ok(None)`: created. `Ok(Some(id))`:
-    /// another job holds the marker. `replacing`: take over the marker only from that (finished or
-    /// dead) job.
-    async fn create_job(
-        &self,
-        job: &Job,
-        marker_until: DateTime<Utc>,
-        replacing: Option<&str>,
-    ) -> PortResult<Option<String>>;
+    /// Writes the job and the key's in-flight marker together, under the conditions of `new`.
+    async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created>;
     async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>>;
     /// Compare-and-set on `job.version - 1`: `Conflict` when someone else wrote in between.
     async fn put_job(&self, job: &Job) -> PortResult<()>;
-    /// Marks the job (compare-and-set as `put_job`) and writes its cache entry in one transaction.
+    /// Marks the job (compare-and-set as `put_job`) and writes its cache entry in one
+    /// transaction, keeping the tenant's live entry counters in step.
     async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()>;
     /// Removes the key's marker if `job_id` still holds it.
     async fn release_marker(&self, tenant: &str, key: &CacheKey, job_id: &str) -> PortResult<()>;
@@ -135,14 +179,6 @@ pub trait MetadataStore: Send + Sync {
     /// Hides every entry of the tenant (`user: None`) or of one user.
     async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()>;
     async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation>;
-    /// Takes one of the tenant's `limit` new-export slots for the minute of `now`; `false` when
-    /// they are all taken.
-    async fn take_miss_slot(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> PortResult<bool>;
     /// The exact row count of the last file built from the rows `rows_key` names
     /// (`domain::request::rows_key`), in any format or columns.
     async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>>;
@@ -153,17 +189,33 @@ pub trait MetadataStore: Send + Sync {
         rows: u64,
         now: DateTime<Utc>,
     ) -> PortResult<()>;
-    /// Counters per dataset, and live entries with their bytes.
+    /// Counters per dataset, and live entries with their bytes: a few counter reads, however
+    /// many entries the tenant has.
     async fn stats(
         &self,
         tenant: &str,
         now: DateTime<Utc>,
     ) -> PortResult<std::collections::BTreeMap<String, DatasetStats>>;
+
+    /// Takes (or renews) one of the tenant's `limit` running-job slots for `job_id` until
+    /// `until`; `false` when every slot is held by another job whose hold has not expired.
+    async fn take_tenant_slot(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> PortResult<bool>;
+    /// Frees the slot `job_id` holds, if any.
+    async fn release_tenant_slot(&self, tenant: &str, job_id: &str) -> PortResult<()>;
 }
 
 #[async_trait]
 pub trait JobQueue: Send + Sync {
     async fn enqueue(&self, msg: &JobMessage) -> PortResult<()>;
+    /// Enqueues a message that becomes visible after `seconds` (at most 900, SQS's limit).
+    async fn enqueue_delayed(&self, msg: &JobMessage, seconds: u32) -> PortResult<()>;
     /// Make a received message visible again after `seconds` (retry with backoff).
     async fn retry_after(&self, receipt_handle: &str, seconds: i32) -> PortResult<()>;
 }

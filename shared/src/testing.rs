@@ -13,8 +13,8 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::domain::{CacheEntry, CacheKey, Generation, Job, JobMessage, Row, UploadedPart};
 use crate::ports::{
-    Clock, DatasetStats, HitKind, JobQueue, MetadataStore, ObjectStore, Page, PortError,
-    PortResult, RowSource, SourceQuery,
+    Clock, Created, DatasetStats, HitKind, JobQueue, Lookup, MetadataStore, NewJob, ObjectStore,
+    Page, PortError, PortResult, RowSource, SourceQuery,
 };
 use crate::services::Deps;
 
@@ -24,6 +24,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// (tenant, key) -> (job id holding the marker, until)
 type Markers = HashMap<(String, CacheKey), (String, DateTime<Utc>)>;
+/// tenant -> slot index -> (job id, held until)
+type TenantSlots = HashMap<String, BTreeMap<u32, (String, DateTime<Utc>)>>;
 /// upload id -> (object key, parts by number)
 type Uploads = HashMap<String, (String, BTreeMap<i32, Vec<u8>>)>;
 
@@ -36,7 +38,16 @@ pub struct MemoryMeta {
     pub counters: Mutex<HashMap<(String, String), DatasetStats>>,
     pub miss_slots: Mutex<HashMap<(String, i64), u32>>,
     pub row_counts: Mutex<HashMap<(String, String), u64>>,
+    pub tenant_slots: Mutex<TenantSlots>,
+    /// When set, the next `find` says so on the first channel and returns only once the second
+    /// fires: a test can finish a job between a request's look at the cache and its write.
+    pub pause_after_find: Mutex<Option<Pause>>,
 }
+
+pub type Pause = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Receiver<()>,
+);
 
 impl MemoryMeta {
     fn gen(&self, tenant: &str, user: &str) -> Generation {
@@ -50,17 +61,22 @@ impl MemoryMeta {
 
 #[async_trait]
 impl MetadataStore for MemoryMeta {
-    async fn lookup(
-        &self,
-        tenant: &str,
-        user: &str,
-        key: &CacheKey,
-    ) -> PortResult<(Option<CacheEntry>, Generation)> {
+    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup> {
         let entry = lock(&self.entries)
             .get(&(tenant.into(), key.clone()))
             .cloned();
-        let owner = entry.as_ref().map_or(user, |e| e.user.as_str());
-        Ok((entry.clone(), self.gen(tenant, owner)))
+        let pause = lock(&self.pause_after_find).take();
+        if let Some((reached, resume)) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
+        }
+        Ok(Lookup {
+            entry_current: entry
+                .as_ref()
+                .is_some_and(|e| e.generation == self.gen(tenant, &e.user)),
+            entry,
+            generation: self.gen(tenant, user),
+        })
     }
 
     async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
@@ -84,32 +100,46 @@ impl MetadataStore for MemoryMeta {
         Ok(())
     }
 
-    async fn create_job(
-        &self,
-        job: &Job,
-        marker_until: DateTime<Utc>,
-        replacing: Option<&str>,
-    ) -> PortResult<Option<String>> {
-        let mut markers = lock(&self.markers);
+    async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
+        let job = new.job;
         let k = (job.tenant.clone(), job.cache_key.clone());
+        // Same order of checks as the adapter's transaction outcome.
+        let entry_now = lock(&self.entries).get(&k).map(|e| e.job_id.clone());
+        if entry_now.as_deref() != new.entry_seen {
+            return Ok(Created::EntryChanged);
+        }
+        let mut markers = lock(&self.markers);
         if let Some((holder, until)) = markers.get(&k) {
-            let free = match replacing {
+            let free = match new.replacing {
                 None => *until < job.created_at,
                 Some(old) => holder == old,
             };
             if !free {
-                return Ok(Some(holder.clone()));
+                return Ok(Created::Held(holder.clone()));
             }
-        } else if replacing.is_some() {
+        } else if new.replacing.is_some() {
             return Err(PortError::Conflict("marker gone".into()));
         }
         let mut jobs = lock(&self.jobs);
         if jobs.contains_key(&job.job_id) {
             return Err(PortError::Conflict("job exists".into()));
         }
-        markers.insert(k, (job.job_id.clone(), marker_until));
+        if let Some(limit) = new.miss_limit {
+            let mut slots = lock(&self.miss_slots);
+            let taken = slots
+                .entry((
+                    job.tenant.clone(),
+                    job.created_at.timestamp().div_euclid(60),
+                ))
+                .or_default();
+            if *taken >= limit {
+                return Ok(Created::RateLimited);
+            }
+            *taken += 1;
+        }
+        markers.insert(k, (job.job_id.clone(), new.marker_until));
         jobs.insert(job.job_id.clone(), job.clone());
-        Ok(None)
+        Ok(Created::Created)
     }
 
     async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>> {
@@ -173,23 +203,6 @@ impl MetadataStore for MemoryMeta {
         Ok(self.gen(tenant, user))
     }
 
-    async fn take_miss_slot(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> PortResult<bool> {
-        let mut slots = lock(&self.miss_slots);
-        let taken = slots
-            .entry((tenant.to_string(), now.timestamp() / 60))
-            .or_default();
-        if *taken >= limit {
-            return Ok(false);
-        }
-        *taken += 1;
-        Ok(true)
-    }
-
     async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>> {
         Ok(lock(&self.row_counts)
             .get(&(tenant.to_string(), rows_key.to_string()))
@@ -227,6 +240,37 @@ impl MetadataStore for MemoryMeta {
             }
         }
         Ok(out)
+    }
+
+    async fn take_tenant_slot(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> PortResult<bool> {
+        let mut all = lock(&self.tenant_slots);
+        let slots = all.entry(tenant.to_string()).or_default();
+        let mine = slots
+            .iter()
+            .find(|(i, (holder, _))| holder == job_id && **i < limit)
+            .map(|(i, _)| *i);
+        let free = (0..limit).find(|i| slots.get(i).is_none_or(|(_, held)| *held <= now));
+        match mine.or(free) {
+            Some(i) => {
+                slots.insert(i, (job_id.to_string(), until));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn release_tenant_slot(&self, tenant: &str, job_id: &str) -> PortResult<()> {
+        if let Some(slots) = lock(&self.tenant_slots).get_mut(tenant) {
+            slots.retain(|_, (holder, _)| holder != job_id);
+        }
+        Ok(())
     }
 }
 
@@ -316,6 +360,8 @@ impl ObjectStore for MemoryFiles {
 #[derive(Default)]
 pub struct MemoryQueue {
     pub sent: Mutex<Vec<JobMessage>>,
+    /// Messages sent with a delay, and the delay in seconds.
+    pub delayed: Mutex<Vec<(JobMessage, u32)>>,
     pub fail: Mutex<bool>,
 }
 
@@ -335,6 +381,14 @@ impl JobQueue for MemoryQueue {
         Ok(())
     }
 
+    async fn enqueue_delayed(&self, msg: &JobMessage, seconds: u32) -> PortResult<()> {
+        if *lock(&self.fail) {
+            return Err(PortError::failed("enqueue", "queue down", true));
+        }
+        lock(&self.delayed).push((msg.clone(), seconds));
+        Ok(())
+    }
+
     async fn retry_after(&self, _receipt: &str, _seconds: i32) -> PortResult<()> {
         Ok(())
     }
@@ -349,11 +403,16 @@ pub struct MemorySource {
     pub pages_read: Mutex<u64>,
     /// The next this many reads fail with a retryable error (throttling, say).
     pub fail_next: Mutex<u32>,
+    /// Every read fails with this error while it is set.
+    pub broken: Mutex<Option<PortError>>,
 }
 
 #[async_trait]
 impl RowSource for MemorySource {
     async fn read_page(&self, q: &SourceQuery, cursor: Option<&str>) -> PortResult<Page> {
+        if let Some(e) = lock(&self.broken).clone() {
+            return Err(e);
+        }
         {
             let mut fail = lock(&self.fail_next);
             if *fail > 0 {
@@ -423,6 +482,29 @@ pub struct Fakes {
     pub source: Arc<MemorySource>,
     pub clock: Arc<ManualClock>,
     pub deps: Deps,
+}
+
+impl Fakes {
+    /// Runs queued jobs through the worker's use case until the queue is empty (continuations
+    /// included), as one worker with a roomy deadline would.
+    pub async fn run_jobs(&self) -> Vec<crate::services::process::Outcome> {
+        let mut out = Vec::new();
+        loop {
+            let msgs = self.queue.drain();
+            if msgs.is_empty() {
+                return out;
+            }
+            for m in msgs {
+                let deadline = self.clock.now() + chrono::Duration::minutes(15);
+                match crate::services::process::process_job(&self.deps, &m, "w1", deadline, false)
+                    .await
+                {
+                    Ok(outcome) => out.push(outcome),
+                    Err(e) => panic!("job {} asks to be retried: {e}", m.job_id),
+                }
+            }
+        }
+    }
 }
 
 pub fn fakes(config: Config, page_rows: usize) -> Fakes {
@@ -584,13 +666,8 @@ pub struct CrashingMeta {
 
 #[async_trait]
 impl MetadataStore for CrashingMeta {
-    async fn lookup(
-        &self,
-        tenant: &str,
-        user: &str,
-        key: &CacheKey,
-    ) -> PortResult<(Option<CacheEntry>, Generation)> {
-        self.inner.lookup(tenant, user, key).await
+    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup> {
+        self.inner.find(tenant, user, key).await
     }
     async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
         self.inner.count(tenant, dataset, kind).await
@@ -598,13 +675,8 @@ impl MetadataStore for CrashingMeta {
     async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
         self.inner.touch_entry(entry, now).await
     }
-    async fn create_job(
-        &self,
-        job: &Job,
-        marker_until: DateTime<Utc>,
-        replacing: Option<&str>,
-    ) -> PortResult<Option<String>> {
-        self.inner.create_job(job, marker_until, replacing).await
+    async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
+        self.inner.create_job(new).await
     }
     async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>> {
         self.inner.get_job(job_id).await
@@ -635,14 +707,6 @@ impl MetadataStore for CrashingMeta {
     async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
         self.inner.current_generation(tenant, user).await
     }
-    async fn take_miss_slot(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> PortResult<bool> {
-        self.inner.take_miss_slot(tenant, now, limit).await
-    }
     async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>> {
         self.inner.row_count(tenant, rows_key).await
     }
@@ -663,6 +727,21 @@ impl MetadataStore for CrashingMeta {
         now: DateTime<Utc>,
     ) -> PortResult<BTreeMap<String, DatasetStats>> {
         self.inner.stats(tenant, now).await
+    }
+    async fn take_tenant_slot(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> PortResult<bool> {
+        self.inner
+            .take_tenant_slot(tenant, job_id, now, until, limit)
+            .await
+    }
+    async fn release_tenant_slot(&self, tenant: &str, job_id: &str) -> PortResult<()> {
+        self.inner.release_tenant_slot(tenant, job_id).await
     }
 }
 

@@ -20,7 +20,8 @@ use shared::config::Config;
 use shared::services::Deps;
 use shared::testing::ManualClock;
 
-pub const SECRET: &str = "integration-test-secret";
+/// At least 32 bytes: the API refuses shorter local signing keys at start-up.
+pub const SECRET: &str = "integration-test-secret-of-32-bytes-at-least";
 
 pub async fn sdk() -> SdkConfig {
     assert!(
@@ -62,7 +63,11 @@ impl Answer {
 impl Stack {
     /// A fresh stack with `rows` orders per tenant (acme, globex), and extra config.
     pub async fn new(rows: u64, extra: &[(&str, &str)]) -> Self {
-        let sdk = sdk().await;
+        Self::on(sdk().await, rows, extra).await
+    }
+
+    /// The same, in the emulator `sdk` points at.
+    pub async fn on(sdk: SdkConfig, rows: u64, extra: &[(&str, &str)]) -> Self {
         let stack = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let p = provision(&sdk, &template_path(), &stack).await.unwrap();
         if rows > 0 {
@@ -120,7 +125,11 @@ impl Stack {
     }
 
     pub fn token(&self, tenant: &str, scopes: &[&str]) -> String {
-        infra::token::dev_token(SECRET, tenant, "alice", scopes, 600).unwrap()
+        self.user_token(tenant, "alice", scopes)
+    }
+
+    pub fn user_token(&self, tenant: &str, user: &str, scopes: &[&str]) -> String {
+        infra::token::dev_token(SECRET, tenant, user, scopes, 600).unwrap()
     }
 
     pub fn reader(&self, tenant: &str) -> String {
@@ -333,5 +342,92 @@ pub fn neutralised(s: &str) -> String {
         format!("'{s}")
     } else {
         s.to_string()
+    }
+}
+
+/// A moto server of the test's own, on a free port: a test that pauses the emulator (SIGSTOP)
+/// must never pause the one other tests share. Stopped, by PID, when dropped.
+pub struct OwnMoto {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl OwnMoto {
+    pub fn start() -> Self {
+        use std::io::BufRead;
+        let venv =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.local/venv/bin/moto_server");
+        let bin = if venv.exists() {
+            venv.into_os_string()
+        } else {
+            "moto_server".into()
+        };
+        let mut child = std::process::Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("moto_server (make bootstrap installs it into .local/venv)");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // moto names its port only on stderr; keep draining it so moto never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(rest) = line.split("Running on http://127.0.0.1:").nth(1) {
+                    let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("moto did not report its port");
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// An SDK config for this emulator alone, with the dummy credentials the emulator takes.
+    pub async fn sdk(&self) -> SdkConfig {
+        aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(&self.url)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "test", "test", None, None, "own-moto",
+            ))
+            .load()
+            .await
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal}");
+    }
+
+    /// Freezes the emulator: connections are accepted by the kernel, never answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for OwnMoto {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -13,13 +14,17 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use shared::domain::identity::{identity_from_claims, AuthError, BearerVerifier};
+use shared::domain::request::quoted;
 use shared::domain::{Identity, Job, RawExportRequest};
 use shared::services::cache_admin::{self, Scope};
 use shared::services::export::{request_export, ExportAnswer};
-use shared::services::{jobs, Deps};
+use shared::services::{status, Deps};
 
 mod problem;
 pub use problem::ApiError;
+
+/// Largest request body accepted (DESIGN.md, "Limits"); more is a 413 problem.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Seconds a client should wait before polling a job again.
 const POLL_AFTER_SECONDS: u32 = 2;
@@ -32,11 +37,14 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(deps: Deps) -> Self {
-        let verifier = deps
-            .config
-            .local_jwt_secret
-            .as_ref()
-            .map(|s| Arc::new(BearerVerifier::hs256(s.as_bytes())));
+        let c = &deps.config;
+        let verifier = c.local_jwt_secret.as_ref().map(|s| {
+            Arc::new(BearerVerifier::hs256(
+                s.as_bytes(),
+                c.local_jwt_issuer.as_deref(),
+                c.local_jwt_audience.as_deref(),
+            ))
+        });
         Self { deps, verifier }
     }
 }
@@ -53,11 +61,14 @@ pub fn router(deps: Deps) -> Router {
         .route("/exports/cache/{dataset}", delete(invalidate_entry))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(AppState::new(deps))
 }
 
-/// The verified caller. In AWS: the JWT authorizer's claims from the request context. Elsewhere:
-/// the bearer token verified with the configured local key; with neither, every call is refused.
+/// The verified caller. With a local key configured (no API Gateway in front), only a bearer
+/// token verified with that key counts: anyone who reaches the invoke endpoint could put
+/// authorizer claims into the event. Without one, the JWT authorizer's claims from the request
+/// context; with neither, every call is refused.
 pub struct Caller(pub Identity);
 
 impl FromRequestParts<AppState> for Caller {
@@ -65,6 +76,14 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let tenant_claim = &state.deps.config.tenant_claim;
+        if let Some(verifier) = &state.verifier {
+            let header = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|h| h.to_str().ok());
+            let claims = verifier.verify(header)?;
+            return Ok(Caller(identity_from_claims(&claims, None, tenant_claim)?));
+        }
         if let Some(lambda_http::request::RequestContext::ApiGatewayV2(ctx)) =
             parts
                 .extensions
@@ -75,15 +94,21 @@ impl FromRequestParts<AppState> for Caller {
                 return Ok(Caller(id));
             }
         }
-        let Some(verifier) = &state.verifier else {
-            return Err(AuthError::NotConfigured.into());
-        };
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok());
-        let claims = verifier.verify(header)?;
-        Ok(Caller(identity_from_claims(&claims, None, tenant_claim)?))
+        Err(AuthError::NotConfigured.into())
+    }
+}
+
+/// A path parameter whose rejection (bad percent-encoding, say) is a problem like any other.
+pub struct Segment(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Segment {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| Segment(p))
+            .map_err(|_| ApiError::invalid("path", "is not a valid path segment"))
     }
 }
 
@@ -104,7 +129,7 @@ fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
 async fn get_export(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Path(dataset): Path<String>,
+    Segment(dataset): Segment,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let raw = RawExportRequest::from_query(&dataset, query_pairs(query));
@@ -114,8 +139,15 @@ async fn get_export(
 async fn post_export(
     State(state): State<AppState>,
     Caller(who): Caller,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::invalid("body", "could not be read")
+        }
+    })?;
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid(
             "body",
@@ -216,7 +248,7 @@ pub fn job_body(job: &Job) -> serde_json::Value {
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
-        "error": job.error,
+        "error": job.error.as_ref().map(status::public_error),
         "download_url": succeeded.then(|| format!("/exports/jobs/{}/download", job.job_id)),
     })
 }
@@ -224,9 +256,9 @@ pub fn job_body(job: &Job) -> serde_json::Value {
 async fn job_status(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Path(job_id): Path<String>,
+    Segment(job_id): Segment,
 ) -> Result<Response, ApiError> {
-    let job = jobs::job_for(&state.deps, &who, &job_id).await?;
+    let job = status::job_for(&state.deps, &who, &job_id).await?;
     let mut headers = HeaderMap::new();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if !job.status.is_terminal() {
@@ -238,9 +270,9 @@ async fn job_status(
 async fn download(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Path(job_id): Path<String>,
+    Segment(job_id): Segment,
 ) -> Result<Response, ApiError> {
-    let url = jobs::download_url(&state.deps, &who, &job_id).await?;
+    let url = status::download_url(&state.deps, &who, &job_id).await?;
     tracing::info!(tenant = %who.tenant, job_id = %job_id, "download link signed");
     Ok((
         StatusCode::SEE_OTHER,
@@ -255,7 +287,7 @@ async fn download(
 async fn invalidate_entry(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Path(dataset): Path<String>,
+    Segment(dataset): Segment,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let raw = RawExportRequest::from_query(&dataset, query_pairs(query));
@@ -280,7 +312,7 @@ async fn invalidate_scope(
         Some(other) => {
             return Err(ApiError::invalid(
                 "scope",
-                format!("`{other}` is not a scope; allowed: tenant, user"),
+                format!("{} is not a scope; allowed: tenant, user", quoted(other)),
             ))
         }
         None => {
@@ -333,6 +365,14 @@ mod tests {
         )
     }
 
+    const KEY: &str = "api-unit-test-signing-key-32-bytes-or-more";
+
+    fn keyed() -> shared::config::Config {
+        let mut config = test_config();
+        config.local_jwt_secret = Some(KEY.into());
+        config
+    }
+
     fn token(secret: &str) -> String {
         let claims = json!({"sub": "alice", "tenant_id": "acme", "scope": "exports:read",
             "exp": chrono::Utc::now().timestamp() + 600});
@@ -349,7 +389,7 @@ mod tests {
     async fn without_authorizer_or_local_key_every_call_is_refused() {
         let f = fakes(test_config(), 10);
         let (status, headers, body) =
-            call(router(f.deps.clone()), "/exports/orders", Some(&token("k"))).await;
+            call(router(f.deps.clone()), "/exports/orders", Some(&token(KEY))).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
         assert!(
@@ -366,10 +406,10 @@ mod tests {
     #[tokio::test]
     async fn rate_limited_misses_get_429_with_retry_after() {
         let mut config = test_config();
-        config.local_jwt_secret = Some("k".into());
+        config.local_jwt_secret = Some(KEY.into());
         config.miss_rate_per_minute = 1;
         let f = fakes(config, 10);
-        let auth = token("k");
+        let auth = token(KEY);
         assert_eq!(
             call(router(f.deps.clone()), "/exports/orders", Some(&auth))
                 .await
@@ -392,6 +432,208 @@ mod tests {
                 <= 60
         );
         assert_eq!(body["status"], 429);
+    }
+
+    /// A failed job of alice's whose stored error carries what must never reach a caller.
+    fn failed_job(f: &shared::testing::Fakes) -> String {
+        let raw = RawExportRequest::from_query("orders", vec![]);
+        let spec = shared::domain::request::normalise(&f.deps.catalog, &raw)
+            .unwrap()
+            .spec;
+        let key = shared::domain::CacheKey::derive("acme", None, &spec);
+        let mut job = Job::new(
+            "j1".into(),
+            "acme",
+            "alice",
+            key,
+            spec,
+            shared::domain::JobKind::Export,
+            Default::default(),
+            None,
+            chrono::Utc::now(),
+            chrono::Duration::days(1),
+        );
+        job.status = shared::domain::JobStatus::Failed;
+        job.error = Some(shared::domain::JobError {
+            code: "storage_failed".into(),
+            message: "upload part failed: AccessDenied: arn:aws:s3:::bucket-123456789012 \
+                      row value 4111-1111-1111-1111"
+                .into(),
+        });
+        f.meta.jobs.lock().unwrap().insert(job.job_id.clone(), job);
+        "j1".into()
+    }
+
+    #[tokio::test]
+    async fn job_errors_show_only_a_code_and_a_safe_sentence() {
+        let f = fakes(keyed(), 10);
+        let id = failed_job(&f);
+        let auth = token(KEY);
+        let mut shown = Vec::new();
+        for (uri, expected) in [
+            (format!("/exports/jobs/{id}"), StatusCode::OK),
+            (format!("/exports/jobs/{id}/download"), StatusCode::CONFLICT),
+        ] {
+            let (status, _, body) = call(router(f.deps.clone()), &uri, Some(&auth)).await;
+            assert_eq!(status, expected, "{uri}");
+            shown.push(body);
+        }
+        for body in &shown {
+            let text = body.to_string();
+            for secret in ["arn:", "123456789012", "4111", "AccessDenied"] {
+                assert!(!text.contains(secret), "{secret} leaked: {text}");
+            }
+        }
+        let body = &shown[0];
+        assert_eq!(body["error"]["code"], "storage_failed");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("request it again"));
+        assert_eq!(body["error"].as_object().unwrap().len(), 2);
+    }
+
+    fn fixture() -> lambda_http::Request {
+        lambda_http::request::from_str(include_str!("../events/get-export.json")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn authorizer_claims_are_ignored_when_a_local_key_is_configured() {
+        // Anyone who reaches `cargo lambda watch` can send an event with claims in it.
+        let f = fakes(keyed(), 10);
+        let resp = router(f.deps).oneshot(fixture()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        // Where no local key is configured, API Gateway's authorizer is what ran.
+        let f = fakes(test_config(), 10);
+        let resp = router(f.deps).oneshot(fixture()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    }
+
+    async fn send(router: Router, req: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+        let resp = router.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, headers, body.to_vec())
+    }
+
+    fn post(body: impl Into<Body>) -> Request<Body> {
+        Request::builder()
+            .method("POST")
+            .uri("/exports")
+            .header("authorization", token(KEY))
+            .header("content-type", "application/json")
+            .body(body.into())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn bodies_over_64_kib_get_a_413_problem() {
+        let f = fakes(keyed(), 10);
+        let pad = "x".repeat(MAX_BODY_BYTES);
+        let big = format!(r#"{{"dataset":"orders","pad":"{pad}"}}"#);
+        let (status, headers, _) = send(router(f.deps.clone()), post(big)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        let (status, _, _) = send(router(f.deps), post(r#"{"dataset":"orders"}"#)).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+
+    #[tokio::test]
+    async fn hostile_filter_values_are_refused_and_never_echoed() {
+        let f = fakes(keyed(), 10);
+        let long = "a".repeat(20_000);
+        for uri in [
+            format!("/exports/orders?status={long}"),
+            "/exports/orders?status=paid%00evil".to_string(),
+            "/exports/orders?status=%1B%5B31m".to_string(),
+        ] {
+            let (status, _, body) = call(router(f.deps.clone()), &uri, Some(&token(KEY))).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+            assert_eq!(body["errors"][0]["field"], "status");
+            assert!(body.to_string().len() < 1024, "{body}");
+        }
+        assert!(f.queue.drain().is_empty(), "no job started");
+    }
+
+    #[tokio::test]
+    async fn half_a_million_unknown_columns_get_a_small_error_body() {
+        let f = fakes(keyed(), 10);
+        // Stays under the body limit with short names; the limit is what stops longer lists.
+        let names: Vec<String> = (0..6_000).map(|i| format!("c{i}")).collect();
+        let body = serde_json::json!({"dataset": "orders", "columns": names}).to_string();
+        assert!(body.len() < MAX_BODY_BYTES);
+        let (status, _, bytes) = send(router(f.deps.clone()), post(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(bytes.len() < 2048, "{} bytes", bytes.len());
+        let names: Vec<String> = (0..500_000).map(|i| format!("c{i}")).collect();
+        let body = serde_json::json!({"dataset": "orders", "columns": names}).to_string();
+        let (status, _, bytes) = send(router(f.deps.clone()), post(body)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(bytes.len() < 1024);
+        // Repeats and more names than the dataset has are refused too.
+        for cols in ["order_id,order_id", &vec!["order_id"; 13].join(",")] {
+            let (status, _, body) = call(
+                router(f.deps.clone()),
+                &format!("/exports/orders?columns={cols}"),
+                Some(&token(KEY)),
+            )
+            .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{cols}");
+            assert_eq!(body["errors"][0]["field"], "columns");
+        }
+        // Thousands of unknown filters: one error each for the first few, allowed list once.
+        let query: Vec<String> = (0..3_000).map(|i| format!("f{i}=x")).collect();
+        let (status, _, body) = call(
+            router(f.deps),
+            &format!("/exports/orders?{}", query.join("&")),
+            Some(&token(KEY)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.to_string().len() < 4096, "{}", body.to_string().len());
+        assert_eq!(body.to_string().matches("allowed filters").count(), 1);
+    }
+
+    #[tokio::test]
+    async fn huge_max_stale_is_served_not_a_panic() {
+        let f = fakes(keyed(), 10);
+        let auth = token(KEY);
+        assert_eq!(
+            call(router(f.deps.clone()), "/exports/orders", Some(&auth))
+                .await
+                .0,
+            StatusCode::ACCEPTED
+        );
+        f.run_jobs().await;
+        // Past its fresh deadline: whether it is served depends on max_stale arithmetic.
+        f.clock.advance(chrono::Duration::seconds(1000));
+        for v in [
+            "18446744073709551615",
+            "9223372036854775807",
+            "9223372036854776",
+        ] {
+            let (status, headers, _) = call(
+                router(f.deps.clone()),
+                &format!("/exports/orders?max_stale={v}"),
+                Some(&auth),
+            )
+            .await;
+            assert_eq!(status, StatusCode::SEE_OTHER, "{v}");
+            assert_eq!(headers["x-export-cache"], "stale");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_path_segment_is_a_problem_not_plain_text() {
+        let f = fakes(keyed(), 10);
+        let (status, headers, body) =
+            call(router(f.deps), "/exports/%FF%FE", Some(&token(KEY))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(body["errors"][0]["field"], "path");
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ pub enum ApiError {
     Gone(String),
     Unavailable(String),
     RateLimited { retry_after: u32 },
+    PayloadTooLarge,
     RouteNotFound,
     MethodNotAllowed,
     Internal(String),
@@ -55,7 +56,14 @@ impl From<ServiceError> for ApiError {
     }
 }
 
-fn problem(status: StatusCode, slug: &str, title: &str, detail: String) -> serde_json::Value {
+/// Longest `detail` sent; domain errors are bounded already, this is the last line of defence.
+const MAX_DETAIL_CHARS: usize = 2048;
+
+fn problem(status: StatusCode, slug: &str, title: &str, mut detail: String) -> serde_json::Value {
+    if let Some((cut, _)) = detail.char_indices().nth(MAX_DETAIL_CHARS) {
+        detail.truncate(cut);
+        detail.push('…');
+    }
     json!({
         "type": format!("/problems/{slug}"),
         "title": title,
@@ -73,11 +81,12 @@ impl IntoResponse for ApiError {
         };
         let (status, body) = match self {
             ApiError::Invalid(errors) => {
-                let detail = errors
-                    .iter()
-                    .map(|e| format!("{}: {}", e.field, e.message))
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                // Names the fields only: what is allowed is said once, in `errors`.
+                let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+                let detail = format!(
+                    "invalid: {}; `errors` says what each allows",
+                    fields.join(", ")
+                );
                 let mut body = problem(
                     StatusCode::BAD_REQUEST,
                     "invalid-request",
@@ -141,6 +150,18 @@ impl IntoResponse for ApiError {
                     "rate-limited",
                     "Too many new exports",
                     format!("this tenant started too many new exports this minute; retry in {retry_after} s (cached exports are not limited)"),
+                ),
+            ),
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload-too-large",
+                    "Request body too large",
+                    format!(
+                        "the body may be at most {} bytes",
+                        crate::MAX_BODY_BYTES
+                    ),
                 ),
             ),
             ApiError::RouteNotFound => (

@@ -17,6 +17,7 @@ pub async fn handle(deps: &Deps, event: EventBridgeEvent) -> Result<WarmReport, 
         skipped_invalidated = report.skipped_invalidated,
         pinned_enqueued = report.pinned_enqueued,
         pinned_fresh = report.pinned_fresh,
+        skipped_budget = report.skipped_budget,
         failed = report.failed,
         "warm-up done"
     );

@@ -6,15 +6,19 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use infra::bridge::{self, BridgeConfig};
 use infra::demo::{self, DemoConfig};
 use infra::provision::{self, Provisioned};
+use infra::supervise::WatchSpec;
 use infra::template::{Template, LOCAL_ACCOUNT_ID};
 use infra::{seed, token};
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::Duration;
 
 const DEFAULT_STACK: &str = "export-cache";
 const DEFAULT_REGION: &str = "us-east-1";
 const DEFAULT_WATCH: &str = "http://127.0.0.1:9000";
+/// The local stack's job lease (see `env_lines`).
+const LOCAL_LEASE_SECONDS: u64 = 60;
 
 const USAGE: &str = "\
 devstack: the export cache's local stack (talks to the emulator at AWS_ENDPOINT_URL)
@@ -28,11 +32,18 @@ USAGE: devstack <command> [--flag value]...
   seed      [--stack export-cache] [--rows 20000] [--tenants acme,globex]
         write deterministic orders (and rows/10 customers) for each tenant
   bridge    [--stack export-cache] [--watch http://127.0.0.1:9000] [--schedule-secs 900]
-            [--queue-url URL] [--wait-secs 3]
-        play the SQS trigger (export-worker) and the schedule (export-warmer) until Ctrl-C
+            [--queue-url URL] [--wait-secs 3] [--worker-port PORT] [--worker-log PATH]
+            [--worker-timeout-secs <template's Timeout>] [--redeliver-secs 5]
+        play the SQS trigger (export-worker) and the schedule (export-warmer) until Ctrl-C.
+        With --worker-port the worker runs under a `cargo lambda watch` of the bridge's own on
+        that port, restarted when the worker dies or outlives its timeout plus 30 s; the
+        message is then visible again after --redeliver-secs. Without it the worker is invoked
+        on --watch and a dead worker can only time out.
   demo      [--api http://127.0.0.1:9000/lambda-url/export-api] [--tenant acme] [--user alice]
-            [--dataset orders] [--format csv]
-        run an export end to end: miss, job, download, hit
+            [--dataset orders] [--format csv,xlsx,csv.gz] [--out-dir target/demo]
+            [--timeout-secs 1200]
+        run an export end to end in each format: miss, job progress, download, hit; the files
+        are saved to --out-dir and checked (rows and header; gzip; zip integrity and calamine)
   token     [--tenant acme] [--user alice] [--scopes 'exports:read exports:admin'] [--ttl 43200]
         print a dev token signed with LOCAL_JWT_SECRET
 
@@ -150,6 +161,12 @@ fn env_lines(p: &Provisioned, sdk: &SdkConfig, schedule_secs: u64) -> Vec<(Strin
         ("S3_FORCE_PATH_STYLE", "true".to_owned()),
         ("LOG_FORMAT", "text".to_owned()),
         ("WARM_INTERVAL_SECONDS", schedule_secs.to_string()),
+        // A job's lease outlives its holder when the worker is killed, and the next delivery
+        // waits for it to expire (960 s by default, sized for AWS where two invocations may
+        // overlap). Locally the bridge delivers one message at a time and stops a worker before
+        // its message is seen again, so no two workers ever hold a job together, and a short
+        // lease lets a killed export go on within about a minute, as the issue asks.
+        ("LEASE_SECONDS", LOCAL_LEASE_SECONDS.to_string()),
         ("AWS_ENDPOINT_URL", endpoint),
         ("AWS_REGION", region(sdk)),
         ("AWS_ACCESS_KEY_ID", access_key),
@@ -265,7 +282,29 @@ async fn cmd_bridge(flags: Flags) -> anyhow::Result<()> {
     cfg.wait_secs =
         i32::try_from(flags.number("wait-secs", 3)?.clamp(1, 20)).context("--wait-secs")?;
     cfg.rule_name = format!("{}-warmer-schedule", flags.or("stack", DEFAULT_STACK));
+    let timeout = flags.number("worker-timeout-secs", worker_timeout_secs(&flags))?;
+    cfg.invoke_timeout = Duration::from_secs(timeout) + bridge::TIMEOUT_GRACE;
+    cfg.redeliver_after = Duration::from_secs(flags.number("redeliver-secs", 5)?);
+    if let Some(port) = flags.get("worker-port") {
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("--worker-port expects a port number, got {port:?}"))?;
+        let mut spec = WatchSpec::cargo_lambda(port, bridge::WORKER_FUNCTION);
+        spec.log = flags.get("worker-log").map(PathBuf::from);
+        cfg.worker_watch = Some(spec);
+    }
     bridge::run(&sdk, cfg, shutdown_signal()).await
+}
+
+/// The worker function's `Timeout` in the template, which is what Lambda would enforce.
+fn worker_timeout_secs(flags: &Flags) -> u64 {
+    Template::load(&flags.template())
+        .ok()
+        .and_then(|t| {
+            t.function_property("WorkerFunction", "Timeout")
+                .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
+        })
+        .unwrap_or(bridge::WORKER_TIMEOUT_SECS)
 }
 
 async fn cmd_demo(flags: Flags) -> anyhow::Result<()> {
@@ -273,8 +312,18 @@ async fn cmd_demo(flags: Flags) -> anyhow::Result<()> {
     cfg.tenant = flags.or("tenant", "acme");
     cfg.user = flags.or("user", "alice");
     cfg.dataset = flags.or("dataset", "orders");
-    cfg.format = flags.or("format", "csv");
-    cfg.timeout = std::time::Duration::from_secs(flags.number("timeout-secs", 20 * 60)?);
+    if let Some(formats) = flags.get("format") {
+        cfg.formats = formats
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
+    if let Some(dir) = flags.get("out-dir") {
+        cfg.out_dir = PathBuf::from(dir);
+    }
+    cfg.timeout = Duration::from_secs(flags.number("timeout-secs", 20 * 60)?);
     let summary = demo::run(&cfg).await?;
     demo::print_summary(&cfg, &summary)
 }
@@ -358,11 +407,23 @@ async fn main() -> std::process::ExitCode {
             "schedule-secs",
             "queue-url",
             "wait-secs",
+            "worker-port",
+            "worker-log",
+            "worker-timeout-secs",
+            "redeliver-secs",
         ]) {
             Ok(f) => cmd_bridge(f).await,
             Err(e) => Err(e),
         },
-        "demo" => match parsed(&["api", "tenant", "user", "dataset", "format", "timeout-secs"]) {
+        "demo" => match parsed(&[
+            "api",
+            "tenant",
+            "user",
+            "dataset",
+            "format",
+            "out-dir",
+            "timeout-secs",
+        ]) {
             Ok(f) => cmd_demo(f).await,
             Err(e) => Err(e),
         },
@@ -409,6 +470,17 @@ mod tests {
         assert!(Flags::parse(&args(&["rows"]), &["rows"]).is_err());
         let f = Flags::parse(&args(&["--rows", "many"]), &["rows"]).unwrap();
         assert!(f.number("rows", 1).is_err());
+    }
+
+    #[test]
+    fn the_bridge_bounds_the_worker_by_the_templates_timeout() {
+        let flags = Flags::parse(&[], &[]).unwrap();
+        assert_eq!(worker_timeout_secs(&flags), 900);
+        let missing = Flags::parse(&args(&["--template", "/nonexistent.yaml"]), &["template"]);
+        assert_eq!(
+            worker_timeout_secs(&missing.unwrap()),
+            bridge::WORKER_TIMEOUT_SECS
+        );
     }
 
     #[test]

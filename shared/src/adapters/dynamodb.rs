@@ -9,7 +9,9 @@
 //! | in-flight marker | `T#{tenant}` | `M#{key}` | `job_id`, written with a condition |
 //! | generation | `T#{tenant}` | `G` or `G#U#{user}` | `gen`, bumped to invalidate |
 //! | counters | `T#{tenant}` | `S#{dataset}` | `hits`, `misses`, `stale_hits` |
-//! | rate limit | `T#{tenant}` | `RL#{yyyymmddHHMM}` | `n`: misses in that minute |
+//! | live entries | `T#{tenant}` | `L#{dataset}#{gen}#{yyyymmddHH}` | `entries`, `bytes`, `rows` of the entries of that tenant generation whose stale deadline falls in that hour |
+//! | rate limit | `T#{tenant}` | `RL#{yyyymmddHHMM}` | `n`: new exports started in that minute |
+//! | running-job slot | `T#{tenant}` | `RUN#{i}` | `job_id`, `until`: one of the tenant's running-job slots |
 //! | row count | `T#{tenant}` | `R#{rows key}` | `rows` of the last file of those rows, for progress |
 //! Every item that should go away carries `expires_at` (epoch seconds, the table's TTL attribute);
 //! readers still check deadlines themselves because TTL deletion is lazy.
@@ -17,21 +19,57 @@
 use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, TransactWriteItem,
+    AttributeValue, ConditionCheck, Delete, KeysAndAttributes, Put, ReturnConsumedCapacity,
+    TransactWriteItem, Update,
 };
 use aws_sdk_dynamodb::Client;
 use chrono::{DateTime, Duration, DurationRound, NaiveDate, TimeZone, Utc};
 
-use super::sdk_error;
+use super::IamResource::{MetaTable, MetaTableIndexes, SourceTableIndexes, SourceTables};
+use super::{sdk_error, IamNeed};
 use crate::catalog::ColumnType;
 use crate::domain::value::is_decimal_text;
 use crate::domain::{CacheEntry, CacheKey, Generation, Job, Row, Value};
 use crate::ports::{
-    DatasetStats, HitKind, MetadataStore, Page, PortError, PortResult, RowSource, SourceQuery,
+    Created, DatasetStats, HitKind, Lookup, MetadataStore, NewJob, Page, PortError, PortResult,
+    RowSource, SourceQuery,
 };
 
 type Item = HashMap<String, AttributeValue>;
+
+/// IAM needs of the metadata store's methods (see [`IamNeed`]); transactions are authorised by
+/// the item actions of their parts. Keep in step with the SDK calls below.
+#[rustfmt::skip]
+pub const META_IAM: &[IamNeed] = &[
+    IamNeed::new("meta", "find", &["batch_get_item", "get_item"], &["dynamodb:BatchGetItem", "dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "lookup", &["batch_get_item", "get_item"], &["dynamodb:BatchGetItem", "dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "count", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "touch_entry", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "create_job", &["transact_write_items", "get_item"], &["dynamodb:PutItem", "dynamodb:ConditionCheckItem", "dynamodb:UpdateItem", "dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "get_job", &["get_item"], &["dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "put_job", &["put_item"], &["dynamodb:PutItem"], MetaTable),
+    IamNeed::new("meta", "complete_job", &["get_item", "transact_write_items"], &["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "release_marker", &["delete_item"], &["dynamodb:DeleteItem"], MetaTable),
+    IamNeed::new("meta", "expiring_entries", &["query"], &["dynamodb:Query"], MetaTableIndexes),
+    IamNeed::new("meta", "delete_entry", &["get_item", "transact_write_items"], &["dynamodb:GetItem", "dynamodb:DeleteItem", "dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "bump_generation", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("meta", "current_generation", &["batch_get_item"], &["dynamodb:BatchGetItem"], MetaTable),
+    IamNeed::new("meta", "stats", &["query", "batch_get_item"], &["dynamodb:Query", "dynamodb:BatchGetItem"], MetaTable),
+    IamNeed::new("meta", "take_tenant_slot", &["query", "put_item"], &["dynamodb:Query", "dynamodb:PutItem"], MetaTable),
+    IamNeed::new("meta", "release_tenant_slot", &["query", "delete_item"], &["dynamodb:Query", "dynamodb:DeleteItem"], MetaTable),
+    IamNeed::new("meta", "row_count", &["get_item"], &["dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "record_row_count", &["put_item"], &["dynamodb:PutItem"], MetaTable),
+];
+
+/// IAM needs of the source reader: a Query of the table, or of its range index.
+#[rustfmt::skip]
+pub const SOURCE_IAM: &[IamNeed] = &[
+    IamNeed::new("source", "read_page", &["query"], &["dynamodb:Query"], SourceTables),
+    IamNeed::new("source", "read_page", &["query"], &["dynamodb:Query"], SourceTableIndexes),
+];
 
 fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
@@ -136,6 +174,8 @@ fn entry_item(e: &CacheEntry) -> PortResult<Item> {
     let doc = serde_json::to_string(e).map_err(|err| corrupt("entry", err))?;
     let mut item = key(tenant_pk(&e.tenant), entry_sk(&e.cache_key));
     item.insert("doc".into(), s(doc));
+    // Top level so conditions can name the entry they expect (see `entry_is`).
+    item.insert("job_id".into(), s(&e.job_id));
     item.insert("dataset".into(), s(&e.spec.dataset));
     item.insert("rows".into(), n(e.rows));
     item.insert("bytes".into(), n(e.bytes));
@@ -165,6 +205,114 @@ fn entry_item(e: &CacheEntry) -> PortResult<Item> {
 
 fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(e: &E) -> bool {
     e.code() == Some("ConditionalCheckFailedException")
+}
+
+/// Why a transaction was cancelled, one code per item in order ("None" for items that passed);
+/// `None` when it failed for another reason.
+fn cancellation_codes<R>(e: &SdkError<TransactWriteItemsError, R>) -> Option<Vec<String>> {
+    match e.as_service_error()? {
+        TransactWriteItemsError::TransactionCanceledException(tc) => Some(
+            tc.cancellation_reasons
+                .iter()
+                .flatten()
+                .map(|r| r.code.clone().unwrap_or_default())
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn condition_failed(codes: &[String], item: usize) -> bool {
+    codes
+        .get(item)
+        .is_some_and(|c| c == "ConditionalCheckFailed")
+}
+
+/// A cancelled transaction that no condition explains (a concurrent transaction on the same
+/// items, throttling): worth retrying.
+fn cancelled(op: &str, codes: &[String]) -> PortError {
+    PortError::failed(op, format!("transaction cancelled: {codes:?}"), true)
+}
+
+/// The condition that the key's entry is still the one `seen` names: the entry built by that job,
+/// or no entry at all. Entries written before `job_id` was a top-level attribute match any id.
+fn entry_is(seen: Option<&str>) -> (&'static str, Option<AttributeValue>) {
+    match seen {
+        None => ("attribute_not_exists(pk)", None),
+        Some(id) => (
+            "job_id = :seen OR (attribute_exists(pk) AND attribute_not_exists(job_id))",
+            Some(s(id)),
+        ),
+    }
+}
+
+/// Where an entry is counted for `stats`: per dataset, tenant generation and the hour of its
+/// stale deadline, so stats reads a few counters, skips invalidated generations, and stops
+/// counting a bucket when its hour is over.
+fn live_bucket(e: &CacheEntry) -> String {
+    format!(
+        "L#{}#{}#{}",
+        e.spec.dataset,
+        e.generation.tenant,
+        e.stale_until.format("%Y%m%d%H")
+    )
+}
+
+/// Counter updates for an entry written (`added`) in place of another (`removed`); one update
+/// when both fall in the same bucket, since a transaction may touch an item only once.
+fn live_updates(
+    table: &str,
+    added: Option<&CacheEntry>,
+    removed: Option<&CacheEntry>,
+) -> PortResult<Vec<TransactWriteItem>> {
+    let mut deltas: Vec<(&CacheEntry, i64, i64, i64)> = Vec::new();
+    for (e, sign) in added
+        .map(|e| (e, 1))
+        .into_iter()
+        .chain(removed.map(|e| (e, -1)))
+    {
+        let delta = (sign, sign * e.bytes as i64, sign * e.rows as i64);
+        match deltas
+            .iter_mut()
+            .find(|d| live_bucket(d.0) == live_bucket(e))
+        {
+            Some(d) => (d.1, d.2, d.3) = (d.1 + delta.0, d.2 + delta.1, d.3 + delta.2),
+            None => deltas.push((e, delta.0, delta.1, delta.2)),
+        }
+    }
+    deltas
+        .into_iter()
+        .map(|(e, entries, bytes, rows)| {
+            let hour_end = e
+                .stale_until
+                .duration_trunc(Duration::hours(1))
+                .map_err(|err| PortError::failed("live counters", err.to_string(), false))?
+                + Duration::hours(1);
+            let update = Update::builder()
+                .table_name(table)
+                .set_key(Some(key(tenant_pk(&e.tenant), live_bucket(e))))
+                .update_expression(
+                    "ADD #e :e, #b :b, #r :r SET dataset = :d, gen_t = :g, hour_end = :h, expires_at = :x",
+                )
+                .expression_attribute_names("#e", "entries")
+                .expression_attribute_names("#b", "bytes")
+                .expression_attribute_names("#r", "rows")
+                .expression_attribute_values(":e", n(entries))
+                .expression_attribute_values(":b", n(bytes))
+                .expression_attribute_values(":r", n(rows))
+                .expression_attribute_values(":d", s(&e.spec.dataset))
+                .expression_attribute_values(":g", n(e.generation.tenant))
+                .expression_attribute_values(":h", n(hour_end.timestamp()))
+                .expression_attribute_values(":x", n((hour_end + Duration::days(1)).timestamp()))
+                .build()
+                .map_err(|err| PortError::failed("live counters", err.to_string(), false))?;
+            Ok(TransactWriteItem::builder().update(update).build())
+        })
+        .collect()
+}
+
+fn slot_sk(i: u32) -> String {
+    format!("RUN#{i:04}")
 }
 
 #[derive(Clone)]
@@ -258,6 +406,63 @@ impl MetaStore {
     }
 }
 
+impl MetaStore {
+    /// Runs the transaction `items` builds from the key's current entry (nothing when it builds
+    /// none), and again when that entry changed in between: item `entry_item` is conditioned on
+    /// it. Any other cancellation comes back as its reasons.
+    async fn on_current_entry(
+        &self,
+        tenant: &str,
+        key_: &CacheKey,
+        entry_item: usize,
+        items: impl Fn(Option<&CacheEntry>) -> PortResult<Vec<TransactWriteItem>>,
+    ) -> PortResult<Result<(), Vec<String>>> {
+        for _ in 0..4 {
+            let old = self
+                .get_item(tenant_pk(tenant), entry_sk(key_))
+                .await?
+                .map(CacheEntry::try_from)
+                .transpose()?;
+            let items = items(old.as_ref())?;
+            if items.is_empty() {
+                return Ok(Ok(()));
+            }
+            let err = match self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items))
+                .send()
+                .await
+            {
+                Ok(_) => return Ok(Ok(())),
+                Err(e) => e,
+            };
+            match cancellation_codes(&err) {
+                Some(codes) if condition_failed(&codes, entry_item) => continue,
+                Some(codes) => return Ok(Err(codes)),
+                None => return Err(sdk_error("entry transaction", err)),
+            }
+        }
+        Err(PortError::failed(
+            "entry transaction",
+            "the entry kept changing underneath",
+            true,
+        ))
+    }
+
+    /// The tenant's items whose sort key starts with `prefix`, read consistently.
+    async fn tenant_items(&self, tenant: &str, prefix: &str) -> PortResult<Vec<Item>> {
+        let pk = tenant_pk(tenant);
+        self.query_all(|q| {
+            q.key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+                .consistent_read(true)
+                .expression_attribute_values(":pk", s(&pk))
+                .expression_attribute_values(":p", s(prefix))
+        })
+        .await
+    }
+}
+
 fn generation_from(items: &[Item], user: &str) -> Generation {
     let mut g = Generation::default();
     let user_sk = user_gen_sk(user);
@@ -273,12 +478,7 @@ fn generation_from(items: &[Item], user: &str) -> Generation {
 
 #[async_trait]
 impl MetadataStore for MetaStore {
-    async fn lookup(
-        &self,
-        tenant: &str,
-        user: &str,
-        key_: &CacheKey,
-    ) -> PortResult<(Option<CacheEntry>, Generation)> {
+    async fn find(&self, tenant: &str, user: &str, key_: &CacheKey) -> PortResult<Lookup> {
         let items = self
             .batch_get(vec![
                 key(tenant_pk(tenant), entry_sk(key_)),
@@ -286,22 +486,28 @@ impl MetadataStore for MetaStore {
                 key(tenant_pk(tenant), user_gen_sk(user)),
             ])
             .await?;
-        let mut generation = generation_from(&items, user);
+        let generation = generation_from(&items, user);
         let entry = items
             .into_iter()
             .find(|i| get_s(i, "sk").is_some_and(|sk| sk.starts_with("E#")))
             .map(CacheEntry::try_from)
             .transpose()?;
-        // The generation that matters is the one of the user the entry was built for.
-        if let Some(e) = &entry {
-            if e.user != user {
-                generation.user = self
+        // An entry is judged by the generations of the user who built it.
+        let builder = match &entry {
+            Some(e) if e.user != user => Generation {
+                tenant: generation.tenant,
+                user: self
                     .get_item(tenant_pk(tenant), user_gen_sk(&e.user))
                     .await?
-                    .map_or(0, |i| get_n(&i, "gen"));
-            }
-        }
-        Ok((entry, generation))
+                    .map_or(0, |i| get_n(&i, "gen")),
+            },
+            _ => generation,
+        };
+        Ok(Lookup {
+            entry_current: entry.as_ref().is_some_and(|e| e.generation == builder),
+            entry,
+            generation,
+        })
     }
 
     async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
@@ -347,20 +553,17 @@ impl MetadataStore for MetaStore {
         }
     }
 
-    async fn create_job(
-        &self,
-        job: &Job,
-        marker_until: DateTime<Utc>,
-        replacing: Option<&str>,
-    ) -> PortResult<Option<String>> {
+    async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
+        let job = new.job;
         let now = job.created_at;
-        let mut marker = key(tenant_pk(&job.tenant), marker_sk(&job.cache_key));
+        let pk = tenant_pk(&job.tenant);
+        let mut marker = key(pk.clone(), marker_sk(&job.cache_key));
         marker.insert("job_id".into(), s(&job.job_id));
-        marker.insert("expires_at".into(), n(marker_until.timestamp()));
+        marker.insert("expires_at".into(), n(new.marker_until.timestamp()));
         let mut marker_put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(marker));
-        marker_put = match replacing {
+        marker_put = match new.replacing {
             None => marker_put
                 .condition_expression("attribute_not_exists(pk) OR expires_at < :now")
                 .expression_attribute_values(":now", n(now.timestamp())),
@@ -372,43 +575,77 @@ impl MetadataStore for MetaStore {
             .table_name(&self.table)
             .set_item(Some(job_item(job)?))
             .condition_expression("attribute_not_exists(pk)");
-        let build = |p: aws_sdk_dynamodb::types::builders::PutBuilder| {
-            p.build()
-                .map_err(|e| PortError::failed("create job", e.to_string(), false))
+        let (entry_condition, seen) = entry_is(new.entry_seen);
+        let entry_check = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(pk.clone(), entry_sk(&job.cache_key))))
+            .condition_expression(entry_condition)
+            .set_expression_attribute_values(seen.map(|v| HashMap::from([(":seen".into(), v)])));
+        let invalid = |e: aws_sdk_dynamodb::error::BuildError| {
+            PortError::failed("create job", e.to_string(), false)
         };
-        let res = self
+        // Items in this order; cancellation reasons come back in the same order.
+        let mut tx = self
             .client
             .transact_write_items()
-            .transact_items(TransactWriteItem::builder().put(build(marker_put)?).build())
-            .transact_items(TransactWriteItem::builder().put(build(job_put)?).build())
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(None),
-            Err(e) => {
-                let marker_lost = e
-                    .as_service_error()
-                    .and_then(|se| match se {
-                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(tc) => tc.cancellation_reasons.as_ref(),
-                        _ => None,
-                    })
-                    .and_then(|r| r.first())
-                    .and_then(|r| r.code.as_deref())
-                    == Some("ConditionalCheckFailed");
-                if !marker_lost {
-                    return Err(sdk_error("create job", e));
-                }
-                match self
-                    .get_item(tenant_pk(&job.tenant), marker_sk(&job.cache_key))
-                    .await?
-                    .as_ref()
-                    .and_then(|m| get_s(m, "job_id"))
-                {
-                    Some(id) => Ok(Some(id.to_string())),
-                    None => Err(PortError::Conflict("marker released meanwhile".into())),
-                }
-            }
+            .transact_items(
+                TransactWriteItem::builder()
+                    .put(marker_put.build().map_err(invalid)?)
+                    .build(),
+            )
+            .transact_items(
+                TransactWriteItem::builder()
+                    .put(job_put.build().map_err(invalid)?)
+                    .build(),
+            )
+            .transact_items(
+                TransactWriteItem::builder()
+                    .condition_check(entry_check.build().map_err(invalid)?)
+                    .build(),
+            );
+        if let Some(limit) = new.miss_limit {
+            let slot = Update::builder()
+                .table_name(&self.table)
+                .set_key(Some(key(
+                    pk.clone(),
+                    format!("RL#{}", now.format("%Y%m%d%H%M")),
+                )))
+                .update_expression("ADD n :one SET expires_at = :exp")
+                .condition_expression("attribute_not_exists(n) OR n < :limit")
+                .expression_attribute_values(":one", n(1))
+                .expression_attribute_values(":limit", n(limit))
+                .expression_attribute_values(":exp", n(now.timestamp() + 3600))
+                .build()
+                .map_err(invalid)?;
+            tx = tx.transact_items(TransactWriteItem::builder().update(slot).build());
         }
+        let err = match tx.send().await {
+            Ok(_) => return Ok(Created::Created),
+            Err(e) => e,
+        };
+        let Some(codes) = cancellation_codes(&err) else {
+            return Err(sdk_error("create job", err));
+        };
+        // A changed entry outranks a held marker (serve the file rather than join), and a held
+        // marker outranks the rate limit (joining costs nothing).
+        if condition_failed(&codes, 2) {
+            return Ok(Created::EntryChanged);
+        }
+        if condition_failed(&codes, 0) {
+            return match self
+                .get_item(pk, marker_sk(&job.cache_key))
+                .await?
+                .as_ref()
+                .and_then(|m| get_s(m, "job_id"))
+            {
+                Some(id) => Ok(Created::Held(id.to_string())),
+                None => Err(PortError::Conflict("marker released meanwhile".into())),
+            };
+        }
+        if condition_failed(&codes, 3) {
+            return Ok(Created::RateLimited);
+        }
+        Err(cancelled("create job", &codes))
     }
 
     async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>> {
@@ -438,37 +675,45 @@ impl MetadataStore for MetaStore {
     }
 
     async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()> {
-        let job_put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(job_item(job)?))
-            .condition_expression("version = :prev")
-            .expression_attribute_values(":prev", n(job.version.saturating_sub(1)))
-            .build()
-            .map_err(|e| PortError::failed("complete job", e.to_string(), false))?;
-        let entry_put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(entry_item(entry)?))
-            .build()
-            .map_err(|e| PortError::failed("complete job", e.to_string(), false))?;
-        let res = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().put(job_put).build())
-            .transact_items(TransactWriteItem::builder().put(entry_put).build())
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_transaction_canceled_exception()) =>
-            {
-                Err(PortError::Conflict(format!(
-                    "job {} changed before completion",
-                    job.job_id
-                )))
-            }
-            Err(e) => Err(sdk_error("complete job", e)),
+        let invalid = |e: aws_sdk_dynamodb::error::BuildError| {
+            PortError::failed("complete job", e.to_string(), false)
+        };
+        // The entry replaces whatever is there, and the counters move from the old entry to
+        // the new one.
+        let outcome = self
+            .on_current_entry(&entry.tenant, &entry.cache_key, 1, |old| {
+                let job_put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(job_item(job)?))
+                    .condition_expression("version = :prev")
+                    .expression_attribute_values(":prev", n(job.version.saturating_sub(1)))
+                    .build()
+                    .map_err(invalid)?;
+                let (condition, seen) = entry_is(old.map(|o| o.job_id.as_str()));
+                let entry_put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(entry_item(entry)?))
+                    .condition_expression(condition)
+                    .set_expression_attribute_values(
+                        seen.map(|v| HashMap::from([(":seen".into(), v)])),
+                    )
+                    .build()
+                    .map_err(invalid)?;
+                let mut items = vec![
+                    TransactWriteItem::builder().put(job_put).build(),
+                    TransactWriteItem::builder().put(entry_put).build(),
+                ];
+                items.extend(live_updates(&self.table, Some(entry), old)?);
+                Ok(items)
+            })
+            .await?;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(codes) if condition_failed(&codes, 0) => Err(PortError::Conflict(format!(
+                "job {} changed before completion",
+                job.job_id
+            ))),
+            Err(codes) => Err(cancelled("complete job", &codes)),
         }
     }
 
@@ -519,14 +764,27 @@ impl MetadataStore for MetaStore {
     }
 
     async fn delete_entry(&self, tenant: &str, key_: &CacheKey) -> PortResult<()> {
-        self.client
-            .delete_item()
-            .table_name(&self.table)
-            .set_key(Some(key(tenant_pk(tenant), entry_sk(key_))))
-            .send()
-            .await
-            .map_err(|e| sdk_error("delete entry", e))?;
-        Ok(())
+        let outcome = self
+            .on_current_entry(tenant, key_, 0, |old| {
+                let Some(old) = old else {
+                    return Ok(Vec::new());
+                };
+                let (condition, seen) = entry_is(Some(&old.job_id));
+                let delete = Delete::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(key(tenant_pk(tenant), entry_sk(key_))))
+                    .condition_expression(condition)
+                    .set_expression_attribute_values(
+                        seen.map(|v| HashMap::from([(":seen".into(), v)])),
+                    )
+                    .build()
+                    .map_err(|e| PortError::failed("delete entry", e.to_string(), false))?;
+                let mut items = vec![TransactWriteItem::builder().delete(delete).build()];
+                items.extend(live_updates(&self.table, None, Some(old))?);
+                Ok(items)
+            })
+            .await?;
+        outcome.map_err(|codes| cancelled("delete entry", &codes))
     }
 
     async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()> {
@@ -551,34 +809,6 @@ impl MetadataStore for MetaStore {
             ])
             .await?;
         Ok(generation_from(&items, user))
-    }
-
-    async fn take_miss_slot(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> PortResult<bool> {
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(
-                tenant_pk(tenant),
-                format!("RL#{}", now.format("%Y%m%d%H%M")),
-            )))
-            .update_expression("ADD n :one SET expires_at = :exp")
-            .condition_expression("attribute_not_exists(n) OR n < :limit")
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":limit", n(limit))
-            .expression_attribute_values(":exp", n(now.timestamp() + 3600))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Ok(false),
-            Err(e) => Err(sdk_error("rate limit", e)),
-        }
     }
 
     async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>> {
@@ -623,16 +853,8 @@ impl MetadataStore for MetaStore {
         tenant: &str,
         now: DateTime<Utc>,
     ) -> PortResult<BTreeMap<String, DatasetStats>> {
-        let pk = tenant_pk(tenant);
-        let counters = self
-            .query_all(|q| {
-                q.key_condition_expression("pk = :pk AND begins_with(sk, :p)")
-                    .expression_attribute_values(":pk", s(&pk))
-                    .expression_attribute_values(":p", s("S#"))
-            })
-            .await?;
         let mut out: BTreeMap<String, DatasetStats> = BTreeMap::new();
-        for c in &counters {
+        for c in &self.tenant_items(tenant, "S#").await? {
             let Some(ds) = get_s(c, "dataset") else {
                 continue;
             };
@@ -642,27 +864,102 @@ impl MetadataStore for MetaStore {
             st.stale_hits = get_n(c, "stale_hits");
         }
         let tenant_gen = self.current_generation(tenant, "").await?.tenant;
-        let entries = self
-            .query_all(|q| {
-                q.key_condition_expression("pk = :pk AND begins_with(sk, :p)")
-                    .projection_expression("dataset, #r, bytes, gen_t, stale_until")
-                    .expression_attribute_names("#r", "rows")
-                    .expression_attribute_values(":pk", s(&pk))
-                    .expression_attribute_values(":p", s("E#"))
-            })
-            .await?;
-        for e in &entries {
-            let live =
-                get_n(e, "gen_t") == tenant_gen && get_n(e, "stale_until") as i64 > now.timestamp();
-            let Some(ds) = get_s(e, "dataset").filter(|_| live) else {
+        for bucket in &self.tenant_items(tenant, "L#").await? {
+            let live = get_n(bucket, "gen_t") == tenant_gen
+                && get_n(bucket, "hour_end") as i64 > now.timestamp();
+            let Some(ds) = get_s(bucket, "dataset").filter(|_| live) else {
                 continue;
             };
             let st = out.entry(ds.to_string()).or_default();
-            st.entries += 1;
-            st.bytes += get_n(e, "bytes");
-            st.rows += get_n(e, "rows");
+            st.entries += get_n(bucket, "entries");
+            st.bytes += get_n(bucket, "bytes");
+            st.rows += get_n(bucket, "rows");
         }
         Ok(out)
+    }
+
+    async fn take_tenant_slot(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> PortResult<bool> {
+        let held = self.tenant_items(tenant, "RUN#").await?;
+        let index = |item: &Item| {
+            get_s(item, "sk")
+                .and_then(|sk| sk.strip_prefix("RUN#"))
+                .and_then(|i| i.parse::<u32>().ok())
+        };
+        let mine = held
+            .iter()
+            .filter(|i| get_s(i, "job_id") == Some(job_id))
+            .find_map(index)
+            .filter(|i| *i < limit);
+        let taken: Vec<u32> = held
+            .iter()
+            .filter(|i| get_n(i, "until") as i64 > now.timestamp())
+            .filter_map(index)
+            .collect();
+        // One slot per index, each written with a condition: two workers can never both take
+        // the last free one. The job's own slot first, so a renewal never takes a second one.
+        let candidates = mine
+            .into_iter()
+            .chain((0..limit).filter(|i| !taken.contains(i) && Some(*i) != mine));
+        for i in candidates {
+            let mut item = key(tenant_pk(tenant), slot_sk(i));
+            item.insert("job_id".into(), s(job_id));
+            item.insert("until".into(), n(until.timestamp()));
+            item.insert(
+                "expires_at".into(),
+                n((until + Duration::days(1)).timestamp()),
+            );
+            let res = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(pk) OR job_id = :me OR #u <= :now")
+                .expression_attribute_names("#u", "until")
+                .expression_attribute_values(":me", s(job_id))
+                .expression_attribute_values(":now", n(now.timestamp()))
+                .send()
+                .await;
+            match res {
+                Ok(_) => return Ok(true),
+                Err(e) if e.as_service_error().is_some_and(is_condition_failure) => continue,
+                Err(e) => return Err(sdk_error("take tenant slot", e)),
+            }
+        }
+        Ok(false)
+    }
+
+    async fn release_tenant_slot(&self, tenant: &str, job_id: &str) -> PortResult<()> {
+        for item in self.tenant_items(tenant, "RUN#").await? {
+            if get_s(&item, "job_id") != Some(job_id) {
+                continue;
+            }
+            let Some(sk) = get_s(&item, "sk") else {
+                continue;
+            };
+            let res = self
+                .client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(key(tenant_pk(tenant), sk.to_string())))
+                .condition_expression("job_id = :me")
+                .expression_attribute_values(":me", s(job_id))
+                .send()
+                .await;
+            match res {
+                Ok(_) => {}
+                // Taken over after it expired: not ours to free any more.
+                Err(e) if e.as_service_error().is_some_and(is_condition_failure) => {}
+                Err(e) => return Err(sdk_error("release tenant slot", e)),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -4,16 +4,63 @@
 use std::error::Error as StdError;
 use std::sync::Arc;
 
+use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
 use crate::catalog::Catalog;
-use crate::config::Config;
+use crate::config::{Config, SdkTimeouts};
 use crate::ports::{PortError, SystemClock};
 use crate::services::Deps;
 
 pub mod dynamodb;
 pub mod s3;
 pub mod sqs;
+
+/// What one port method needs from IAM. Each adapter keeps the list for its methods next to its
+/// code; `tests/template.rs` checks that every SDK call an adapter makes is in its list, and that
+/// template.yaml grants each listed action, on its resource, to every function whose code calls
+/// the method. A new SDK call or a new port call in a function that lacks its grant fails there,
+/// not in AWS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IamNeed {
+    /// The port field of `Deps` the method is called through (`meta`, `source`, `files`, `queue`).
+    pub port: &'static str,
+    pub method: &'static str,
+    /// SDK operations the method sends, as the code names them (`batch_get_item`).
+    pub calls: &'static [&'static str],
+    pub actions: &'static [&'static str],
+    pub resource: IamResource,
+}
+
+impl IamNeed {
+    pub const fn new(
+        port: &'static str,
+        method: &'static str,
+        calls: &'static [&'static str],
+        actions: &'static [&'static str],
+        resource: IamResource,
+    ) -> Self {
+        Self {
+            port,
+            method,
+            calls,
+            actions,
+            resource,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IamResource {
+    MetaTable,
+    /// The metadata table's indexes (the warmer's expiry index).
+    MetaTableIndexes,
+    SourceTables,
+    SourceTableIndexes,
+    /// Objects under `exports/` in the export bucket.
+    ExportObjects,
+    JobQueue,
+}
 
 /// Error codes after which the same call may well succeed.
 const RETRYABLE_CODES: [&str; 9] = [
@@ -51,17 +98,39 @@ where
     PortError::failed(op, message, retryable)
 }
 
-/// Builds every port from one `SdkConfig`.
+fn timeouts(t: &SdkTimeouts) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(t.connect)
+        .operation_attempt_timeout(t.attempt)
+        .operation_timeout(t.call)
+        .build()
+}
+
+/// Builds every port from one `SdkConfig`, each client with the timeouts of its kind of call.
 pub fn deps_from_aws(sdk: &aws_config::SdkConfig, config: Config, catalog: Catalog) -> Deps {
-    let ddb = aws_sdk_dynamodb::Client::new(sdk);
+    let ddb = |t: &SdkTimeouts| {
+        aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(sdk)
+                .timeout_config(timeouts(t))
+                .build(),
+        )
+    };
     let s3_conf = aws_sdk_s3::config::Builder::from(sdk)
         .force_path_style(config.s3_force_path_style)
+        .timeout_config(timeouts(&config.sdk_bulk))
         .build();
     let s3 = aws_sdk_s3::Client::from_conf(s3_conf);
-    let sqs = aws_sdk_sqs::Client::new(sdk);
+    let sqs = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(sdk)
+            .timeout_config(timeouts(&config.sdk))
+            .build(),
+    );
     Deps {
-        meta: Arc::new(dynamodb::MetaStore::new(ddb.clone(), &config.meta_table)),
-        source: Arc::new(dynamodb::DynamoSource::new(ddb)),
+        meta: Arc::new(dynamodb::MetaStore::new(
+            ddb(&config.sdk),
+            &config.meta_table,
+        )),
+        source: Arc::new(dynamodb::DynamoSource::new(ddb(&config.sdk_bulk))),
         files: Arc::new(s3::S3Files::new(s3, &config.bucket)),
         queue: Arc::new(sqs::SqsQueue::new(sqs, &config.queue_url)),
         clock: Arc::new(SystemClock),

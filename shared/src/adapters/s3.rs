@@ -9,9 +9,23 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use sha2::{Digest, Sha256};
 
-use super::sdk_error;
+use super::IamResource::ExportObjects;
+use super::{sdk_error, IamNeed};
 use crate::domain::UploadedPart;
 use crate::ports::{ObjectStore, PortError, PortResult};
+
+/// IAM needs of the file store's methods (see [`IamNeed`]): the multipart calls are authorised
+/// by `s3:PutObject`, and a presigned URL carries the signer's `s3:GetObject`.
+#[rustfmt::skip]
+pub const FILES_IAM: &[IamNeed] = &[
+    IamNeed::new("files", "start_upload", &["create_multipart_upload"], &["s3:PutObject"], ExportObjects),
+    IamNeed::new("files", "upload_part", &["upload_part"], &["s3:PutObject"], ExportObjects),
+    IamNeed::new("files", "complete_upload", &["complete_multipart_upload"], &["s3:PutObject"], ExportObjects),
+    IamNeed::new("files", "abort_upload", &["abort_multipart_upload"], &["s3:AbortMultipartUpload"], ExportObjects),
+    IamNeed::new("files", "put_object", &["put_object"], &["s3:PutObject"], ExportObjects),
+    IamNeed::new("files", "digest", &["get_object"], &["s3:GetObject"], ExportObjects),
+    IamNeed::new("files", "presign_get", &["get_object"], &["s3:GetObject"], ExportObjects),
+];
 
 #[derive(Clone)]
 pub struct S3Files {

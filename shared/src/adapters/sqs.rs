@@ -4,9 +4,19 @@ use async_trait::async_trait;
 use aws_sdk_sqs::types::MessageAttributeValue;
 use aws_sdk_sqs::Client;
 
-use super::sdk_error;
+use super::IamResource::JobQueue as Queue;
+use super::{sdk_error, IamNeed};
 use crate::domain::JobMessage;
 use crate::ports::{JobQueue, PortError, PortResult};
+
+/// IAM needs of the job queue's methods (see [`IamNeed`]).
+#[rustfmt::skip]
+pub const QUEUE_IAM: &[IamNeed] = &[
+    IamNeed::new("queue", "enqueue", &["send_message"], &["sqs:SendMessage"], Queue),
+    IamNeed::new("queue", "enqueue_delayed", &["send_message"], &["sqs:SendMessage"], Queue),
+    // The worker's backoff: without it every retry waits the queue's whole visibility timeout.
+    IamNeed::new("queue", "retry_after", &["change_message_visibility"], &["sqs:ChangeMessageVisibility"], Queue),
+];
 
 #[derive(Clone)]
 pub struct SqsQueue {
@@ -23,9 +33,11 @@ impl SqsQueue {
     }
 }
 
-#[async_trait]
-impl JobQueue for SqsQueue {
-    async fn enqueue(&self, msg: &JobMessage) -> PortResult<()> {
+/// SQS's longest message delay.
+const MAX_DELAY_SECONDS: u32 = 900;
+
+impl SqsQueue {
+    async fn send(&self, msg: &JobMessage, delay_seconds: Option<i32>) -> PortResult<()> {
         let body = serde_json::to_string(msg)
             .map_err(|e| PortError::failed("enqueue", e.to_string(), false))?;
         let kind = serde_json::to_value(msg.kind)
@@ -42,10 +54,23 @@ impl JobQueue for SqsQueue {
             .queue_url(&self.url)
             .message_body(body)
             .message_attributes("kind", attr)
+            .set_delay_seconds(delay_seconds)
             .send()
             .await
             .map_err(|e| sdk_error("enqueue", e))?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl JobQueue for SqsQueue {
+    async fn enqueue(&self, msg: &JobMessage) -> PortResult<()> {
+        self.send(msg, None).await
+    }
+
+    async fn enqueue_delayed(&self, msg: &JobMessage, seconds: u32) -> PortResult<()> {
+        self.send(msg, Some(seconds.min(MAX_DELAY_SECONDS) as i32))
+            .await
     }
 
     async fn retry_after(&self, receipt_handle: &str, seconds: i32) -> PortResult<()> {

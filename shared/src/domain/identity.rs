@@ -99,10 +99,21 @@ impl std::fmt::Debug for BearerVerifier {
 }
 
 impl BearerVerifier {
-    pub fn hs256(secret: &[u8]) -> Self {
+    /// `issuer` / `audience`: when given, tokens must carry exactly that `iss` / `aud`.
+    pub fn hs256(secret: &[u8], issuer: Option<&str>, audience: Option<&str>) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.validate_exp = true;
-        validation.required_spec_claims = ["exp", "sub"].iter().map(|s| s.to_string()).collect();
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        if let Some(aud) = audience {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        validation.required_spec_claims = required.iter().map(|s| s.to_string()).collect();
         validation.leeway = 30;
         Self {
             key: DecodingKey::from_secret(secret),
@@ -154,6 +165,9 @@ impl KindDescription for jsonwebtoken::errors::Error {
         use jsonwebtoken::errors::ErrorKind;
         match self.kind() {
             ErrorKind::ExpiredSignature => "the token has expired".into(),
+            ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)".into(),
+            ErrorKind::InvalidIssuer => "the token is from another issuer".into(),
+            ErrorKind::InvalidAudience => "the token is for another audience".into(),
             ErrorKind::InvalidSignature => "the signature does not verify".into(),
             ErrorKind::InvalidAlgorithm => "only HS256 tokens are accepted here".into(),
             ErrorKind::MissingRequiredClaim(c) => format!("the `{c}` claim is required"),
@@ -176,15 +190,17 @@ mod tests {
         .unwrap()
     }
 
+    const KEY: &str = "identity-test-key-of-at-least-32-bytes";
+
     fn exp() -> i64 {
         chrono::Utc::now().timestamp() + 600
     }
 
     #[test]
     fn verified_token_gives_tenant_user_and_scopes() {
-        let v = BearerVerifier::hs256(b"k");
+        let v = BearerVerifier::hs256(KEY.as_bytes(), None, None);
         let t = token(
-            "k",
+            KEY,
             serde_json::json!({"sub":"alice","tenant_id":"acme","scope":"exports:read exports:admin","exp":exp()}),
         );
         let claims = v.verify(Some(&format!("Bearer {t}"))).unwrap();
@@ -196,7 +212,7 @@ mod tests {
 
     #[test]
     fn wrong_key_expired_or_missing_tokens_are_refused() {
-        let v = BearerVerifier::hs256(b"k");
+        let v = BearerVerifier::hs256(KEY.as_bytes(), None, None);
         let other = token(
             "other",
             serde_json::json!({"sub":"a","tenant_id":"acme","exp":exp()}),
@@ -206,7 +222,7 @@ mod tests {
             Err(AuthError::Invalid(_))
         ));
         let old = token(
-            "k",
+            KEY,
             serde_json::json!({"sub":"a","tenant_id":"acme","exp":1}),
         );
         assert_eq!(
@@ -218,6 +234,60 @@ mod tests {
             v.verify(Some("Basic abc")),
             Err(AuthError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn unsigned_alg_none_tokens_are_refused() {
+        use base64::Engine;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let forged = format!(
+            "{}.{}.",
+            b64(serde_json::json!({"alg": "none", "typ": "JWT"})),
+            b64(serde_json::json!({"sub": "mallory", "tenant_id": "acme", "exp": exp()}))
+        );
+        let v = BearerVerifier::hs256(KEY.as_bytes(), None, None);
+        assert!(matches!(
+            v.verify(Some(&format!("Bearer {forged}"))),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn tokens_not_yet_valid_are_refused() {
+        let v = BearerVerifier::hs256(KEY.as_bytes(), None, None);
+        let later = chrono::Utc::now().timestamp() + 300;
+        let t = token(
+            KEY,
+            serde_json::json!({"sub":"a","tenant_id":"acme","exp":exp(),"nbf":later}),
+        );
+        assert_eq!(
+            v.verify(Some(&format!("Bearer {t}"))),
+            Err(AuthError::Invalid(
+                "the token is not valid yet (nbf)".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let v = BearerVerifier::hs256(KEY.as_bytes(), Some("https://idp"), Some("exports"));
+        let with =
+            |claims: serde_json::Value| v.verify(Some(&format!("Bearer {}", token(KEY, claims))));
+        let ok = serde_json::json!({"sub":"a","tenant_id":"t","exp":exp(),"iss":"https://idp","aud":"exports"});
+        assert!(with(ok).is_ok());
+        for bad in [
+            serde_json::json!({"sub":"a","tenant_id":"t","exp":exp(),"iss":"https://evil","aud":"exports"}),
+            serde_json::json!({"sub":"a","tenant_id":"t","exp":exp(),"iss":"https://idp","aud":"other"}),
+            serde_json::json!({"sub":"a","tenant_id":"t","exp":exp(),"aud":"exports"}),
+            serde_json::json!({"sub":"a","tenant_id":"t","exp":exp(),"iss":"https://idp"}),
+        ] {
+            assert!(
+                matches!(with(bad.clone()), Err(AuthError::Invalid(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -139,12 +139,76 @@ pub struct FieldError {
 }
 
 impl FieldError {
+    /// `field` may be caller input (an unknown parameter name): it is bounded like a quote.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        let field = field.into();
         Self {
-            field: field.into(),
+            field: if field.len() <= QUOTE_CHARS && !field.contains(char::is_control) {
+                field
+            } else {
+                bounded(&field)
+            },
             message: message.into(),
         }
     }
+}
+
+/// Longest filter value accepted, in bytes (DESIGN.md, "Limits").
+pub const MAX_FILTER_VALUE_BYTES: usize = 1024;
+/// Field errors in one answer; the rest are summed up in one more entry so a hostile request
+/// cannot grow the error body.
+pub const MAX_FIELD_ERRORS: usize = 10;
+/// Characters of caller input an error message may quote.
+const QUOTE_CHARS: usize = 40;
+
+/// Caller input as an error message may show it: back-quoted, at most a few dozen characters,
+/// control characters escaped. Errors must never echo huge or binary input back.
+pub fn quoted(value: &str) -> String {
+    format!("`{}`", bounded(value))
+}
+
+fn bounded(value: &str) -> String {
+    let mut out: String = value
+        .chars()
+        .take(QUOTE_CHARS)
+        .flat_map(|c| {
+            let escape = c.is_control() || c == '`';
+            let mut buf = Vec::new();
+            if escape {
+                buf.extend(c.escape_default());
+            } else {
+                buf.push(c);
+            }
+            buf
+        })
+        .collect();
+    if value.chars().nth(QUOTE_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// One error per field (the first), at most [`MAX_FIELD_ERRORS`] of them.
+fn bounded_errors(errors: Vec<FieldError>) -> Vec<FieldError> {
+    let mut out: Vec<FieldError> = Vec::new();
+    let mut dropped = 0usize;
+    for e in errors {
+        if out.iter().any(|o| o.field == e.field) {
+            continue;
+        }
+        if out.len() < MAX_FIELD_ERRORS {
+            out.push(e);
+        } else {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        out.push(FieldError::new(
+            "request",
+            format!("{dropped} more fields have problems; fix the ones above first"),
+        ));
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -241,13 +305,15 @@ impl RawExportRequest {
             "bom",
             "delimiter",
         ];
-        for key in obj.keys() {
-            if !KNOWN.contains(&key.as_str()) {
-                raw.input_errors.push(FieldError::new(
-                    key,
-                    format!("unknown field; allowed: {}", KNOWN.join(", ")),
-                ));
-            }
+        let mut listed = false;
+        for key in obj.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
+            let message = if listed {
+                "unknown field".to_string()
+            } else {
+                format!("unknown field; allowed: {}", KNOWN.join(", "))
+            };
+            listed = true;
+            raw.input_errors.push(FieldError::new(key, message));
         }
         match obj.get("dataset") {
             Some(serde_json::Value::String(s)) => raw.dataset = s.clone(),
@@ -289,17 +355,17 @@ impl RawExportRequest {
             None | Some(serde_json::Value::Null) => {}
             Some(serde_json::Value::String(s)) => raw.columns = Some(split_list(s)),
             Some(serde_json::Value::Array(items)) => {
-                let mut cols = Vec::new();
-                for item in items {
-                    match item.as_str() {
-                        Some(s) => cols.push(s.trim().to_string()),
-                        None => raw.input_errors.push(FieldError::new(
-                            "columns",
-                            "must be an array of column names",
-                        )),
-                    }
+                let cols: Option<Vec<String>> = items
+                    .iter()
+                    .map(|i| i.as_str().map(|s| s.trim().to_string()))
+                    .collect();
+                match cols {
+                    Some(cols) => raw.columns = Some(cols),
+                    None => raw.input_errors.push(FieldError::new(
+                        "columns",
+                        "must be an array of column names",
+                    )),
                 }
-                raw.columns = Some(cols);
             }
             Some(_) => raw.input_errors.push(FieldError::new(
                 "columns",
@@ -353,10 +419,12 @@ pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequ
     let Some(ds) = catalog.get(raw.dataset.trim()) else {
         // A malformed body that also lacks a dataset is a 400, not a 404.
         if !raw.input_errors.is_empty() {
-            return Err(RequestError::Invalid(raw.input_errors.clone()));
+            return Err(RequestError::Invalid(bounded_errors(
+                raw.input_errors.clone(),
+            )));
         }
         return Err(RequestError::UnknownDataset {
-            name: raw.dataset.clone(),
+            name: bounded(&raw.dataset),
             allowed: catalog.names().iter().map(|s| s.to_string()).collect(),
         });
     };
@@ -367,7 +435,11 @@ pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequ
         Some(f) => Format::parse(f).unwrap_or_else(|| {
             errors.push(FieldError::new(
                 "format",
-                format!("`{f}` is not a format; allowed: {}", Format::ALLOWED),
+                format!(
+                    "{} is not a format; allowed: {}",
+                    quoted(f),
+                    Format::ALLOWED
+                ),
             ));
             Format::Csv
         }),
@@ -388,7 +460,10 @@ pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequ
         s.trim().parse::<u64>().ok().or_else(|| {
             errors.push(FieldError::new(
                 "max_stale",
-                format!("`{s}` is not a number of seconds (0 = must be fresh)"),
+                format!(
+                    "{} is not a number of seconds (0 = must be fresh)",
+                    quoted(s)
+                ),
             ));
             None
         })
@@ -401,7 +476,7 @@ pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequ
             Err(_) => {
                 errors.push(FieldError::new(
                     "tz",
-                    format!("`{t}` is not an IANA time zone name (e.g. UTC, Europe/Paris, America/New_York)"),
+                    format!("{} is not an IANA time zone name (e.g. UTC, Europe/Paris, America/New_York)", quoted(t)),
                 ));
                 None
             }
@@ -433,7 +508,11 @@ pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequ
             Delimiter::parse(d).unwrap_or_else(|| {
                 errors.push(FieldError::new(
                     "delimiter",
-                    format!("`{d}` is not a delimiter; allowed: {}", Delimiter::ALLOWED),
+                    format!(
+                        "{} is not a delimiter; allowed: {}",
+                        quoted(d),
+                        Delimiter::ALLOWED
+                    ),
                 ));
                 Delimiter::Comma
             })
@@ -441,7 +520,7 @@ pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequ
     };
 
     if !errors.is_empty() {
-        return Err(RequestError::Invalid(errors));
+        return Err(RequestError::Invalid(bounded_errors(errors)));
     }
     Ok(ExportRequest {
         spec: ExportSpec {
@@ -468,33 +547,54 @@ fn normalise_columns(
     let Some(requested) = requested else {
         return all();
     };
+    if requested.len() > ds.columns.len() {
+        errors.push(FieldError::new(
+            "columns",
+            format!(
+                "names {} columns; `{}` has {}: {}",
+                requested.len(),
+                ds.name,
+                ds.columns.len(),
+                ds.column_names().join(", ")
+            ),
+        ));
+        return all();
+    }
     let mut wanted = vec![false; ds.columns.len()];
-    let mut any = false;
+    let mut unknown: Vec<&str> = Vec::new();
+    let mut problem: Option<String> = None;
     for name in requested {
-        if name.is_empty() {
-            errors.push(FieldError::new(
-                "columns",
-                "contains an empty column name; give a comma list of column names",
-            ));
-            continue;
-        }
         match ds.column(name) {
-            Some((i, _)) => {
-                wanted[i] = true;
-                any = true;
+            _ if name.is_empty() => {
+                problem.get_or_insert_with(|| {
+                    "contains an empty column name; give a comma list of column names".into()
+                });
             }
-            None => errors.push(FieldError::new(
-                "columns",
-                format!(
-                    "`{name}` is not a column of `{}`; allowed: {}",
-                    ds.name,
-                    ds.column_names().join(", ")
-                ),
-            )),
+            Some((i, _)) if wanted[i] => {
+                problem.get_or_insert_with(|| format!("names {} more than once", quoted(name)));
+            }
+            Some((i, _)) => wanted[i] = true,
+            None => unknown.push(name),
         }
     }
-    if !any && errors.is_empty() {
-        errors.push(FieldError::new("columns", "select at least one column"));
+    if let Some(first) = unknown.first() {
+        let more = match unknown.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        problem = Some(format!(
+            "{}{more} is not a column of `{}`; allowed: {}",
+            quoted(first),
+            ds.name,
+            ds.column_names().join(", ")
+        ));
+    }
+    match problem {
+        Some(message) => errors.push(FieldError::new("columns", message)),
+        None if !wanted.contains(&true) => {
+            errors.push(FieldError::new("columns", "select at least one column"))
+        }
+        None => {}
     }
     ds.columns
         .iter()
@@ -510,6 +610,7 @@ fn normalise_filters(
     errors: &mut Vec<FieldError>,
 ) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
+    let mut allowed_listed = false;
     for (name, value) in given {
         let Some(col) = ds
             .filters
@@ -518,25 +619,36 @@ fn normalise_filters(
             .find(|c| &c.name == name)
         else {
             let allowed = ds.filter_names();
-            errors.push(FieldError::new(
-                name,
-                if allowed.is_empty() {
-                    format!("`{}` takes no filters", ds.name)
-                } else {
-                    format!(
-                        "is not a filter of `{}`; allowed filters: {} (and from/to on {})",
-                        ds.name,
-                        allowed.join(", "),
-                        ds.range_column().map_or("nothing", |c| c.name.as_str())
-                    )
-                },
-            ));
+            // The allowed list once per answer, however many unknown filters were sent.
+            let message = if allowed_listed {
+                format!("is not a filter of `{}` either", ds.name)
+            } else if allowed.is_empty() {
+                format!("`{}` takes no filters", ds.name)
+            } else {
+                format!(
+                    "is not a filter of `{}`; allowed filters: {} (and from/to on {})",
+                    ds.name,
+                    allowed.join(", "),
+                    ds.range_column().map_or("nothing", |c| c.name.as_str())
+                )
+            };
+            allowed_listed = true;
+            errors.push(FieldError::new(name, message));
             continue;
         };
         if out.contains_key(name) {
             errors.push(FieldError::new(
                 name,
                 "given more than once; one value per filter",
+            ));
+            continue;
+        }
+        if value.len() > MAX_FILTER_VALUE_BYTES || value.contains(char::is_control) {
+            errors.push(FieldError::new(
+                name,
+                format!(
+                    "must be at most {MAX_FILTER_VALUE_BYTES} bytes of printable text (no control characters)"
+                ),
             ));
             continue;
         }
@@ -564,13 +676,13 @@ pub fn normalise_value(ty: ColumnType, value: &str) -> Result<String, String> {
             .trim()
             .parse::<i64>()
             .map(|i| i.to_string())
-            .map_err(|_| format!("`{value}` is not an integer")),
+            .map_err(|_| format!("{} is not an integer", quoted(value))),
         ColumnType::Boolean => parse_bool(value)
             .map(|b| b.to_string())
-            .ok_or_else(|| format!("`{value}` is not a boolean; use true or false")),
+            .ok_or_else(|| format!("{} is not a boolean; use true or false", quoted(value))),
         ColumnType::Date => NaiveDate::parse_from_str(value.trim(), "%Y-%m-%d")
             .map(|d| d.format("%Y-%m-%d").to_string())
-            .map_err(|_| format!("`{value}` is not a date; use YYYY-MM-DD")),
+            .map_err(|_| format!("{} is not a date; use YYYY-MM-DD", quoted(value))),
         ColumnType::Decimal | ColumnType::Timestamp => {
             Err("this column cannot be filtered by equality".into())
         }
@@ -604,7 +716,10 @@ fn parse_instant(
         Err(_) => {
             errors.push(FieldError::new(
                 field,
-                format!("`{value}` is not an RFC 3339 timestamp (e.g. 2024-05-01T00:00:00Z)"),
+                format!(
+                    "{} is not an RFC 3339 timestamp (e.g. 2024-05-01T00:00:00Z)",
+                    quoted(value)
+                ),
             ));
             None
         }
@@ -782,7 +897,7 @@ mod tests {
         match normalise(&catalog(), &q("invoices", &[])) {
             Err(RequestError::UnknownDataset { name, allowed }) => {
                 assert_eq!(name, "invoices");
-                assert_eq!(allowed, vec!["customers", "orders"]);
+                assert_eq!(allowed, vec!["contacts", "customers", "orders"]);
             }
             other => panic!("{other:?}"),
         }

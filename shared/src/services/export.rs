@@ -2,12 +2,14 @@
 
 use chrono::Duration;
 
-use super::jobs::{start_or_join, Started};
+use super::jobs::{start_or_join, Start, StartOptions};
 use super::{require_scope, Deps, ServiceError};
 use crate::domain::identity::SCOPE_READ;
 use crate::domain::request::normalise;
-use crate::domain::{CacheEntry, CacheKey, Freshness, Identity, Job, JobKind, RawExportRequest};
-use crate::ports::HitKind;
+use crate::domain::{
+    CacheEntry, CacheKey, ExportSpec, Freshness, Identity, Job, JobKind, RawExportRequest,
+};
+use crate::ports::{HitKind, Lookup};
 
 #[derive(Debug)]
 pub enum ExportAnswer {
@@ -48,91 +50,116 @@ pub async fn request_export(
     };
     let user_part = ds.user_scoped.then_some(who.user.as_str());
     let key = CacheKey::derive(&who.tenant, user_part, &spec);
-    let (entry, generation) = deps.meta.lookup(&who.tenant, &who.user, &key).await?;
-    let now = deps.clock.now();
+    // Nothing is served past the dataset's stale window, so a larger `max_stale` (up to u64::MAX
+    // from the query) means the window: clamping keeps the arithmetic in range.
+    let accepted_staleness = Duration::seconds(
+        req.max_stale
+            .map_or(ds.stale_seconds, |s| s.min(ds.stale_seconds)) as i64,
+    );
 
-    // An entry built under an older generation was invalidated: as good as absent.
-    let entry = entry.filter(|e| e.generation == generation);
-    let estimate = entry.as_ref().map(|e| e.rows);
-    if let Some(entry) = entry {
-        let accepted_staleness = req
-            .max_stale
-            .map_or(ds.stale_seconds as i64, |s| s.min(i64::MAX as u64) as i64);
-        let stale = match entry.freshness(now) {
-            Freshness::Fresh => Some(false),
-            Freshness::Stale { age_past_fresh }
-                if age_past_fresh <= Duration::seconds(accepted_staleness) =>
-            {
-                Some(true)
-            }
-            Freshness::Stale { .. } | Freshness::Expired => None,
-        };
-        if let Some(stale) = stale {
-            if stale {
-                // Serve what we have and refresh behind the caller's back (coalesced).
-                let refresh = start_or_join(
-                    deps,
-                    &who.tenant,
-                    &who.user,
-                    &key,
-                    &spec,
-                    JobKind::Refresh,
-                    generation,
-                    estimate,
-                )
-                .await;
-                if let Err(e) = refresh {
-                    tracing::warn!(error = %e, "stale hit served but its refresh could not start");
+    // A second round only when a job finished between our look and our create: its file is then
+    // served instead of being built again.
+    for _ in 0..3 {
+        let found = deps.meta.find(&who.tenant, &who.user, &key).await?;
+        let now = deps.clock.now();
+        if let Some(entry) = found.current_entry() {
+            let stale = match entry.freshness(now) {
+                Freshness::Fresh => Some(false),
+                Freshness::Stale { age_past_fresh } if age_past_fresh <= accepted_staleness => {
+                    Some(true)
                 }
+                Freshness::Stale { .. } | Freshness::Expired => None,
+            };
+            if let Some(stale) = stale {
+                return serve(deps, who, &key, &spec, &found, entry, stale).await;
             }
-            let url = deps
-                .files
-                .presign_get(
-                    &entry.object_key,
-                    &entry.file_name(),
-                    deps.config.presign_ttl,
-                )
-                .await?;
-            record(
-                deps,
-                &who.tenant,
-                &spec.dataset,
-                if stale { HitKind::Stale } else { HitKind::Hit },
-            )
-            .await;
-            if let Err(e) = deps.meta.touch_entry(&entry, now).await {
-                tracing::warn!(error = %e, "could not record the hit on the entry");
-            }
-            return Ok(ExportAnswer::File {
-                age: entry.age(now),
-                entry: Box::new(entry),
-                url,
-                stale,
-            });
         }
-    }
-
-    let limit = deps.config.miss_rate_per_minute;
-    if limit > 0 && !deps.meta.take_miss_slot(&who.tenant, now, limit).await? {
-        return Err(ServiceError::RateLimited {
-            retry_after: 60 - now.timestamp().rem_euclid(60) as u32,
+        let started = start_or_join(
+            deps,
+            &who.tenant,
+            &who.user,
+            &key,
+            &spec,
+            StartOptions {
+                kind: JobKind::Export,
+                generation: found.generation,
+                rows_estimate: found.current_entry().map(|e| e.rows),
+                entry_seen: found.entry.as_ref(),
+                miss_limit: Some(deps.config.miss_rate_per_minute),
+            },
+        )
+        .await?;
+        let (job, joined) = match started {
+            Start::New(job) => (job, false),
+            Start::Joined(job) => (job, true),
+            Start::EntryChanged => continue,
+        };
+        record(deps, &who.tenant, &spec.dataset, HitKind::Miss).await;
+        return Ok(ExportAnswer::Job {
+            job: Box::new(job),
+            joined,
         });
     }
-    let Started { job, joined } = start_or_join(
+    Err(ServiceError::Unavailable(
+        "this export is changing right now; retry shortly".into(),
+    ))
+}
+
+/// Redirects to the entry's file; a stale one also gets a refresh behind the caller's back.
+async fn serve(
+    deps: &Deps,
+    who: &Identity,
+    key: &CacheKey,
+    spec: &ExportSpec,
+    found: &Lookup,
+    entry: &CacheEntry,
+    stale: bool,
+) -> Result<ExportAnswer, ServiceError> {
+    let now = deps.clock.now();
+    if stale {
+        let refresh = start_or_join(
+            deps,
+            &who.tenant,
+            &who.user,
+            key,
+            spec,
+            StartOptions {
+                kind: JobKind::Refresh,
+                generation: found.generation,
+                rows_estimate: Some(entry.rows),
+                entry_seen: Some(entry),
+                miss_limit: None,
+            },
+        )
+        .await;
+        // EntryChanged: a newer file is already there, nothing to refresh.
+        if let Err(e) = refresh {
+            tracing::warn!(error = %e, "stale hit served but its refresh could not start");
+        }
+    }
+    let url = deps
+        .files
+        .presign_get(
+            &entry.object_key,
+            &entry.file_name(),
+            deps.config.presign_ttl,
+        )
+        .await?;
+    record(
         deps,
         &who.tenant,
-        &who.user,
-        &key,
-        &spec,
-        JobKind::Export,
-        generation,
-        estimate,
+        &spec.dataset,
+        if stale { HitKind::Stale } else { HitKind::Hit },
     )
-    .await?;
-    record(deps, &who.tenant, &spec.dataset, HitKind::Miss).await;
-    Ok(ExportAnswer::Job {
-        job: Box::new(job),
-        joined,
+    .await;
+    if let Err(e) = deps.meta.touch_entry(entry, now).await {
+        tracing::warn!(error = %e, "could not record the hit on the entry");
+    }
+    Ok(ExportAnswer::File {
+        age: entry.age(now),
+        entry: Box::new(entry.clone()),
+        url,
+        stale,
     })
 }
 

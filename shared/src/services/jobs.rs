@@ -1,13 +1,13 @@
-//! Starting jobs (coalesced per cache key), reading their status, and their download link.
+//! Starting jobs (coalesced per cache key), and where their files go.
 
 use chrono::Duration;
 
-use super::{require_scope, Deps, ServiceError, KEEP_RECORDS_FOR_DAYS, MARKER_HOURS};
-use crate::domain::identity::SCOPE_READ;
-use crate::domain::job::file_name;
+use super::{Deps, ServiceError, KEEP_RECORDS_FOR_DAYS, MARKER_HOURS};
 use crate::domain::{
-    CacheKey, ExportSpec, Generation, Identity, Job, JobKind, JobMessage, JobStatus, MessageKind,
+    CacheEntry, CacheKey, ExportSpec, Generation, Job, JobError, JobKind, JobMessage, JobStatus,
+    MessageKind,
 };
+use crate::ports::{Created, NewJob, PortError};
 
 /// Where a job's file goes: under the tenant, so a key can never reach another tenant's files.
 pub fn object_key(job: &Job) -> String {
@@ -29,25 +29,39 @@ pub fn manifest_key(object_key: &str) -> String {
     format!("{stem}.manifest.json")
 }
 
-pub struct Started {
-    pub job: Job,
-    /// True when the caller joined a job somebody else started.
-    pub joined: bool,
+pub enum Start {
+    /// A new job, queued.
+    New(Job),
+    /// Somebody else's job for the same key, still running.
+    Joined(Job),
+    /// The key's entry changed since the caller looked (a job finished meanwhile): look again
+    /// rather than build the same file twice.
+    EntryChanged,
+}
+
+/// What a new job is started under.
+#[derive(Debug, Clone, Copy)]
+pub struct StartOptions<'a> {
+    pub kind: JobKind,
+    /// The caller's current generations (see `Lookup::generation`).
+    pub generation: Generation,
+    pub rows_estimate: Option<u64>,
+    /// The key's entry the caller looked at, if any.
+    pub entry_seen: Option<&'a CacheEntry>,
+    /// New exports the tenant may start per minute; `None` for refreshes, which are not limited.
+    pub miss_limit: Option<u32>,
 }
 
 /// Creates a job for `key` unless one is already in flight, in which case the caller joins it:
 /// concurrent misses for one key all get the same job id.
-#[allow(clippy::too_many_arguments)]
 pub async fn start_or_join(
     deps: &Deps,
     tenant: &str,
     user: &str,
     key: &CacheKey,
     spec: &ExportSpec,
-    kind: JobKind,
-    generation: Generation,
-    rows_estimate: Option<u64>,
-) -> Result<Started, ServiceError> {
+    opts: StartOptions<'_>,
+) -> Result<Start, ServiceError> {
     let mut replacing: Option<String> = None;
     // A few rounds at most: each lost round means a finished job just released the marker.
     for _ in 0..4 {
@@ -58,34 +72,40 @@ pub async fn start_or_join(
             user,
             key.clone(),
             spec.clone(),
-            kind,
-            generation,
-            rows_estimate,
+            opts.kind,
+            opts.generation,
+            opts.rows_estimate,
             now,
             Duration::days(KEEP_RECORDS_FOR_DAYS),
         );
-        let marker_until = now + Duration::hours(MARKER_HOURS);
-        match deps
+        let created = deps
             .meta
-            .create_job(&job, marker_until, replacing.as_deref())
-            .await
-        {
-            Ok(None) => {
+            .create_job(NewJob {
+                job: &job,
+                marker_until: now + Duration::hours(MARKER_HOURS),
+                replacing: replacing.as_deref(),
+                entry_seen: opts.entry_seen.map(|e| e.job_id.as_str()),
+                miss_limit: opts.miss_limit.filter(|l| *l > 0),
+            })
+            .await;
+        match created {
+            Ok(Created::Created) => {
                 enqueue_or_fail(deps, job.clone()).await?;
-                return Ok(Started { job, joined: false });
+                return Ok(Start::New(job));
             }
-            Ok(Some(existing)) => match deps.meta.get_job(&existing).await? {
-                Some(other) if !other.status.is_terminal() => {
-                    return Ok(Started {
-                        job: other,
-                        joined: true,
-                    })
-                }
+            Ok(Created::EntryChanged) => return Ok(Start::EntryChanged),
+            Ok(Created::RateLimited) => {
+                return Err(ServiceError::RateLimited {
+                    retry_after: 60 - now.timestamp().rem_euclid(60) as u32,
+                })
+            }
+            Ok(Created::Held(existing)) => match deps.meta.get_job(&existing).await? {
+                Some(other) if !other.status.is_terminal() => return Ok(Start::Joined(other)),
                 // Finished (or vanished) but its marker is still there: take the marker over.
                 _ => replacing = Some(existing),
             },
             // The marker changed hands between our read and our write: look again.
-            Err(crate::ports::PortError::Conflict(_)) => replacing = None,
+            Err(PortError::Conflict(_)) => replacing = None,
             Err(e) => return Err(e.into()),
         }
     }
@@ -109,7 +129,7 @@ async fn enqueue_or_fail(deps: &Deps, mut job: Job) -> Result<(), ServiceError> 
     tracing::error!(job_id = %job.job_id, error = %e, "enqueue failed; failing the job");
     let now = deps.clock.now();
     job.status = JobStatus::Failed;
-    job.error = Some(crate::domain::JobError {
+    job.error = Some(JobError {
         code: "enqueue_failed".into(),
         message: "the job could not be queued".into(),
     });
@@ -129,77 +149,6 @@ async fn enqueue_or_fail(deps: &Deps, mut job: Job) -> Result<(), ServiceError> 
     Err(ServiceError::Unavailable(
         "the export could not be queued; retry shortly".into(),
     ))
-}
-
-/// The caller's job, or 404 for unknown ids and other tenants' jobs alike (no existence oracle).
-pub async fn job_for(deps: &Deps, who: &Identity, job_id: &str) -> Result<Job, ServiceError> {
-    require_scope(who, SCOPE_READ)?;
-    let not_found = || ServiceError::NotFound(format!("no export job `{job_id}`"));
-    if job_id.is_empty() || job_id.len() > 64 || !job_id.bytes().all(|b| b.is_ascii_alphanumeric())
-    {
-        return Err(not_found());
-    }
-    match deps.meta.get_job(job_id).await? {
-        Some(job) if job.tenant == who.tenant => Ok(job),
-        _ => Err(not_found()),
-    }
-}
-
-/// A freshly signed URL for a finished job's file (the job's download link is stable; the
-/// signature is not).
-pub async fn download_url(
-    deps: &Deps,
-    who: &Identity,
-    job_id: &str,
-) -> Result<String, ServiceError> {
-    let job = job_for(deps, who, job_id).await?;
-    match job.status {
-        JobStatus::Queued | JobStatus::Running => {
-            return Err(ServiceError::NotReady(format!(
-                "the job is {}; poll /exports/jobs/{job_id} until it has succeeded",
-                job.status.as_str()
-            )))
-        }
-        JobStatus::Failed => {
-            let why = job
-                .error
-                .as_ref()
-                .map_or("unknown reason".to_string(), |e| e.message.clone());
-            return Err(ServiceError::NotReady(format!(
-                "the job failed and has no file: {why}"
-            )));
-        }
-        JobStatus::Succeeded => {}
-    }
-    let now = deps.clock.now();
-    let (Some(object_key), Some(until), Some(finished)) =
-        (&job.object_key, job.download_until, job.finished_at)
-    else {
-        return Err(ServiceError::Gone(
-            "this job's file is no longer available".into(),
-        ));
-    };
-    if now >= until {
-        return Err(ServiceError::Gone(format!(
-            "this job's file expired at {}; request the export again",
-            until.to_rfc3339()
-        )));
-    }
-    let current = deps.meta.current_generation(&job.tenant, &job.user).await?;
-    if current != job.generation {
-        return Err(ServiceError::Gone(
-            "this job's file was invalidated; request the export again".into(),
-        ));
-    }
-    let url = deps
-        .files
-        .presign_get(
-            object_key,
-            &file_name(&job.spec, finished),
-            deps.config.presign_ttl,
-        )
-        .await?;
-    Ok(url)
 }
 
 #[cfg(test)]

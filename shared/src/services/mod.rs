@@ -10,6 +10,8 @@ pub mod cache_admin;
 pub mod export;
 pub mod jobs;
 pub mod process;
+pub mod status;
+pub mod tenant_slots;
 pub mod warm;
 
 /// Everything a use case may touch, built once per cold start.
@@ -49,7 +51,22 @@ pub enum ServiceError {
     #[error("too many new exports; retry in {retry_after} s")]
     RateLimited { retry_after: u32 },
     #[error("internal: {0}")]
-    Internal(#[from] PortError),
+    Internal(PortError),
+}
+
+impl From<PortError> for ServiceError {
+    /// A retryable failure (a stalled or throttled AWS service, a timeout) is the caller's 503
+    /// with Retry-After, not a 500; its cause goes to the logs, never to the caller.
+    fn from(e: PortError) -> Self {
+        if e.is_retryable() {
+            tracing::warn!(error = %e, "a backing service is slow or unavailable");
+            ServiceError::Unavailable(
+                "a backing service is slow or unavailable; retry shortly".into(),
+            )
+        } else {
+            ServiceError::Internal(e)
+        }
+    }
 }
 
 pub(crate) fn require_scope(
@@ -67,3 +84,5 @@ pub(crate) fn require_scope(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hardening;

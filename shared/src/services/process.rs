@@ -19,6 +19,7 @@ use chrono::{DateTime, Duration, Utc};
 use sha2::{Digest, Sha256};
 
 use super::jobs::{manifest_key, object_key};
+use super::tenant_slots::{self, Slot};
 use super::Deps;
 use crate::catalog::{Column, Dataset};
 use crate::domain::job::file_name;
@@ -53,6 +54,11 @@ pub enum Outcome {
     UnknownJob,
     /// Another worker took over the job while this one ran; it stops without touching it.
     LostLease,
+    /// The tenant already runs as many jobs as it may: the job waits its turn (a new message,
+    /// visible after `retry_in` seconds), while other tenants' jobs start.
+    Deferred {
+        retry_in: u32,
+    },
 }
 
 /// Errors that should make the queue deliver the message again later.
@@ -171,17 +177,32 @@ pub async fn process_job(
             until,
         });
     }
+    match tenant_slots::acquire(deps, &job, now).await {
+        Ok(Slot::Granted) => {}
+        Ok(Slot::Full { retry_in }) => {
+            // A new delayed message: waiting spends neither the receive count nor an attempt.
+            return match tenant_slots::defer(deps, msg, retry_in).await {
+                Ok(()) => Ok(Outcome::Deferred { retry_in }),
+                Err(e) => Err(transient(0, &e)),
+            };
+        }
+        Err(e) => return Err(transient(0, &e)),
+    }
     job.lease(owner, now, lease_until, msg.kind == MessageKind::Continue);
     if job.rows_total.is_none() {
         job.rows_total = known_rows(deps, &job).await;
     }
     if let Err(e) = save(deps, &mut job).await {
         return match e {
+            // Another worker owns the job, and with it the slot.
             PortError::Conflict(_) => Err(RetryLater::Busy {
                 job_id: job.job_id,
                 until: lease_until,
             }),
-            other => Err(transient(job.attempts, &other)),
+            other => {
+                tenant_slots::release(deps, &job).await;
+                Err(transient(job.attempts, &other))
+            }
         };
     }
     tracing::info!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
@@ -232,6 +253,7 @@ async fn settle(
                     other => Err(transient(&job, other.to_string())),
                 };
             }
+            tenant_slots::release(deps, &job).await;
             let cont = JobMessage {
                 job_id: job.job_id.clone(),
                 kind: MessageKind::Continue,
@@ -262,8 +284,11 @@ async fn settle(
                 });
             }
             job.release_for_retry();
-            if let Err(e) = save(deps, &mut job).await {
-                tracing::warn!(job_id = %job.job_id, error = %e, "could not release the lease");
+            match save(deps, &mut job).await {
+                Ok(()) => tenant_slots::release(deps, &job).await,
+                Err(e) => {
+                    tracing::warn!(job_id = %job.job_id, error = %e, "could not release the lease")
+                }
             }
             Err(transient(&job, message))
         }
@@ -760,6 +785,7 @@ async fn finish_success(deps: &Deps, mut job: Job, mut entry: CacheEntry) -> Res
     job.version += 1;
     deps.meta.complete_job(&job, &entry).await?;
     release_marker(deps, &job).await;
+    tenant_slots::release(deps, &job).await;
     record_rows(deps, &job, entry.rows).await;
     tracing::info!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
         rows = entry.rows, bytes = entry.bytes, pages = job.pages_read,
@@ -797,6 +823,7 @@ async fn fail_job(deps: &Deps, mut job: Job, failure: &Failure) {
         tracing::error!(job_id = %job.job_id, error = %e, "could not record the failure");
     }
     release_marker(deps, &job).await;
+    tenant_slots::release(deps, &job).await;
 }
 
 async fn release_marker(deps: &Deps, job: &Job) {

@@ -8,8 +8,8 @@ use chrono::{Duration, NaiveDate, TimeZone, Utc};
 
 use super::cache_admin::{invalidate_scope, Scope};
 use super::export::{request_export, ExportAnswer};
-use super::jobs::{download_url, job_for};
 use super::process::{process_job, Outcome};
+use super::status::{download_url, job_for};
 use super::warm::warm;
 use super::ServiceError;
 use crate::catalog::{Catalog, BUILTIN_CATALOG};
@@ -17,7 +17,7 @@ use crate::domain::identity::{SCOPE_ADMIN, SCOPE_READ};
 use crate::domain::{Identity, JobMessage, JobStatus, MessageKind, RawExportRequest, Row, Value};
 use crate::testing::{fakes, test_config, Fakes};
 
-fn who(tenant: &str) -> Identity {
+pub(super) fn who(tenant: &str) -> Identity {
     Identity {
         tenant: tenant.into(),
         user: "alice".into(),
@@ -25,7 +25,7 @@ fn who(tenant: &str) -> Identity {
     }
 }
 
-fn order_rows(n: usize) -> Vec<Row> {
+pub(super) fn order_rows(n: usize) -> Vec<Row> {
     (0..n)
         .map(|i| {
             vec![
@@ -55,11 +55,11 @@ fn order_rows(n: usize) -> Vec<Row> {
 }
 
 /// Fakes with small parts and pages so a few dozen rows cross several part boundaries.
-fn setup(rows: usize) -> Fakes {
+pub(super) fn setup(rows: usize) -> Fakes {
     setup_with(rows, Catalog::builtin().unwrap())
 }
 
-fn setup_with(rows: usize, catalog: Catalog) -> Fakes {
+pub(super) fn setup_with(rows: usize, catalog: Catalog) -> Fakes {
     let mut config = test_config();
     config.worker.part_size = 300;
     let mut f = fakes(config, 10);
@@ -74,7 +74,7 @@ fn setup_with(rows: usize, catalog: Catalog) -> Fakes {
     f
 }
 
-fn orders(pairs: &[(&str, &str)]) -> RawExportRequest {
+pub(super) fn orders(pairs: &[(&str, &str)]) -> RawExportRequest {
     RawExportRequest::from_query(
         "orders",
         pairs
@@ -84,32 +84,19 @@ fn orders(pairs: &[(&str, &str)]) -> RawExportRequest {
     )
 }
 
-fn far_deadline(f: &Fakes) -> chrono::DateTime<Utc> {
+pub(super) fn far_deadline(f: &Fakes) -> chrono::DateTime<Utc> {
     f.deps.clock.now() + Duration::minutes(15)
 }
 
-async fn miss(f: &Fakes, tenant: &str, req: &RawExportRequest) -> String {
+pub(super) async fn miss(f: &Fakes, tenant: &str, req: &RawExportRequest) -> String {
     match request_export(&f.deps, &who(tenant), req).await.unwrap() {
         ExportAnswer::Job { job, .. } => job.job_id,
         other => panic!("expected a miss, got {other:?}"),
     }
 }
 
-async fn run_queue(f: &Fakes) -> Vec<Outcome> {
-    let mut out = Vec::new();
-    loop {
-        let msgs = f.queue.drain();
-        if msgs.is_empty() {
-            return out;
-        }
-        for m in msgs {
-            out.push(
-                process_job(&f.deps, &m, "w1", far_deadline(f), false)
-                    .await
-                    .unwrap(),
-            );
-        }
-    }
+pub(super) async fn run_queue(f: &Fakes) -> Vec<Outcome> {
+    f.run_jobs().await
 }
 
 /// An uninterrupted export of the same rows for globex, to compare a resumed acme file with.
@@ -740,6 +727,36 @@ async fn transient_failures_are_retried_then_the_job_fails_for_good_and_aborts()
 }
 
 #[tokio::test]
+async fn job_errors_show_a_code_and_a_safe_sentence_never_internals() {
+    use crate::ports::PortError;
+    let secret_row = "row ORD-1: amount `DROP TABLE` is not a decimal";
+    let secret_arn = "AccessDenied: arn:aws:s3:::acme-exports-123456789012/exports";
+    for (error, code, secret) in [
+        (
+            PortError::Data(secret_row.into()),
+            "source_data_invalid",
+            "DROP TABLE",
+        ),
+        (
+            PortError::failed("source query", secret_arn, false),
+            "storage_failed",
+            "123456789012",
+        ),
+    ] {
+        let f = setup(5);
+        *f.source.broken.lock().unwrap() = Some(error);
+        let job_id = miss(&f, "acme", &orders(&[])).await;
+        let outcomes = run_queue(&f).await;
+        assert_eq!(outcomes, vec![Outcome::Failed { code: code.into() }]);
+        let job = job_for(&f.deps, &who("acme"), &job_id).await.unwrap();
+        let shown = job.error.unwrap();
+        assert_eq!(shown.code, code);
+        assert!(!shown.message.contains(secret), "{}", shown.message);
+        assert!(!shown.message.contains("arn:"), "{}", shown.message);
+    }
+}
+
+#[tokio::test]
 async fn a_retry_after_a_transient_error_resumes_and_succeeds() {
     let f = setup(45);
     let reference = reference_csv(&f).await;
@@ -876,4 +893,66 @@ async fn pinned_exports_are_built_when_missing_and_refreshed_when_due() {
         ExportAnswer::File { .. } => {}
         other => panic!("expected the pinned file, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_running_limit_waits_while_other_tenants_start() {
+    use crate::testing::{CrashAt, CrashPlan, CrashingFiles};
+    let mut config = test_config();
+    config.worker.part_size = 300;
+    config.worker.max_running_per_tenant = 1;
+    let mut f = fakes(config, 10);
+    for t in ["acme", "globex"] {
+        f.source
+            .rows
+            .lock()
+            .unwrap()
+            .insert(t.into(), order_rows(40));
+    }
+    let plan = Arc::new(CrashPlan::default());
+    f.deps.files = Arc::new(CrashingFiles {
+        inner: f.files.clone(),
+        plan: plan.clone(),
+    });
+    // acme's first job dies mid-run and keeps its slot until its lease runs out.
+    miss(&f, "acme", &orders(&[])).await;
+    let first = f.queue.drain().remove(0);
+    plan.arm(CrashAt {
+        op: "upload_part",
+        nth: 1,
+        after: true,
+    });
+    assert!(plan
+        .run(process_job(&f.deps, &first, "w1", far_deadline(&f), false))
+        .await
+        .is_none());
+
+    miss(&f, "acme", &orders(&[("status", "paid")])).await;
+    let second = f.queue.drain().remove(0);
+    let outcome = process_job(&f.deps, &second, "w2", far_deadline(&f), false)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Deferred { .. }), "{outcome:?}");
+    let delayed = f.queue.delayed.lock().unwrap().clone();
+    assert_eq!(delayed.len(), 1, "put back to wait its turn");
+    assert_eq!(delayed[0].0, second);
+    assert!(delayed[0].1 > 0);
+    let job = f.meta.jobs.lock().unwrap()[&second.job_id].clone();
+    assert_eq!(job.attempts, 0, "waiting spends no attempt");
+
+    miss(&f, "globex", &orders(&[])).await;
+    let other = f.queue.drain().remove(0);
+    let outcome = process_job(&f.deps, &other, "w3", far_deadline(&f), false)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
+
+    // Once the dead worker's lease is over, the waiting job runs.
+    f.clock.advance(Duration::seconds(
+        f.deps.config.worker.lease.as_secs() as i64 + 1,
+    ));
+    let outcome = process_job(&f.deps, &second, "w4", far_deadline(&f), false)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
 }
