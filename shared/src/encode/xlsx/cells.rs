@@ -126,7 +126,8 @@ impl Cells {
     pub fn write_row(&mut self, out: &mut Vec<u8>, row: &Row, number: u32) {
         out.extend_from_slice(b"<row>");
         let mut gap = false;
-        for (i, v) in row.iter().enumerate() {
+        // Rows are built per column; a value beyond them would have no cell to go to.
+        for (i, v) in row.iter().enumerate().take(self.kinds.len()) {
             let kind = self.kinds.get(i).copied().unwrap_or(Kind::Text);
             if matches!(v, Value::Null) || matches!(v, Value::Str(s) if s.is_empty()) {
                 // A sheet has no empty text cell short of a formula: empty text is no cell.

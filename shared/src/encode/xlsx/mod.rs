@@ -944,7 +944,16 @@ mod tests {
             ]
         );
         let text = |name| entry_text(&r.file, name);
-        assert!(text("docProps/core.xml").contains(">2024-05-06T07:08:09Z</dcterms:created>"));
+        // The job's creation time, to the second, and nothing from the clock.
+        let core = text("docProps/core.xml");
+        assert!(
+            core.contains(">2024-05-06T07:08:09Z</dcterms:created>"),
+            "{core}"
+        );
+        assert!(
+            core.contains(">2024-05-06T07:08:09Z</dcterms:modified>"),
+            "{core}"
+        );
         let workbook = text("xl/workbook.xml");
         assert!(
             workbook.contains("'orders 3'!$A$1:$L$203</definedName>"),
