@@ -2,8 +2,8 @@
 //!
 //! `cargo bench -p shared --bench encoders [ROWS...]` (or `BENCH_ROWS=100000,1000000`;
 //! `BENCH_CASES=csv,csv.gz@1,xlsx@1` picks the cases, `format@level` setting the gzip or zip
-//! level). Each measurement runs in a child process (this binary re-executed with `--case`) so
-//! its peak RSS (`VmHWM`) is the encoder's alone. The child makes rows lazily, one 1,000-row page
+//! level; `XLSX_ROWS_PER_SHEET` as for the worker). Each measurement runs in a child process (this
+//! binary re-executed with `--case`) so its peak RSS (`VmHWM`) is the encoder's alone. The child makes rows lazily, one 1,000-row page
 //! at a time, from a deterministic generator; only the encoder calls are timed (page generation
 //! is not), and the bytes go to a sink that counts them, as the worker's part upload would take
 //! them: a part cut once 8 MiB are buffered after a page, then the tail.
@@ -161,6 +161,10 @@ fn child(case: &str, rows: u64) -> Res<()> {
         (Format::CsvGz, Some(l)) => settings.gzip_level = l,
         (Format::Xlsx, Some(l)) => settings.xlsx_zip_level = u8::try_from(l)?,
         _ => {}
+    }
+    // As the worker reads it: smaller sheets make a kept file with several (to check rollover).
+    if let Ok(rows) = std::env::var("XLSX_ROWS_PER_SHEET") {
+        settings.xlsx_rows_per_sheet = rows.parse()?;
     }
     let catalog = Catalog::builtin()?;
     let orders = catalog.get("orders").ok_or("no orders dataset")?;

@@ -60,6 +60,8 @@ pub const META_IAM: &[IamNeed] = &[
     IamNeed::new("meta", "stats", &["query", "batch_get_item"], &["dynamodb:Query", "dynamodb:BatchGetItem"], MetaTable),
     IamNeed::new("meta", "take_tenant_slot", &["query", "put_item"], &["dynamodb:Query", "dynamodb:PutItem"], MetaTable),
     IamNeed::new("meta", "release_tenant_slot", &["query", "delete_item"], &["dynamodb:Query", "dynamodb:DeleteItem"], MetaTable),
+    IamNeed::new("meta", "row_count", &["get_item"], &["dynamodb:GetItem"], MetaTable),
+    IamNeed::new("meta", "record_row_count", &["put_item"], &["dynamodb:PutItem"], MetaTable),
 ];
 
 /// IAM needs of the source reader: a Query of the table, or of its range index.

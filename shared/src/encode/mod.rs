@@ -19,7 +19,7 @@ pub mod xlsx;
 pub mod zipstream;
 
 /// Part of every cache key: bump it when an encoder changes the bytes it writes.
-pub const ENCODER_VERSION: &str = "2";
+pub const ENCODER_VERSION: &str = "3";
 
 /// Excel's hard limit is 1,048,576 rows per sheet, header included.
 pub const XLSX_MAX_ROWS_PER_SHEET: u32 = 1_048_576;

@@ -107,9 +107,14 @@ impl ZipWriter {
         Ok(offset)
     }
 
-    /// Raw deflate data of the open entry.
-    pub fn write(&mut self, data: &[u8]) {
-        self.out.extend_from_slice(data);
+    /// Raw deflate data of the open entry: taken as it is when nothing waits before it (a
+    /// sheet's last deflate segment can be a part's worth, not worth copying).
+    pub fn write(&mut self, data: Vec<u8>) {
+        if self.out.is_empty() {
+            self.out = data;
+        } else {
+            self.out.extend_from_slice(&data);
+        }
     }
 
     /// Writes the data descriptor of the entry started at `offset` and lists it.
@@ -143,14 +148,15 @@ impl ZipWriter {
 
     /// Everything written since the last hand-out, followed by `more` (bytes that belong after
     /// them, such as a deflate segment still held by its compressor).
-    pub fn take_with(&mut self, more: Vec<u8>) -> Vec<u8> {
-        let bytes = if self.out.is_empty() {
-            more
-        } else {
-            let mut bytes = std::mem::replace(&mut self.out, Vec::with_capacity(1 << 16));
+    pub fn take_with(&mut self, mut more: Vec<u8>) -> Vec<u8> {
+        let mut bytes = std::mem::replace(&mut self.out, Vec::with_capacity(1 << 16));
+        // The smaller side is the one copied: either may hold most of a part.
+        if bytes.len() >= more.len() {
             bytes.extend_from_slice(&more);
-            bytes
-        };
+        } else {
+            more.splice(0..0, bytes);
+            bytes = more;
+        }
         self.written += bytes.len() as u64;
         bytes
     }
@@ -259,7 +265,7 @@ fn put64(out: &mut Vec<u8>, v: u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::encode::deflate::Deflater;
     use std::io::{Cursor, Read};
@@ -271,9 +277,9 @@ mod tests {
         d.write(data).unwrap();
         let (crc, size) = (d.crc32(), d.length());
         let body = d.finish().unwrap();
-        zip.write(&body);
-        zip.end_entry(name, offset, crc, body.len() as u64, size)
-            .unwrap();
+        let compressed = body.len() as u64;
+        zip.write(body);
+        zip.end_entry(name, offset, crc, compressed, size).unwrap();
     }
 
     /// An archive of `files`, handed out in pieces after every entry.
@@ -289,7 +295,8 @@ mod tests {
         bytes
     }
 
-    fn read_all(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    /// Every entry, read through the `zip` crate (which checks each CRC-32 and size).
+    pub(crate) fn read_all(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
         let mut z = ::zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
         (0..z.len())
             .map(|i| {

@@ -415,6 +415,25 @@ async fn warmer_refreshes_only_hit_entries_about_to_expire() {
     assert_eq!((again.enqueued, again.joined), (0, 1));
 }
 
+/// Runs the queued job with the deadline always inside the margin, so every run hands over right
+/// after its first checkpoint; returns how it ended and the number of runs.
+async fn run_always_near_the_deadline(f: &Fakes, max_runs: usize) -> (Outcome, usize) {
+    let mut runs = 0;
+    loop {
+        let msg = f.queue.drain().remove(0);
+        runs += 1;
+        assert!(runs < max_runs, "no progress across continuations");
+        let tight = f.deps.clock.now() + Duration::seconds(1);
+        match process_job(&f.deps, &msg, &format!("w{runs}"), tight, false)
+            .await
+            .unwrap()
+        {
+            Outcome::Continued { .. } => continue,
+            other => return (other, runs),
+        }
+    }
+}
+
 /// Fakes whose clock starts at a fixed instant, so two of them given the same requests make the
 /// same jobs (same creation time) and so the same bytes in every format.
 fn fixed_fakes(rows: usize, page_rows: usize, part_size: usize) -> Fakes {
@@ -463,21 +482,7 @@ async fn every_format_continues_across_twenty_runs_into_the_identical_file() {
 
         let f = fixed_fakes(ROWS, PAGE, part_size);
         let job_id = miss(&f, "acme", &orders(&[("format", format)])).await;
-        let mut runs = 0;
-        let outcome = loop {
-            let msg = f.queue.drain().remove(0);
-            runs += 1;
-            assert!(runs < 100, "{format}: no progress across continuations");
-            // Always inside the margin: every run hands over right after its first checkpoint.
-            let tight = f.deps.clock.now() + Duration::seconds(1);
-            match process_job(&f.deps, &msg, &format!("w{runs}"), tight, false)
-                .await
-                .unwrap()
-            {
-                Outcome::Continued { .. } => continue,
-                other => break other,
-            }
-        };
+        let (outcome, runs) = run_always_near_the_deadline(&f, 100).await;
         assert!(
             matches!(outcome, Outcome::Succeeded { rows, .. } if rows == ROWS as u64),
             "{format}: {outcome:?}"
@@ -616,20 +621,7 @@ async fn every_continuation_makes_progress_even_when_the_deadline_is_always_near
     let reference = reference_csv(&f).await;
 
     miss(&f, "acme", &orders(&[])).await;
-    let mut runs = 0;
-    let outcome = loop {
-        let msg = f.queue.drain().remove(0);
-        runs += 1;
-        assert!(runs < 60, "no progress across continuations");
-        let tight = f.deps.clock.now() + Duration::seconds(1);
-        match process_job(&f.deps, &msg, &format!("w{runs}"), tight, false)
-            .await
-            .unwrap()
-        {
-            Outcome::Continued { .. } => continue,
-            other => break other,
-        }
-    };
+    let (outcome, runs) = run_always_near_the_deadline(&f, 60).await;
     assert!(
         matches!(outcome, Outcome::Succeeded { rows: 200, .. }),
         "{outcome:?}"

@@ -126,7 +126,8 @@ impl Cells {
     pub fn write_row(&mut self, out: &mut Vec<u8>, row: &Row, number: u32) {
         out.extend_from_slice(b"<row>");
         let mut gap = false;
-        for (i, v) in row.iter().enumerate() {
+        // Rows are built per column; a value beyond them would have no cell to go to.
+        for (i, v) in row.iter().enumerate().take(self.kinds.len()) {
             let kind = self.kinds.get(i).copied().unwrap_or(Kind::Text);
             if matches!(v, Value::Null) || matches!(v, Value::Str(s) if s.is_empty()) {
                 // A sheet has no empty text cell short of a formula: empty text is no cell.
@@ -402,16 +403,13 @@ fn timestamp_serial(t: DateTime<Utc>, tz: Tz) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{utc, ymd};
     use super::*;
 
     fn escaped(s: &str) -> String {
         let mut out = Vec::new();
         push_escaped(&mut out, s);
         String::from_utf8(out).unwrap()
-    }
-
-    fn ymd(y: i32, m: u32, d: u32) -> NaiveDate {
-        NaiveDate::from_ymd_opt(y, m, d).unwrap()
     }
 
     #[test]
@@ -463,9 +461,7 @@ mod tests {
         assert_eq!(date_serial(ymd(2024, 1, 1)), Some(45292));
         assert_eq!(date_serial(ymd(9999, 12, 31)), Some(2_958_465));
         assert_eq!(date_serial(ymd(1899, 12, 31)), None);
-        let noon = DateTime::parse_from_rfc3339("2024-01-01T12:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
+        let noon = utc("2024-01-01T12:00:00Z");
         assert_eq!(timestamp_serial(noon, chrono_tz::UTC), Some(45292.5));
     }
 }

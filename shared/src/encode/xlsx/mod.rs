@@ -248,13 +248,14 @@ impl XlsxEncoder {
         let deflate = std::mem::replace(&mut self.deflate, Deflater::new(self.level, 0, 0));
         let (crc32, size) = (deflate.crc32(), deflate.length());
         let last = deflate.finish()?;
-        self.zip.write(&last);
+        let compressed = self.open.compressed + last.len() as u64;
+        self.zip.write(last);
         let number = self.finished_rows.len() + 1;
         self.zip.end_entry(
             &sheet_entry_name(number),
             self.open.offset,
             crc32,
-            self.open.compressed + last.len() as u64,
+            compressed,
             size,
         )?;
         self.finished_rows.push(self.open.rows);
@@ -328,9 +329,10 @@ impl Encoder for XlsxEncoder {
         let parts = twin::parts(&self.layout, &self.finished_rows, &self.template.styles)?;
         for p in parts {
             let offset = self.zip.start_entry(&p.name)?;
-            self.zip.write(&p.deflated);
+            let compressed = p.deflated.len() as u64;
+            self.zip.write(p.deflated);
             self.zip
-                .end_entry(&p.name, offset, p.crc32, p.deflated.len() as u64, p.size)?;
+                .end_entry(&p.name, offset, p.crc32, compressed, p.size)?;
         }
         let sheets = self.finished_rows.len() as u32;
         let truncated_cells = self.cells.truncated;
@@ -347,10 +349,11 @@ mod tests {
     use super::*;
     use crate::catalog::{Catalog, ColumnType};
     use crate::domain::{ExportSpec, Format, Value};
+    use crate::encode::zipstream::tests::read_all as zip_entries;
     use calamine::{open_workbook_from_rs, Data, Reader, Xlsx};
     use chrono::{DateTime, NaiveDate, Utc};
     use std::collections::BTreeMap;
-    use std::io::{Cursor, Read};
+    use std::io::Cursor;
 
     fn col(name: &str, ty: ColumnType, money: bool) -> Column {
         Column {
@@ -496,11 +499,11 @@ mod tests {
         }
     }
 
-    fn utc(s: &str) -> DateTime<Utc> {
+    pub(super) fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
-    fn ymd(y: i32, m: u32, d: u32) -> NaiveDate {
+    pub(super) fn ymd(y: i32, m: u32, d: u32) -> NaiveDate {
         NaiveDate::from_ymd_opt(y, m, d).unwrap()
     }
 
@@ -895,21 +898,17 @@ mod tests {
         assert_eq!(data_rows(&read_book(&whole.file)), 3000);
     }
 
-    /// Every entry, read through the `zip` crate (which checks each CRC-32 and size).
-    fn zip_entries(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
-        let mut z = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
-        (0..z.len())
-            .map(|i| {
-                let mut f = z.by_index(i).unwrap();
-                let mut data = Vec::new();
-                f.read_to_end(&mut data).unwrap();
-                (f.name().unwrap().to_string(), data)
-            })
-            .collect()
+    /// The text of entry `name` of a ZIP archive.
+    fn entry_text(zip: &[u8], name: &str) -> String {
+        let (_, data) = zip_entries(zip)
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap();
+        String::from_utf8(data).unwrap()
     }
 
-    #[test]
-    fn the_zip_is_intact_and_holds_a_complete_workbook() {
+    /// 1,000 `orders` rows on sheets of 400 rows: three sheets, the last of 203.
+    fn three_sheets(part: usize) -> (ExportSpec, Vec<Column>, Run) {
         let (columns, pages) = orders_pages(1000, 100);
         let spec = spec("orders", None);
         let r = run(
@@ -917,10 +916,16 @@ mod tests {
             &columns,
             &settings(400),
             &pages,
-            2048,
+            part,
             None,
             MAX_SHEET_XML_BYTES,
         );
+        (spec, columns, r)
+    }
+
+    #[test]
+    fn the_zip_is_intact_and_holds_a_complete_workbook() {
+        let (_, _, r) = three_sheets(2048);
         let names: Vec<String> = zip_entries(&r.file).into_iter().map(|(n, _)| n).collect();
         assert_eq!(
             names,
@@ -938,14 +943,17 @@ mod tests {
                 "docProps/app.xml",
             ]
         );
-        let text = |name: &str| {
-            let (_, data) = zip_entries(&r.file)
-                .into_iter()
-                .find(|(n, _)| n == name)
-                .unwrap();
-            String::from_utf8(data).unwrap()
-        };
-        assert!(text("docProps/core.xml").contains(">2024-05-06T07:08:09Z</dcterms:created>"));
+        let text = |name| entry_text(&r.file, name);
+        // The job's creation time, to the second, and nothing from the clock.
+        let core = text("docProps/core.xml");
+        assert!(
+            core.contains(">2024-05-06T07:08:09Z</dcterms:created>"),
+            "{core}"
+        );
+        assert!(
+            core.contains(">2024-05-06T07:08:09Z</dcterms:modified>"),
+            "{core}"
+        );
         let workbook = text("xl/workbook.xml");
         assert!(
             workbook.contains("'orders 3'!$A$1:$L$203</definedName>"),
@@ -956,15 +964,7 @@ mod tests {
             "{workbook}"
         );
         // Same bytes every run: nothing in the workbook depends on the clock.
-        let again = run(
-            &spec,
-            &columns,
-            &settings(400),
-            &pages,
-            2048,
-            None,
-            MAX_SHEET_XML_BYTES,
-        );
+        let (_, _, again) = three_sheets(2048);
         assert!(again.file == r.file);
     }
 
@@ -1026,10 +1026,7 @@ mod tests {
             None,
             MAX_SHEET_XML_BYTES,
         );
-        let entries = zip_entries(&r.file);
-        let text = |name: &str| {
-            String::from_utf8(entries.iter().find(|(n, _)| n == name).unwrap().1.clone()).unwrap()
-        };
+        let text = |name| entry_text(&r.file, name);
         let formats = cell_formats(&text("xl/styles.xml"));
         let sheet = text("xl/worksheets/sheet1.xml");
         let rows: Vec<&str> = sheet.split("<row>").skip(1).collect();
@@ -1067,17 +1064,7 @@ mod tests {
     /// writes the same around the rows of the final workbook's sheets.
     #[test]
     fn sheet_xml_around_the_rows_is_what_rust_xlsxwriter_writes() {
-        let (columns, pages) = orders_pages(1000, 100);
-        let spec = spec("orders", None);
-        let r = run(
-            &spec,
-            &columns,
-            &settings(400),
-            &pages,
-            usize::MAX,
-            None,
-            MAX_SHEET_XML_BYTES,
-        );
+        let (spec, columns, r) = three_sheets(usize::MAX);
         let e = XlsxEncoder::new(
             FileInfo {
                 spec: &spec,
@@ -1088,16 +1075,10 @@ mod tests {
         )
         .unwrap();
         let twin = twin::build(&e.layout, &[400, 400, 203]).unwrap();
-        let twin = zip_entries(&twin);
-        let ours = zip_entries(&r.file);
         for n in 1..=3 {
             let name = twin::sheet_entry_name(n);
-            let find = |entries: &[(String, Vec<u8>)]| {
-                String::from_utf8(entries.iter().find(|(e, _)| *e == name).unwrap().1.clone())
-                    .unwrap()
-            };
-            let (prefix, suffix) = twin::split_sheet(&find(&twin)).unwrap();
-            let sheet = find(&ours);
+            let (prefix, suffix) = twin::split_sheet(&entry_text(&twin, &name)).unwrap();
+            let sheet = entry_text(&r.file, &name);
             assert!(
                 sheet.starts_with(&prefix),
                 "{name}: {}",
