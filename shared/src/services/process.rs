@@ -447,7 +447,7 @@ async fn open(
         created_at: job.created_at,
     };
     let settings = &deps.config.encode;
-    match job.checkpoint.take() {
+    match job.checkpoint.clone() {
         // Every part is uploaded: only completing the upload and recording the entry are left.
         Some(cp) if cp.completing => Ok((resumed(cp), None)),
         Some(cp) if !cp.parts.is_empty() => match &cp.encoder {
@@ -539,9 +539,16 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         settings.page_size,
     );
     let (mut file, encoder) = open(deps, job, selected_columns(&ds, &job.spec)).await?;
-    // Recorded before the first part, so a failure can abort the upload.
-    job.checkpoint(file.checkpoint(None, false));
-    save(deps, job).await?;
+    // A new upload is recorded before its first part, so a failure can abort it. A resumed one
+    // keeps its checkpoint as it is: a run that dies before its next cut resumes there again.
+    let resumed_here = job
+        .checkpoint
+        .as_ref()
+        .is_some_and(|cp| cp.upload_id == file.upload_id && !cp.parts.is_empty());
+    if !resumed_here {
+        job.checkpoint(file.checkpoint(None, false));
+        save(deps, job).await?;
+    }
 
     if let Some(mut encoder) = encoder {
         let mut last_progress = deps.clock.now();

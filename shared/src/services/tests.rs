@@ -561,6 +561,77 @@ async fn a_worker_killed_at_any_step_resumes_into_the_identical_file() {
 }
 
 #[tokio::test]
+async fn a_worker_killed_again_while_resuming_resumes_from_the_same_checkpoint() {
+    use crate::testing::{CrashAt, CrashPlan, CrashingFiles, CrashingMeta};
+    const ROWS: usize = 3_000;
+    const PAGE: usize = 100;
+    for format in FORMATS {
+        let whole = uninterrupted(ROWS, PAGE, usize::MAX, format).await;
+        let part_size = whole.len() / 5;
+        let reference = uninterrupted(ROWS, PAGE, part_size, format).await;
+        let mut f = fixed_fakes(ROWS, PAGE, part_size);
+        let plan = Arc::new(CrashPlan::default());
+        f.deps.files = Arc::new(CrashingFiles {
+            inner: f.files.clone(),
+            plan: plan.clone(),
+        });
+        f.deps.meta = Arc::new(CrashingMeta {
+            inner: f.meta.clone(),
+            plan: plan.clone(),
+        });
+        miss(&f, "acme", &orders(&[("format", format)])).await;
+        let msg = f.queue.drain().remove(0);
+        let lease = Duration::seconds(f.deps.config.worker.lease.as_secs() as i64 + 1);
+        // Dies right after its first checkpoint, then again in the resumed run before it cuts
+        // another part, then after completing the upload, then before recording the entry.
+        for at in [
+            CrashAt {
+                op: "put_job",
+                nth: 3,
+                after: true,
+            },
+            CrashAt {
+                op: "upload_part",
+                nth: 1,
+                after: false,
+            },
+            CrashAt {
+                op: "complete_upload",
+                nth: 1,
+                after: true,
+            },
+            CrashAt {
+                op: "complete_job",
+                nth: 1,
+                after: false,
+            },
+        ] {
+            plan.arm(at);
+            let run = plan
+                .run(process_job(&f.deps, &msg, "w", far_deadline(&f), false))
+                .await;
+            assert!(run.is_none(), "{format} {at:?}: did not crash: {run:?}");
+            f.clock.advance(lease);
+        }
+        let last = process_job(&f.deps, &msg, "w", far_deadline(&f), false)
+            .await
+            .unwrap();
+        assert!(
+            matches!(last, Outcome::Succeeded { .. }),
+            "{format}: {last:?}"
+        );
+        assert!(
+            file_of(&f, format) == reference,
+            "{format}: the file differs"
+        );
+        assert!(
+            f.files.aborted.lock().unwrap().is_empty(),
+            "{format}: no run started over"
+        );
+    }
+}
+
+#[tokio::test]
 async fn progress_is_unknown_until_an_earlier_file_of_the_same_rows_gives_the_total() {
     let f = setup(45);
     let first = miss(&f, "acme", &orders(&[("format", "csv")])).await;
