@@ -468,6 +468,37 @@ async fn uninterrupted(rows: usize, page_rows: usize, part_size: usize, format: 
 
 const FORMATS: [&str; 3] = ["csv", "csv.gz", "xlsx"];
 
+/// A part size that cuts the file into about `parts` parts, and the uninterrupted file made with
+/// it.
+async fn reference_in_parts(
+    rows: usize,
+    page_rows: usize,
+    parts: usize,
+    format: &str,
+) -> (usize, Vec<u8>) {
+    let whole = uninterrupted(rows, page_rows, usize::MAX, format).await;
+    let part_size = whole.len() / parts;
+    (
+        part_size,
+        uninterrupted(rows, page_rows, part_size, format).await,
+    )
+}
+
+/// Routes the fakes' object store and metadata store through a crash plan.
+fn with_crashes(f: &mut Fakes) -> Arc<crate::testing::CrashPlan> {
+    use crate::testing::{CrashPlan, CrashingFiles, CrashingMeta};
+    let plan = Arc::new(CrashPlan::default());
+    f.deps.files = Arc::new(CrashingFiles {
+        inner: f.files.clone(),
+        plan: plan.clone(),
+    });
+    f.deps.meta = Arc::new(CrashingMeta {
+        inner: f.meta.clone(),
+        plan: plan.clone(),
+    });
+    plan
+}
+
 #[tokio::test]
 async fn every_format_continues_across_twenty_runs_into_the_identical_file() {
     const ROWS: usize = 50_000;
@@ -476,9 +507,7 @@ async fn every_format_continues_across_twenty_runs_into_the_identical_file() {
         // Small parts: a run that hands over at every checkpoint takes twenty runs or more.
         // (Compressed formats cut later than the part size says: the compressor holds back up
         // to a block.)
-        let whole = uninterrupted(ROWS, PAGE, usize::MAX, format).await;
-        let part_size = whole.len() / 32;
-        let reference = uninterrupted(ROWS, PAGE, part_size, format).await;
+        let (part_size, reference) = reference_in_parts(ROWS, PAGE, 32, format).await;
 
         let f = fixed_fakes(ROWS, PAGE, part_size);
         let job_id = miss(&f, "acme", &orders(&[("format", format)])).await;
@@ -501,24 +530,14 @@ async fn every_format_continues_across_twenty_runs_into_the_identical_file() {
 
 #[tokio::test]
 async fn a_worker_killed_at_any_step_resumes_into_the_identical_file() {
-    use crate::testing::{crash_points, CrashPlan, CrashingFiles, CrashingMeta};
+    use crate::testing::crash_points;
     const ROWS: usize = 3_000;
     const PAGE: usize = 100;
     for format in FORMATS {
-        let whole = uninterrupted(ROWS, PAGE, usize::MAX, format).await;
-        let part_size = whole.len() / 5;
-        let reference = uninterrupted(ROWS, PAGE, part_size, format).await;
+        let (part_size, reference) = reference_in_parts(ROWS, PAGE, 5, format).await;
         for at in crash_points() {
             let mut f = fixed_fakes(ROWS, PAGE, part_size);
-            let plan = Arc::new(CrashPlan::default());
-            f.deps.files = Arc::new(CrashingFiles {
-                inner: f.files.clone(),
-                plan: plan.clone(),
-            });
-            f.deps.meta = Arc::new(CrashingMeta {
-                inner: f.meta.clone(),
-                plan: plan.clone(),
-            });
+            let plan = with_crashes(&mut f);
             let job_id = miss(&f, "acme", &orders(&[("format", format)])).await;
             let msg = f.queue.drain().remove(0);
             plan.arm(at);
@@ -562,23 +581,13 @@ async fn a_worker_killed_at_any_step_resumes_into_the_identical_file() {
 
 #[tokio::test]
 async fn a_worker_killed_again_while_resuming_resumes_from_the_same_checkpoint() {
-    use crate::testing::{CrashAt, CrashPlan, CrashingFiles, CrashingMeta};
+    use crate::testing::CrashAt;
     const ROWS: usize = 3_000;
     const PAGE: usize = 100;
     for format in FORMATS {
-        let whole = uninterrupted(ROWS, PAGE, usize::MAX, format).await;
-        let part_size = whole.len() / 5;
-        let reference = uninterrupted(ROWS, PAGE, part_size, format).await;
+        let (part_size, reference) = reference_in_parts(ROWS, PAGE, 5, format).await;
         let mut f = fixed_fakes(ROWS, PAGE, part_size);
-        let plan = Arc::new(CrashPlan::default());
-        f.deps.files = Arc::new(CrashingFiles {
-            inner: f.files.clone(),
-            plan: plan.clone(),
-        });
-        f.deps.meta = Arc::new(CrashingMeta {
-            inner: f.meta.clone(),
-            plan: plan.clone(),
-        });
+        let plan = with_crashes(&mut f);
         miss(&f, "acme", &orders(&[("format", format)])).await;
         let msg = f.queue.drain().remove(0);
         let lease = Duration::seconds(f.deps.config.worker.lease.as_secs() as i64 + 1);
@@ -960,7 +969,7 @@ async fn pinned_exports_are_built_when_missing_and_refreshed_when_due() {
 
 #[tokio::test]
 async fn a_tenant_at_its_running_limit_waits_while_other_tenants_start() {
-    use crate::testing::{CrashAt, CrashPlan, CrashingFiles};
+    use crate::testing::CrashAt;
     let mut config = test_config();
     config.worker.part_size = 300;
     config.worker.max_running_per_tenant = 1;
@@ -972,11 +981,7 @@ async fn a_tenant_at_its_running_limit_waits_while_other_tenants_start() {
             .unwrap()
             .insert(t.into(), order_rows(40));
     }
-    let plan = Arc::new(CrashPlan::default());
-    f.deps.files = Arc::new(CrashingFiles {
-        inner: f.files.clone(),
-        plan: plan.clone(),
-    });
+    let plan = with_crashes(&mut f);
     // acme's first job dies mid-run and keeps its slot until its lease runs out.
     miss(&f, "acme", &orders(&[])).await;
     let first = f.queue.drain().remove(0);
