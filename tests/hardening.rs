@@ -11,7 +11,8 @@ use chrono::Duration;
 use http::StatusCode;
 use integration_tests::Stack;
 use shared::domain::request::normalise;
-use shared::domain::{CacheKey, JobKind, RawExportRequest};
+use shared::domain::{JobKind, Owner, RawExportRequest};
+use shared::encode::ENCODER_VERSION;
 use shared::services::jobs::{start_or_join, Start, StartOptions};
 
 const ALL: &[&str] = &["exports:read", "exports:admin"];
@@ -36,8 +37,13 @@ async fn a_create_that_looked_before_the_job_finished_starts_nothing() {
     // A request that looked while that job ran saw no entry; its create comes after the job
     // wrote its entry and released the marker.
     let raw = RawExportRequest::from_query("orders", vec![("status".into(), "paid".into())]);
-    let spec = normalise(&stack.deps.catalog, &raw).unwrap().spec;
-    let key = CacheKey::derive("acme", None, &spec);
+    let export = normalise(&stack.deps.catalog, &raw).unwrap();
+    let owner = Owner {
+        tenant: "acme",
+        user: "alice",
+    };
+    let key = export.cache_key(owner, ENCODER_VERSION);
+    let spec = export.spec;
     let late = start_or_join(
         &stack.deps,
         "acme",

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use shared::catalog::{Catalog, Column};
+use shared::domain::{Catalog, Column};
 use shared::domain::{ExportSpec, Format, Row, Value};
 use shared::encode::{encoder_for, EncodeSettings, FileInfo};
 
@@ -176,7 +176,7 @@ fn child(case: &str, rows: u64) -> Res<()> {
         filters: BTreeMap::new(),
         from: None,
         to: None,
-        tz: None,
+        tz: shared::domain::TimeZone::UTC,
         bom: false,
         delimiter: Default::default(),
     };

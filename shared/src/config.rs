@@ -18,8 +18,10 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// JSON for CloudWatch by default; text for people reading a local terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
+    #[default]
     Json,
     Text,
 }

@@ -22,11 +22,3 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
     };
 }
-
-/// The log format before the config is read, so a config error is logged the right way too.
-pub fn format_from_env() -> LogFormat {
-    match std::env::var("LOG_FORMAT").as_deref() {
-        Ok("text") => LogFormat::Text,
-        _ => LogFormat::Json,
-    }
-}

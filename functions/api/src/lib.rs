@@ -437,10 +437,13 @@ mod tests {
     /// A failed job of alice's whose stored error carries what must never reach a caller.
     fn failed_job(f: &shared::testing::Fakes) -> String {
         let raw = RawExportRequest::from_query("orders", vec![]);
-        let spec = shared::domain::request::normalise(&f.deps.catalog, &raw)
-            .unwrap()
-            .spec;
-        let key = shared::domain::CacheKey::derive("acme", None, &spec);
+        let export = shared::domain::request::normalise(&f.deps.catalog, &raw).unwrap();
+        let owner = shared::domain::Owner {
+            tenant: "acme",
+            user: "alice",
+        };
+        let key = export.cache_key(owner, shared::encode::ENCODER_VERSION);
+        let spec = export.spec;
         let mut job = Job::new(
             "j1".into(),
             "acme",

@@ -3,14 +3,10 @@
 use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{service_fn, LambdaEvent};
 use shared::adapters::deps_from_env;
-use shared::telemetry;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    telemetry::init(telemetry::format_from_env());
-    let deps = deps_from_env().await.inspect_err(|e| {
-        tracing::error!(error = %e, "cold start failed");
-    })?;
+    let deps = deps_from_env().await?;
     let deps = &deps;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
         let deadline = worker::deadline_of(&event.context);

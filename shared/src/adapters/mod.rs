@@ -7,8 +7,8 @@ use std::sync::Arc;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
-use crate::catalog::Catalog;
-use crate::config::{Config, SdkTimeouts};
+use crate::config::{Config, LogFormat, SdkTimeouts};
+use crate::domain::catalog::{Catalog, CatalogError};
 use crate::ports::{PortError, SystemClock};
 use crate::services::Deps;
 
@@ -139,12 +139,39 @@ pub fn deps_from_aws(sdk: &aws_config::SdkConfig, config: Config, catalog: Catal
     }
 }
 
-/// Cold start for every function: config from env, catalog validated, AWS clients built once.
+/// Cold start for every function: config read once from env, logs started in its format,
+/// catalog validated, AWS clients built once. A failure is logged before it is returned.
 pub async fn deps_from_env() -> Result<Deps, StartupError> {
-    let config = Config::from_env()?;
-    let catalog = Catalog::load(config.catalog_path.as_deref())?;
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    Ok(deps_from_aws(&sdk, config, catalog))
+    let config = Config::from_env();
+    // A config that cannot be read still gets its error logged, in the default format.
+    crate::telemetry::init(
+        config
+            .as_ref()
+            .map_or_else(|_| LogFormat::default(), |c| c.log_format),
+    );
+    let started = async {
+        let config = config?;
+        let catalog = load_catalog(config.catalog_path.as_deref())?;
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Ok(deps_from_aws(&sdk, config, catalog))
+    };
+    started
+        .await
+        .inspect_err(|e: &StartupError| tracing::error!(error = %e, "cold start failed"))
+}
+
+/// The file at `path` when given, else the built-in catalog.
+fn load_catalog(path: Option<&std::path::Path>) -> Result<Catalog, CatalogError> {
+    match path {
+        None => Catalog::builtin(),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| CatalogError::Io {
+                path: p.display().to_string(),
+                message: e.to_string(),
+            })?;
+            Catalog::from_toml(&text)
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
+use super::key::Owner;
+
 pub const SCOPE_READ: &str = "exports:read";
 pub const SCOPE_ADMIN: &str = "exports:admin";
 
@@ -21,6 +23,14 @@ pub struct Identity {
 impl Identity {
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.contains(scope)
+    }
+
+    /// Who files this caller asks for are built for.
+    pub fn owner(&self) -> Owner<'_> {
+        Owner {
+            tenant: &self.tenant,
+            user: &self.user,
+        }
     }
 }
 

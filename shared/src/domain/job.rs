@@ -3,7 +3,8 @@
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::request::{CacheKey, ExportSpec};
+use super::key::{CacheKey, Owner};
+use super::request::ExportSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -202,6 +203,14 @@ pub struct Job {
 }
 
 impl Job {
+    /// Who the job's file is built for.
+    pub fn owner(&self) -> Owner<'_> {
+        Owner {
+            tenant: &self.tenant,
+            user: &self.user,
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         job_id: String,
@@ -463,7 +472,7 @@ pub enum MessageKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::Catalog;
+    use crate::domain::catalog::Catalog;
     use crate::domain::request::{normalise, RawExportRequest};
 
     fn entry(now: DateTime<Utc>) -> CacheEntry {

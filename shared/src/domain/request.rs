@@ -1,17 +1,18 @@
-//! An export request, from raw query or JSON input to a normalised [`ExportSpec`] and its cache key.
+//! An export request, from raw query or JSON input to a [`ResolvedExport`]: the normalised
+//! [`ExportSpec`] with its dataset, typed columns and time zone, and from there its cache key.
 //!
 //! Normalisation is what makes the cache work: two requests that produce the same bytes must
 //! produce the same key (column order, filter order, spelling of booleans, time-zone offsets of
 //! `from`/`to` do not matter), and anything that changes the bytes must change the key.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::catalog::{Catalog, ColumnType, Dataset};
-use crate::encode::ENCODER_VERSION;
+use super::catalog::{Catalog, Column, ColumnType, Dataset};
+use super::key::{CacheKey, Owner};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Format {
@@ -90,6 +91,14 @@ impl Delimiter {
         }
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Comma => "comma",
+            Self::Semicolon => "semicolon",
+            Self::Tab => "tab",
+        }
+    }
+
     fn is_comma(&self) -> bool {
         *self == Self::Comma
     }
@@ -114,21 +123,62 @@ pub struct ExportSpec {
     pub from: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<DateTime<Utc>>,
-    /// IANA zone for timestamps in the file; `None` is UTC.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tz: Option<String>,
+    /// Zone for timestamps in the file.
+    #[serde(default, skip_serializing_if = "TimeZone::is_utc")]
+    pub tz: TimeZone,
     #[serde(default, skip_serializing_if = "is_false")]
     pub bom: bool,
     #[serde(default, skip_serializing_if = "Delimiter::is_comma")]
     pub delimiter: Delimiter,
 }
 
-impl ExportSpec {
-    pub fn time_zone(&self) -> chrono_tz::Tz {
-        self.tz
-            .as_deref()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(chrono_tz::UTC)
+/// An IANA time zone, stored as its name. Parsing is strict both from callers and from stored
+/// records: an unknown name is an error, never a silent UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct TimeZone(chrono_tz::Tz);
+
+impl TimeZone {
+    pub const UTC: Self = Self(chrono_tz::UTC);
+
+    /// UTC under any of its names is the one UTC, so `tz=Etc/UTC` shares a key with no `tz`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.trim().parse::<chrono_tz::Tz>().ok()? {
+            chrono_tz::UTC | chrono_tz::Etc::UTC => Some(Self::UTC),
+            zone => Some(Self(zone)),
+        }
+    }
+
+    pub fn tz(self) -> chrono_tz::Tz {
+        self.0
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+
+    pub fn is_utc(&self) -> bool {
+        *self == Self::UTC
+    }
+}
+
+impl From<chrono_tz::Tz> for TimeZone {
+    fn from(tz: chrono_tz::Tz) -> Self {
+        Self(tz)
+    }
+}
+
+impl Serialize for TimeZone {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for TimeZone {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Self::parse(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!("`{name}` is not an IANA time zone name"))
+        })
     }
 }
 
@@ -407,15 +457,93 @@ fn split_list(s: &str) -> Vec<String> {
     s.split(',').map(|c| c.trim().to_string()).collect()
 }
 
-/// A validated request: the spec that decides the bytes, plus how stale a file the caller takes.
+/// A validated request, resolved against the catalog: the spec that decides the bytes with the
+/// dataset and typed columns it names, plus how stale a file the caller takes. Callers' requests
+/// ([`normalise`]), catalog pins and stored jobs ([`Catalog::resolve`]) all become one of these.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportRequest {
+pub struct ResolvedExport {
+    pub dataset: Arc<Dataset>,
+    /// The stored form, kept in jobs and entries so a refresh rebuilds exactly the same file.
     pub spec: ExportSpec,
+    /// The selected columns, typed, in catalog (= file) order.
+    pub columns: Vec<Column>,
     /// Seconds of staleness accepted; `None` means whatever the dataset's stale window allows.
     pub max_stale: Option<u64>,
 }
 
-pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequest, RequestError> {
+impl ResolvedExport {
+    /// The key of the file this request names for `owner`. Only user-scoped datasets key by
+    /// user; `encoder_version` moves every key when the encoders change their bytes.
+    pub fn cache_key(&self, owner: Owner<'_>, encoder_version: &str) -> CacheKey {
+        CacheKey::derive(self.scoped(owner), &self.spec, encoder_version)
+    }
+
+    /// The key of the rows behind the file, whatever their format (see [`super::key::rows_key`]).
+    pub fn rows_key(&self, owner: Owner<'_>) -> String {
+        super::key::rows_key(self.scoped(owner), &self.spec)
+    }
+
+    /// How old past its fresh deadline a file the caller takes: never past the dataset's stale
+    /// window, so a larger `max_stale` (up to u64::MAX from the query) means the window.
+    pub fn accepted_staleness(&self) -> u64 {
+        self.max_stale.map_or(self.dataset.stale_seconds, |s| {
+            s.min(self.dataset.stale_seconds)
+        })
+    }
+
+    fn scoped<'a>(&self, owner: Owner<'a>) -> (&'a str, Option<&'a str>) {
+        (owner.tenant, self.dataset.user_scoped.then_some(owner.user))
+    }
+}
+
+/// A stored spec that the catalog no longer offers as it was.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error("the dataset `{0}` is no longer offered")]
+    UnknownDataset(String),
+    #[error("the column `{column}` of `{dataset}` is no longer offered")]
+    UnknownColumn { dataset: String, column: String },
+}
+
+impl Catalog {
+    /// Resolves a spec stored in a job or entry. It was valid when stored; the catalog may have
+    /// changed since, and then the file cannot be built as its key promises.
+    pub fn resolve(&self, spec: &ExportSpec) -> Result<ResolvedExport, ResolveError> {
+        let dataset = self
+            .get(&spec.dataset)
+            .ok_or_else(|| ResolveError::UnknownDataset(spec.dataset.clone()))?;
+        let unknown = |column: &str| ResolveError::UnknownColumn {
+            dataset: spec.dataset.clone(),
+            column: column.to_string(),
+        };
+        if let Some(missing) = spec.columns.iter().find(|c| dataset.column(c).is_none()) {
+            return Err(unknown(missing));
+        }
+        if let Some(missing) = spec.filters.keys().find(|c| dataset.column(c).is_none()) {
+            return Err(unknown(missing));
+        }
+        Ok(ResolvedExport {
+            columns: selected(dataset, &spec.columns),
+            dataset: dataset.clone(),
+            spec: spec.clone(),
+            max_stale: None,
+        })
+    }
+}
+
+/// The dataset's columns that `names` selects, in catalog order.
+fn selected(ds: &Dataset, names: &[String]) -> Vec<Column> {
+    ds.columns
+        .iter()
+        .filter(|c| names.contains(&c.name))
+        .cloned()
+        .collect()
+}
+
+pub fn normalise(
+    catalog: &Catalog,
+    raw: &RawExportRequest,
+) -> Result<ResolvedExport, RequestError> {
     let Some(ds) = catalog.get(raw.dataset.trim()) else {
         // A malformed body that also lacks a dataset is a 400, not a 404.
         if !raw.input_errors.is_empty() {
@@ -469,18 +597,17 @@ pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequ
         })
     });
 
-    let tz = raw.tz.as_deref().and_then(|t| {
-        match t.trim().parse::<chrono_tz::Tz>() {
-            Ok(chrono_tz::UTC) | Ok(chrono_tz::Etc::UTC) => None,
-            Ok(zone) => Some(zone.name().to_string()),
-            Err(_) => {
-                errors.push(FieldError::new(
-                    "tz",
-                    format!("{} is not an IANA time zone name (e.g. UTC, Europe/Paris, America/New_York)", quoted(t)),
-                ));
-                None
-            }
-        }
+    let tz = raw.tz.as_deref().map_or(TimeZone::UTC, |t| {
+        TimeZone::parse(t).unwrap_or_else(|| {
+            errors.push(FieldError::new(
+                "tz",
+                format!(
+                    "{} is not an IANA time zone name (e.g. UTC, Europe/Paris, America/New_York)",
+                    quoted(t)
+                ),
+            ));
+            TimeZone::UTC
+        })
     });
 
     let csv_only = |name: &str, errors: &mut Vec<FieldError>| {
@@ -522,7 +649,9 @@ pub fn normalise(catalog: &Catalog, raw: &RawExportRequest) -> Result<ExportRequ
     if !errors.is_empty() {
         return Err(RequestError::Invalid(bounded_errors(errors)));
     }
-    Ok(ExportRequest {
+    Ok(ResolvedExport {
+        columns: selected(ds, &columns),
+        dataset: ds.clone(),
         spec: ExportSpec {
             dataset: ds.name.clone(),
             format,
@@ -726,70 +855,16 @@ fn parse_instant(
     }
 }
 
-/// Identifies one cached file: a hex SHA-256 over everything that changes its bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct CacheKey(pub String);
-
-impl CacheKey {
-    /// `user` is `Some` only for user-scoped datasets.
-    pub fn derive(tenant: &str, user: Option<&str>, spec: &ExportSpec) -> Self {
-        let mut h = Sha256::new();
-        // Length-prefixed parts: no value can be shifted into its neighbour.
-        for part in [
-            "export-cache",
-            ENCODER_VERSION,
-            tenant,
-            user.unwrap_or(""),
-            &serde_json::to_string(spec).unwrap_or_default(),
-        ] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-        Self(hex::encode(h.finalize()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Identifies a set of rows however they are written: tenant, user (user-scoped datasets only),
-/// dataset, filters and range, but not format, columns or time zone. A row count learnt from one
-/// file of these rows is the exact total for any other, so a job can show honest progress from
-/// its first row.
-pub fn rows_key(tenant: &str, user: Option<&str>, spec: &ExportSpec) -> String {
-    let iso = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_default();
-    let mut parts = vec![
-        "export-rows".to_string(),
-        tenant.to_string(),
-        user.unwrap_or("").to_string(),
-        spec.dataset.clone(),
-        iso(spec.from),
-        iso(spec.to),
-    ];
-    for (name, value) in &spec.filters {
-        parts.push(name.clone());
-        parts.push(value.clone());
-    }
-    let mut h = Sha256::new();
-    for part in &parts {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part.as_bytes());
-    }
-    hex::encode(h.finalize())
-}
-
-impl std::fmt::Display for CacheKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::key::CacheKey;
     use proptest::prelude::*;
+
+    const ALICE: Owner<'static> = Owner {
+        tenant: "acme",
+        user: "alice",
+    };
 
     fn catalog() -> Catalog {
         Catalog::builtin().unwrap()
@@ -807,7 +882,7 @@ mod tests {
 
     fn key(pairs: &[(&str, &str)]) -> CacheKey {
         let r = normalise(&catalog(), &q("orders", pairs)).unwrap();
-        CacheKey::derive("acme", None, &r.spec)
+        r.cache_key(ALICE, "3")
     }
 
     fn errors(pairs: &[(&str, &str)]) -> Vec<FieldError> {
@@ -878,13 +953,77 @@ mod tests {
         }
         let spec = normalise(&catalog(), &q("orders", &[])).unwrap().spec;
         assert_ne!(
-            CacheKey::derive("acme", None, &spec),
-            CacheKey::derive("globex", None, &spec)
+            CacheKey::derive(("acme", None), &spec, "3"),
+            CacheKey::derive(("globex", None), &spec, "3")
         );
         assert_ne!(
-            CacheKey::derive("acme", Some("u1"), &spec),
-            CacheKey::derive("acme", Some("u2"), &spec)
+            CacheKey::derive(("acme", Some("u1")), &spec, "3"),
+            CacheKey::derive(("acme", Some("u2")), &spec, "3")
         );
+        assert_ne!(
+            CacheKey::derive(("acme", None), &spec, "3"),
+            CacheKey::derive(("acme", None), &spec, "4"),
+            "a new encoder version moves the key"
+        );
+    }
+
+    #[test]
+    fn only_user_scoped_datasets_key_by_user() {
+        let bob = Owner {
+            tenant: "acme",
+            user: "bob",
+        };
+        let orders = normalise(&catalog(), &q("orders", &[])).unwrap();
+        assert_eq!(orders.cache_key(ALICE, "3"), orders.cache_key(bob, "3"));
+        assert_eq!(orders.rows_key(ALICE), orders.rows_key(bob));
+        let contacts = normalise(&catalog(), &q("contacts", &[])).unwrap();
+        assert_ne!(contacts.cache_key(ALICE, "3"), contacts.cache_key(bob, "3"));
+        assert_ne!(contacts.rows_key(ALICE), contacts.rows_key(bob));
+    }
+
+    #[test]
+    fn resolving_a_stored_spec_gives_back_the_request() {
+        let c = catalog();
+        let r = normalise(
+            &c,
+            &q(
+                "orders",
+                &[("columns", "amount,order_id"), ("tz", "Europe/Paris")],
+            ),
+        )
+        .unwrap();
+        let stored: ExportSpec =
+            serde_json::from_str(&serde_json::to_string(&r.spec).unwrap()).unwrap();
+        let again = c.resolve(&stored).unwrap();
+        assert_eq!(again.spec, r.spec);
+        assert_eq!(again.columns, r.columns);
+        assert_eq!(again.spec.tz.name(), "Europe/Paris");
+        let names: Vec<&str> = again.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["order_id", "amount"], "catalog order, typed");
+
+        let mut gone = stored.clone();
+        gone.columns.push("colour".into());
+        assert!(matches!(
+            c.resolve(&gone),
+            Err(ResolveError::UnknownColumn { .. })
+        ));
+        gone.dataset = "invoices".into();
+        assert!(matches!(
+            c.resolve(&gone),
+            Err(ResolveError::UnknownDataset(_))
+        ));
+    }
+
+    #[test]
+    fn a_stored_unknown_time_zone_is_an_error_not_utc() {
+        let c = catalog();
+        let mut json =
+            serde_json::to_value(normalise(&c, &q("orders", &[])).unwrap().spec).unwrap();
+        json["tz"] = "Mars/Olympus_Mons".into();
+        assert!(serde_json::from_value::<ExportSpec>(json.clone()).is_err());
+        json["tz"] = "Asia/Tokyo".into();
+        let spec: ExportSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(spec.tz.tz(), chrono_tz::Asia::Tokyo);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use chrono_tz::Tz;
 use super::deflate::Deflater;
 use super::text::{needs_neutralising, push_date, push_timestamp, NEUTRALISING_PREFIX};
 use super::{Cut, EncodeError, Encoder, Finished};
-use crate::catalog::Column;
+use crate::domain::Column;
 use crate::domain::{EncoderState, Row, Value};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -276,7 +276,7 @@ impl Encoder for GzCsvEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{Catalog, ColumnType};
+    use crate::domain::{Catalog, ColumnType};
     use chrono::{DateTime, NaiveDate, Utc};
     use proptest::prelude::*;
     use std::io::Read;
@@ -417,7 +417,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        (orders.columns, rows)
+        (orders.columns.clone(), rows)
     }
 
     fn gunzip(bytes: &[u8]) -> Vec<u8> {

@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::catalog::Column;
+use crate::domain::Column;
 use crate::domain::{EncoderState, ExportSpec, Format, Row};
 
 pub mod csv;
@@ -103,7 +103,7 @@ pub fn encoder_for(
     let opts = csv::CsvOptions {
         delimiter: spec.delimiter.byte(),
         bom: spec.bom,
-        tz: spec.time_zone(),
+        tz: spec.tz.tz(),
     };
     let mismatch = |state: &EncoderState| {
         EncodeError::Resume(format!(

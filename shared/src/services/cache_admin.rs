@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use super::{require_scope, Deps, ServiceError};
 use crate::domain::identity::{SCOPE_ADMIN, SCOPE_READ};
 use crate::domain::request::normalise;
-use crate::domain::{CacheKey, Identity, RawExportRequest};
+use crate::domain::{Identity, RawExportRequest};
+use crate::encode::ENCODER_VERSION;
 use crate::ports::DatasetStats;
 
 /// Stops serving the one entry the request would hit.
@@ -15,16 +16,7 @@ pub async fn invalidate_entry(
     raw: &RawExportRequest,
 ) -> Result<(), ServiceError> {
     require_scope(who, SCOPE_READ)?;
-    let req = normalise(&deps.catalog, raw)?;
-    let user_scoped = deps
-        .catalog
-        .get(&req.spec.dataset)
-        .is_some_and(|d| d.user_scoped);
-    let key = CacheKey::derive(
-        &who.tenant,
-        user_scoped.then_some(who.user.as_str()),
-        &req.spec,
-    );
+    let key = normalise(&deps.catalog, raw)?.cache_key(who.owner(), ENCODER_VERSION);
     deps.meta.delete_entry(&who.tenant, &key).await?;
     Ok(())
 }

@@ -9,6 +9,7 @@ use crate::domain::request::normalise;
 use crate::domain::{
     CacheEntry, CacheKey, ExportSpec, Freshness, Identity, Job, JobKind, RawExportRequest,
 };
+use crate::encode::ENCODER_VERSION;
 use crate::ports::{HitKind, Lookup};
 
 #[derive(Debug)]
@@ -41,21 +42,9 @@ pub async fn request_export(
 ) -> Result<ExportAnswer, ServiceError> {
     require_scope(who, SCOPE_READ)?;
     let req = normalise(&deps.catalog, raw)?;
+    let key = req.cache_key(who.owner(), ENCODER_VERSION);
+    let accepted_staleness = Duration::seconds(req.accepted_staleness() as i64);
     let spec = req.spec;
-    let Some(ds) = deps.catalog.get(&spec.dataset) else {
-        return Err(ServiceError::NotFound(format!(
-            "unknown dataset `{}`",
-            spec.dataset
-        )));
-    };
-    let user_part = ds.user_scoped.then_some(who.user.as_str());
-    let key = CacheKey::derive(&who.tenant, user_part, &spec);
-    // Nothing is served past the dataset's stale window, so a larger `max_stale` (up to u64::MAX
-    // from the query) means the window: clamping keeps the arithmetic in range.
-    let accepted_staleness = Duration::seconds(
-        req.max_stale
-            .map_or(ds.stale_seconds, |s| s.min(ds.stale_seconds)) as i64,
-    );
 
     // A second round only when a job finished between our look and our create: its file is then
     // served instead of being built again.

@@ -26,9 +26,7 @@ pub struct Deps {
     pub clock: Arc<dyn Clock>,
 }
 
-/// How long job records and in-flight markers are kept (DynamoDB TTL); files under `exports/`
-/// expire after the same time through the bucket's lifecycle rule.
-pub const KEEP_RECORDS_FOR_DAYS: i64 = 7;
+pub use crate::domain::catalog::KEEP_RECORDS_FOR_DAYS;
 
 /// A marker outlives any job that still runs; it is only a safety net for jobs that vanished.
 pub const MARKER_HOURS: i64 = 6;

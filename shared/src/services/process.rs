@@ -21,11 +21,9 @@ use sha2::{Digest, Sha256};
 use super::jobs::{manifest_key, object_key};
 use super::tenant_slots::{self, Slot};
 use super::Deps;
-use crate::catalog::{Column, Dataset};
 use crate::domain::job::file_name;
-use crate::domain::request::rows_key;
 use crate::domain::{
-    CacheEntry, Checkpoint, ExportSpec, Job, JobMessage, MessageKind, UploadedPart,
+    CacheEntry, Checkpoint, Column, Job, JobMessage, MessageKind, ResolvedExport, UploadedPart,
 };
 use crate::encode::{encoder_for, EncodeError, Encoder, FileInfo, ENCODER_VERSION};
 use crate::ports::{Page, PortError, RangeQuery, SourceQuery};
@@ -297,12 +295,7 @@ async fn settle(
 
 /// The exact count of an earlier file of the same rows, so progress is known from the first row.
 async fn known_rows(deps: &Deps, job: &Job) -> Option<u64> {
-    let ds = deps.catalog.get(&job.spec.dataset)?;
-    let key = rows_key(
-        &job.tenant,
-        ds.user_scoped.then_some(job.user.as_str()),
-        &job.spec,
-    );
+    let key = deps.catalog.resolve(&job.spec).ok()?.rows_key(job.owner());
     match deps.meta.row_count(&job.tenant, &key).await {
         Ok(rows) => rows,
         Err(e) => {
@@ -323,22 +316,14 @@ async fn save(deps: &Deps, job: &mut Job) -> Result<(), PortError> {
     deps.meta.put_job(job).await
 }
 
-pub fn selected_columns(ds: &Dataset, spec: &ExportSpec) -> Vec<Column> {
-    ds.columns
-        .iter()
-        .filter(|c| spec.columns.contains(&c.name))
-        .cloned()
-        .collect()
-}
-
 /// The catalog's view of the request as one Query on the tenant partition.
 pub fn source_query(
-    ds: &Dataset,
-    spec: &ExportSpec,
+    export: &ResolvedExport,
     tenant: &str,
     table_prefix: &str,
     page_size: Option<i32>,
 ) -> SourceQuery {
+    let (ds, spec) = (&export.dataset, &export.spec);
     let range = ds.range.as_ref().and_then(|r| {
         if spec.from.is_none() && spec.to.is_none() {
             return None;
@@ -365,9 +350,10 @@ pub fn source_query(
         tenant: tenant.to_string(),
         range,
         filters,
-        columns: selected_columns(ds, spec)
-            .into_iter()
-            .map(|c| (c.source, c.ty))
+        columns: export
+            .columns
+            .iter()
+            .map(|c| (c.source.clone(), c.ty))
             .collect(),
         page_size,
     }
@@ -523,22 +509,19 @@ async fn start(
 }
 
 async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunEnd, Stop> {
-    let Some(ds) = deps.catalog.get(&job.spec.dataset).cloned() else {
-        return Err(Stop::Fatal(Failure::new(
-            "dataset_unknown",
-            format!("the dataset `{}` is no longer offered", job.spec.dataset),
-            "not in the catalog",
-        )));
-    };
+    let export = deps
+        .catalog
+        .resolve(&job.spec)
+        .map_err(|e| Stop::Fatal(Failure::new("dataset_unknown", e.to_string(), &e)))?;
+    let ds = export.dataset.clone();
     let settings = deps.config.worker.clone();
     let query = source_query(
-        &ds,
-        &job.spec,
+        &export,
         &job.tenant,
         &deps.config.source_table_prefix,
         settings.page_size,
     );
-    let (mut file, encoder) = open(deps, job, selected_columns(&ds, &job.spec)).await?;
+    let (mut file, encoder) = open(deps, job, export.columns.clone()).await?;
     // A new upload is recorded before its first part, so a failure can abort it. A resumed one
     // keeps its checkpoint as it is: a run that dies before its next cut resumes there again.
     let resumed_here = job
@@ -636,7 +619,7 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         hits: 0,
         last_hit_at: None,
     };
-    write_manifest(deps, &ds, job, &entry).await?;
+    write_manifest(deps, &export, job, &entry).await?;
     Ok(RunEnd::Done(Box::new(entry)))
 }
 
@@ -725,11 +708,11 @@ pub struct ManifestSource {
 
 async fn write_manifest(
     deps: &Deps,
-    ds: &Dataset,
+    export: &ResolvedExport,
     job: &Job,
     entry: &CacheEntry,
 ) -> Result<(), Stop> {
-    let columns = selected_columns(ds, &job.spec);
+    let (ds, columns) = (&export.dataset, &export.columns);
     let manifest = Manifest {
         dataset: &ds.name,
         format: job.spec.format.as_str(),
@@ -748,7 +731,7 @@ async fn write_manifest(
             from: job.spec.from,
             to: job.spec.to,
         },
-        tz: job.spec.tz.as_deref().unwrap_or("UTC"),
+        tz: job.spec.tz.name(),
         rows: entry.rows,
         sheets: entry.sheets,
         bytes: entry.bytes,
@@ -802,14 +785,10 @@ async fn finish_success(deps: &Deps, mut job: Job, mut entry: CacheEntry) -> Res
 
 /// Remembers the row count for the progress of the next file of the same rows.
 async fn record_rows(deps: &Deps, job: &Job, rows: u64) {
-    let Some(ds) = deps.catalog.get(&job.spec.dataset) else {
+    let Ok(export) = deps.catalog.resolve(&job.spec) else {
         return;
     };
-    let key = rows_key(
-        &job.tenant,
-        ds.user_scoped.then_some(job.user.as_str()),
-        &job.spec,
-    );
+    let key = export.rows_key(job.owner());
     if let Err(e) = deps
         .meta
         .record_row_count(&job.tenant, &key, rows, deps.clock.now())

@@ -71,9 +71,9 @@ pub async fn defer(deps: &Deps, msg: &JobMessage, retry_in: u32) -> PortResult<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::Catalog;
     use crate::domain::request::normalise;
-    use crate::domain::{CacheKey, JobKind, MessageKind, RawExportRequest};
+    use crate::domain::{Catalog, JobKind, MessageKind, Owner, RawExportRequest};
+    use crate::encode::ENCODER_VERSION;
     use crate::ports::Clock;
     use crate::testing::{fakes, test_config, Fakes};
 
@@ -84,18 +84,21 @@ mod tests {
     }
 
     fn job(f: &Fakes, tenant: &str, id: &str) -> Job {
-        let spec = normalise(
+        let export = normalise(
             &Catalog::builtin().unwrap(),
             &RawExportRequest::from_query("orders", vec![]),
         )
-        .unwrap()
-        .spec;
+        .unwrap();
+        let owner = Owner {
+            tenant,
+            user: "alice",
+        };
         Job::new(
             id.into(),
             tenant,
             "alice",
-            CacheKey::derive(tenant, None, &spec),
-            spec,
+            export.cache_key(owner, ENCODER_VERSION),
+            export.spec,
             JobKind::Export,
             Default::default(),
             None,

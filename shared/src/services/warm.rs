@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use super::jobs::{start_or_join, Start, StartOptions};
 use super::{Deps, ServiceError};
-use crate::domain::request::normalise;
-use crate::domain::{CacheEntry, CacheKey, ExportSpec, Generation, JobKind, RawExportRequest};
+use crate::domain::{CacheEntry, CacheKey, ExportSpec, Generation, JobKind, Owner};
+use crate::encode::ENCODER_VERSION;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct WarmReport {
@@ -170,39 +170,40 @@ async fn warm_pins(
     budget: &mut Budget,
     report: &mut WarmReport,
 ) -> Result<(), ServiceError> {
-    for ds in deps.catalog.datasets() {
-        for pin in &ds.pins {
-            let raw = RawExportRequest::from_query(&ds.name, pin.query_pairs());
-            let spec = normalise(&deps.catalog, &raw)?.spec;
-            for tenant in &pin.tenants {
-                let key = CacheKey::derive(tenant, None, &spec);
-                let found = deps.meta.find(tenant, PIN_USER, &key).await?;
-                if found
-                    .current_entry()
-                    .is_some_and(|e| e.fresh_until >= now + interval)
-                {
-                    report.pinned_fresh += 1;
-                    continue;
-                }
-                // The job records the warmer as its user, so it carries the warmer's
-                // generations: the file it builds is current for the next pin check.
-                let outcome = refresh(
-                    deps,
-                    budget,
-                    tenant,
-                    PIN_USER,
-                    &key,
-                    &spec,
-                    found.generation,
-                    found.entry.as_ref(),
-                )
-                .await;
-                match outcome {
-                    Refresh::Started | Refresh::Joined => report.pinned_enqueued += 1,
-                    Refresh::OverBudget => report.skipped_budget += 1,
-                    Refresh::Nothing => {}
-                    Refresh::Failed => report.failed += 1,
-                }
+    for pin in deps.catalog.pins() {
+        let spec = &pin.export.spec;
+        for tenant in &pin.tenants {
+            let owner = Owner {
+                tenant,
+                user: PIN_USER,
+            };
+            let key = pin.export.cache_key(owner, ENCODER_VERSION);
+            let found = deps.meta.find(tenant, PIN_USER, &key).await?;
+            if found
+                .current_entry()
+                .is_some_and(|e| e.fresh_until >= now + interval)
+            {
+                report.pinned_fresh += 1;
+                continue;
+            }
+            // The job records the warmer as its user, so it carries the warmer's
+            // generations: the file it builds is current for the next pin check.
+            let outcome = refresh(
+                deps,
+                budget,
+                tenant,
+                PIN_USER,
+                &key,
+                spec,
+                found.generation,
+                found.entry.as_ref(),
+            )
+            .await;
+            match outcome {
+                Refresh::Started | Refresh::Joined => report.pinned_enqueued += 1,
+                Refresh::OverBudget => report.skipped_budget += 1,
+                Refresh::Nothing => {}
+                Refresh::Failed => report.failed += 1,
             }
         }
     }

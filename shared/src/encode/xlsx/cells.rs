@@ -15,8 +15,8 @@ use chrono_tz::Tz;
 
 use super::super::text::{needs_neutralising, push_date, push_timestamp, NEUTRALISING_PREFIX};
 use super::twin::StyleIds;
-use crate::catalog::{Column, ColumnType};
 use crate::domain::value::is_decimal_text;
+use crate::domain::{Column, ColumnType};
 use crate::domain::{Row, Value};
 
 /// Excel's cell text limit, in UTF-16 units.

@@ -35,7 +35,7 @@ use super::zipstream::{EntryRecord, ZipWriter};
 use super::{
     Cut, EncodeError, EncodeSettings, Encoder, FileInfo, Finished, XLSX_MAX_ROWS_PER_SHEET,
 };
-use crate::catalog::Column;
+use crate::domain::Column;
 use crate::domain::{EncoderState, Row, SheetEntry, XlsxState};
 use cells::{Cells, Kind};
 use twin::{sheet_entry_name, Layout, Template};
@@ -186,7 +186,7 @@ impl XlsxEncoder {
             zip_level: level,
         };
         let template = Template::new(&layout)?;
-        let tz: Tz = file.spec.time_zone();
+        let tz: Tz = file.spec.tz.tz();
         Ok(Self {
             cells: Cells::new(columns, tz, &template.styles),
             header: Cells::header(columns, template.styles.header),
@@ -347,8 +347,8 @@ impl Encoder for XlsxEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{Catalog, ColumnType};
-    use crate::domain::{ExportSpec, Format, Value};
+    use crate::domain::{Catalog, ColumnType};
+    use crate::domain::{ExportSpec, Format, TimeZone, Value};
     use crate::encode::zipstream::tests::read_all as zip_entries;
     use calamine::{open_workbook_from_rs, Data, Reader, Xlsx};
     use chrono::{DateTime, NaiveDate, Utc};
@@ -373,7 +373,7 @@ mod tests {
             filters: BTreeMap::new(),
             from: None,
             to: None,
-            tz: tz.map(str::to_string),
+            tz: tz.map_or(TimeZone::UTC, |t| TimeZone::parse(t).unwrap()),
             bom: false,
             delimiter: Default::default(),
         }
@@ -817,7 +817,7 @@ mod tests {
             })
             .collect();
         (
-            orders.columns,
+            orders.columns.clone(),
             all.chunks(page).map(<[Row]>::to_vec).collect(),
         )
     }
