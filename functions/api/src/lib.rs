@@ -1,5 +1,5 @@
 //! The HTTP API function: an axum router over the shared use cases. Translation only: parse the
-//! request, call the service, shape the answer (DESIGN.md's HTTP contract).
+//! request, call the service, shape the answer (docs/contract.md, "HTTP API").
 
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ use shared::services::{status, Deps};
 mod problem;
 pub use problem::ApiError;
 
-/// Largest request body accepted (DESIGN.md, "Limits"); more is a 413 problem.
+/// Largest request body accepted (docs/contract.md, "Limits"); more is a 413 problem.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Seconds a client should wait before polling a job again.

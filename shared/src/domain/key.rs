@@ -164,10 +164,10 @@ mod tests {
         }
     }
 
-    /// These keys are what deployed caches hold (computed independently from the form in
-    /// docs/contract.md with Python's hashlib when they were pinned). If this test fails, every cached file is about
-    /// to be rebuilt: bump KEY_FORM (or the encoder version) on purpose and update the pins, or
-    /// undo the change that moved them.
+    /// These keys are what deployed caches hold; they were computed independently from the form
+    /// in docs/contract.md (Python's hashlib) when pinned. If this test fails, every cached file
+    /// is about to be rebuilt: bump KEY_FORM (or the encoder version) on purpose and update the
+    /// pins, or undo the change that moved them.
     #[test]
     fn golden_keys_do_not_move() {
         let csv_gz = ExportSpec {

@@ -203,7 +203,7 @@ impl FieldError {
     }
 }
 
-/// Longest filter value accepted, in bytes (DESIGN.md, "Limits").
+/// Longest filter value accepted, in bytes (docs/contract.md, "Limits").
 pub const MAX_FILTER_VALUE_BYTES: usize = 1024;
 /// Field errors in one answer; the rest are summed up in one more entry so a hostile request
 /// cannot grow the error body.
