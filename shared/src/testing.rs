@@ -16,6 +16,7 @@ use crate::ports::{
     Clock, Created, DatasetStats, HitKind, JobQueue, Lookup, MetadataStore, NewJob, ObjectStore,
     Page, PortError, PortResult, RowSource, SourceQuery,
 };
+use crate::services::process::{Fate, Outcome};
 use crate::services::Deps;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -487,7 +488,7 @@ pub struct Fakes {
 impl Fakes {
     /// Runs queued jobs through the worker's use case until the queue is empty (continuations
     /// included), as one worker with a roomy deadline would.
-    pub async fn run_jobs(&self) -> Vec<crate::services::process::Outcome> {
+    pub async fn run_jobs(&self) -> Vec<Outcome> {
         let mut out = Vec::new();
         loop {
             let msgs = self.queue.drain();
@@ -496,12 +497,13 @@ impl Fakes {
             }
             for m in msgs {
                 let deadline = self.clock.now() + chrono::Duration::minutes(15);
-                match crate::services::process::process_job(&self.deps, &m, "w1", deadline, false)
-                    .await
-                {
-                    Ok(outcome) => out.push(outcome),
-                    Err(e) => panic!("job {} asks to be retried: {e}", m.job_id),
+                let outcome =
+                    crate::services::process::process_job(&self.deps, &m, "w1", deadline, false)
+                        .await;
+                if let Fate::RetryIn(_) = outcome.fate(self.clock.now()) {
+                    panic!("job {} asks to be retried: {outcome:?}", m.job_id);
                 }
+                out.push(outcome);
             }
         }
     }

@@ -6,7 +6,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use tracing::Instrument;
 
 use shared::domain::JobMessage;
-use shared::services::process::{process_job, Outcome};
+use shared::services::process::{process_job, Fate, Outcome};
 use shared::services::Deps;
 
 /// Handles one SQS batch. `deadline` is the invocation's deadline, `owner` the lease owner name
@@ -57,39 +57,32 @@ async fn handle_message(
     let last_delivery = receive_count >= deps.config.worker.max_attempts;
     let span = tracing::info_span!("job", job_id = %msg.job_id, kind = ?msg.kind, receive_count);
     async {
-        match process_job(deps, &msg, owner, deadline, last_delivery).await {
-            Ok(Outcome::Exhausted { code }) => {
-                tracing::error!(code, "export failed for good; the message goes to the DLQ");
-                if let Some(handle) = message.receipt_handle.as_deref() {
-                    // Seen again at once, past maxReceiveCount: SQS moves it to the DLQ.
-                    if let Err(e) = deps.queue.retry_after(handle, 0).await {
-                        tracing::warn!(error = %e, "message stays until its visibility timeout");
-                    }
-                }
-                false
+        let outcome = process_job(deps, &msg, owner, deadline, last_delivery).await;
+        let fate = outcome.fate(deps.clock.now());
+        match &outcome {
+            Outcome::Succeeded { rows, bytes } => tracing::info!(rows, bytes, "export written"),
+            Outcome::Failed { code } => tracing::warn!(code, "export failed"),
+            Outcome::Exhausted { code } => {
+                tracing::error!(code, "export failed for good; the message goes to the DLQ")
             }
-            Ok(outcome) => {
-                match &outcome {
-                    Outcome::Succeeded { rows, bytes } => {
-                        tracing::info!(rows, bytes, "export written")
-                    }
-                    Outcome::Failed { code } => tracing::warn!(code, "export failed"),
-                    Outcome::UnknownJob => tracing::warn!("no such job; message dropped"),
-                    other => tracing::info!(outcome = ?other, "message handled"),
-                }
-                true
+            Outcome::UnknownJob => tracing::warn!("no such job; message dropped"),
+            Outcome::Transient { attempt, message } => {
+                tracing::warn!(attempt, error = %message, ?fate, "transient error; will be retried")
             }
-            Err(retry) => {
-                let delay = retry.delay_seconds(deps.clock.now());
-                tracing::warn!(error = %retry, delay, "will be retried");
-                if let Some(handle) = message.receipt_handle.as_deref() {
-                    if let Err(e) = deps.queue.retry_after(handle, delay).await {
-                        tracing::warn!(error = %e, "could not shorten the retry delay");
-                    }
-                }
-                false
+            other => tracing::info!(outcome = ?other, ?fate, "message handled"),
+        }
+        let delay = match fate {
+            Fate::Done => return true,
+            Fate::RetryIn(seconds) => seconds,
+            // Seen again at once, past maxReceiveCount: SQS moves it to the DLQ.
+            Fate::DeadLetter => 0,
+        };
+        if let Some(handle) = message.receipt_handle.as_deref() {
+            if let Err(e) = deps.queue.retry_after(handle, delay).await {
+                tracing::warn!(error = %e, "message stays until its visibility timeout");
             }
         }
+        false
     }
     .instrument(span)
     .await

@@ -28,6 +28,7 @@ use crate::domain::{
 use crate::encode::{encoder_for, EncodeError, Encoder, FileInfo, ENCODER_VERSION};
 use crate::ports::{Page, PortError, RangeQuery, SourceQuery};
 
+/// How handling one message ended; [`Outcome::fate`] says what the queue does with it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Succeeded {
@@ -57,30 +58,37 @@ pub enum Outcome {
     Deferred {
         retry_in: u32,
     },
-}
-
-/// Errors that should make the queue deliver the message again later.
-#[derive(Debug, thiserror::Error)]
-pub enum RetryLater {
-    #[error("job {job_id} is leased by another worker until {until}")]
+    /// Another worker holds the job's lease until `until`: deliver the message again after it.
     Busy {
-        job_id: String,
         until: DateTime<Utc>,
     },
-    #[error("job {job_id} hit a transient error (attempt {attempt}): {message}")]
+    /// A transient error on the job's `attempt`: deliver the message again after a backoff.
     Transient {
-        job_id: String,
         attempt: u32,
         message: String,
     },
 }
 
-impl RetryLater {
-    /// Seconds before the message should be seen again.
-    pub fn delay_seconds(&self, now: DateTime<Utc>) -> i32 {
+/// What the queue does with a handled message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Done with: delete it.
+    Done,
+    /// Deliver it again after this many seconds.
+    RetryIn(i32),
+    /// Deliver it again at once, past the queue's maxReceiveCount: SQS moves it to the DLQ.
+    DeadLetter,
+}
+
+impl Outcome {
+    pub fn fate(&self, now: DateTime<Utc>) -> Fate {
         match self {
-            Self::Busy { until, .. } => ((*until - now).num_seconds() + 5).clamp(5, 43_200) as i32,
-            Self::Transient { attempt, .. } => (10i32 << (*attempt).min(8)).min(900),
+            Self::Busy { until } => {
+                Fate::RetryIn(((*until - now).num_seconds() + 5).clamp(5, 43_200) as i32)
+            }
+            Self::Transient { attempt, .. } => Fate::RetryIn((10i32 << (*attempt).min(8)).min(900)),
+            Self::Exhausted { .. } => Fate::DeadLetter,
+            _ => Fate::Done,
         }
     }
 }
@@ -106,6 +114,8 @@ impl Failure {
 
 /// Why a run stopped before the file was done.
 enum Stop {
+    /// Checkpointed before the deadline: a continuation goes on from there.
+    Handover,
     Fatal(Failure),
     Transient(String),
     LostLease,
@@ -138,12 +148,6 @@ impl From<EncodeError> for Stop {
     }
 }
 
-/// How a run ended when it did not stop early.
-enum RunEnd {
-    Done(Box<CacheEntry>),
-    Handover,
-}
-
 /// Runs the job named by `msg` until it succeeds, fails, or hands over before `deadline`.
 /// `last_delivery`: the queue will not deliver this message again (its receive count reached the
 /// queue's maxReceiveCount), so a transient failure now is final.
@@ -153,38 +157,34 @@ pub async fn process_job(
     owner: &str,
     deadline: DateTime<Utc>,
     last_delivery: bool,
-) -> Result<Outcome, RetryLater> {
-    let transient = |attempt: u32, e: &dyn std::fmt::Display| RetryLater::Transient {
-        job_id: msg.job_id.clone(),
+) -> Outcome {
+    let transient = |attempt: u32, e: &dyn std::fmt::Display| Outcome::Transient {
         attempt,
         message: e.to_string(),
     };
     let mut job = match deps.meta.get_job(&msg.job_id).await {
         Ok(Some(j)) => j,
-        Ok(None) => return Ok(Outcome::UnknownJob),
-        Err(e) => return Err(transient(0, &e)),
+        Ok(None) => return Outcome::UnknownJob,
+        Err(e) => return transient(0, &e),
     };
     if job.status.is_terminal() {
-        return Ok(Outcome::AlreadyFinished);
+        return Outcome::AlreadyFinished;
     }
     let now = deps.clock.now();
     let lease_until = now + to_chrono(deps.config.worker.lease);
     if let Some(until) = job.leased_by_other(owner, now) {
-        return Err(RetryLater::Busy {
-            job_id: job.job_id,
-            until,
-        });
+        return Outcome::Busy { until };
     }
     match tenant_slots::acquire(deps, &job, now).await {
         Ok(Slot::Granted) => {}
         Ok(Slot::Full { retry_in }) => {
             // A new delayed message: waiting spends neither the receive count nor an attempt.
             return match tenant_slots::defer(deps, msg, retry_in).await {
-                Ok(()) => Ok(Outcome::Deferred { retry_in }),
-                Err(e) => Err(transient(0, &e)),
+                Ok(()) => Outcome::Deferred { retry_in },
+                Err(e) => transient(0, &e),
             };
         }
-        Err(e) => return Err(transient(0, &e)),
+        Err(e) => return transient(0, &e),
     }
     job.lease(owner, now, lease_until, msg.kind == MessageKind::Continue);
     if job.rows_total.is_none() {
@@ -193,13 +193,10 @@ pub async fn process_job(
     if let Err(e) = save(deps, &mut job).await {
         return match e {
             // Another worker owns the job, and with it the slot.
-            PortError::Conflict(_) => Err(RetryLater::Busy {
-                job_id: job.job_id,
-                until: lease_until,
-            }),
+            PortError::Conflict(_) => Outcome::Busy { until: lease_until },
             other => {
                 tenant_slots::release(deps, &job).await;
-                Err(transient(job.attempts, &other))
+                transient(job.attempts, &other)
             }
         };
     }
@@ -214,41 +211,41 @@ pub async fn process_job(
 async fn settle(
     deps: &Deps,
     mut job: Job,
-    end: Result<RunEnd, Stop>,
+    end: Result<Box<CacheEntry>, Stop>,
     last_delivery: bool,
-) -> Result<Outcome, RetryLater> {
-    let transient = |job: &Job, message: String| RetryLater::Transient {
-        job_id: job.job_id.clone(),
+) -> Outcome {
+    let transient = |job: &Job, message: String| Outcome::Transient {
         attempt: job.attempts,
         message,
     };
     match end {
-        Ok(RunEnd::Done(entry)) => {
+        Ok(entry) => {
             let (rows, bytes) = (entry.rows, entry.bytes);
             match finish_success(deps, job.clone(), *entry).await {
-                Ok(()) => Ok(Outcome::Succeeded { rows, bytes }),
-                Err(Stop::LostLease) => Ok(Outcome::LostLease),
+                Ok(()) => Outcome::Succeeded { rows, bytes },
                 // The file is complete and the checkpoint says so: a retry only records it.
-                Err(Stop::Transient(m)) => Err(transient(&job, m)),
+                Err(Stop::Transient(m)) => transient(&job, m),
+                // Nothing hands over once the file is complete.
+                Err(Stop::LostLease | Stop::Handover) => Outcome::LostLease,
                 Err(Stop::Fatal(failure)) => {
                     // The file exists but no entry points at it: record the failure so the key
                     // is free again (the orphan expires with the bucket's lifecycle rule).
                     if let Ok(Some(job)) = deps.meta.get_job(&job.job_id).await {
                         fail_job(deps, job, &failure).await;
                     }
-                    Ok(Outcome::Failed {
+                    Outcome::Failed {
                         code: failure.code.into(),
-                    })
+                    }
                 }
             }
         }
-        Ok(RunEnd::Handover) => {
+        Err(Stop::Handover) => {
             let rows = job.checkpoint.as_ref().map_or(0, |c| c.rows);
             job.hand_over();
             if let Err(e) = save(deps, &mut job).await {
                 return match e {
-                    PortError::Conflict(_) => Ok(Outcome::LostLease),
-                    other => Err(transient(&job, other.to_string())),
+                    PortError::Conflict(_) => Outcome::LostLease,
+                    other => transient(&job, other.to_string()),
                 };
             }
             tenant_slots::release(deps, &job).await;
@@ -257,16 +254,16 @@ async fn settle(
                 kind: MessageKind::Continue,
             };
             match deps.queue.enqueue(&cont).await {
-                Ok(()) => Ok(Outcome::Continued { rows }),
+                Ok(()) => Outcome::Continued { rows },
                 // The original message comes back instead; the checkpoint is saved either way.
-                Err(e) => Err(transient(&job, e.to_string())),
+                Err(e) => transient(&job, e.to_string()),
             }
         }
-        Err(Stop::LostLease) => Ok(Outcome::LostLease),
+        Err(Stop::LostLease) => Outcome::LostLease,
         Err(Stop::Fatal(failure)) => {
             let code = failure.code;
             fail_job(deps, job, &failure).await;
-            Ok(Outcome::Failed { code: code.into() })
+            Outcome::Failed { code: code.into() }
         }
         Err(Stop::Transient(message)) => {
             let failures = job.failed_attempts() + 1;
@@ -277,9 +274,9 @@ async fn settle(
                     &message,
                 );
                 fail_job(deps, job, &failure).await;
-                return Ok(Outcome::Exhausted {
+                return Outcome::Exhausted {
                     code: failure.code.into(),
-                });
+                };
             }
             job.release_for_retry();
             match save(deps, &mut job).await {
@@ -288,7 +285,7 @@ async fn settle(
                     tracing::warn!(job_id = %job.job_id, error = %e, "could not release the lease")
                 }
             }
-            Err(transient(&job, message))
+            transient(&job, message)
         }
     }
 }
@@ -508,7 +505,8 @@ async fn start(
     Ok((fresh(key, upload_id), Some(encoder)))
 }
 
-async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunEnd, Stop> {
+/// Writes the job's file until it is complete (its entry, to record) or the run stops early.
+async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<Box<CacheEntry>, Stop> {
     let export = deps
         .catalog
         .resolve(&job.spec)
@@ -579,7 +577,7 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
             // retry resumes from the last checkpoint.
             if !file.exhausted && checkpointed && now + margin >= deadline {
                 tracing::info!(job_id = %job.job_id, rows = file.rows, "deadline near: handing over to a continuation");
-                return Ok(RunEnd::Handover);
+                return Err(Stop::Handover);
             }
         }
         let done = tokio::task::spawn_blocking(move || encoder.finish())
@@ -620,7 +618,7 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<RunE
         last_hit_at: None,
     };
     write_manifest(deps, &export, job, &entry).await?;
-    Ok(RunEnd::Done(Box::new(entry)))
+    Ok(Box::new(entry))
 }
 
 /// Completes the upload and returns the file's SHA-256. A run that died after completing it but

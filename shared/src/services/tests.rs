@@ -8,7 +8,7 @@ use chrono::{Duration, NaiveDate, TimeZone, Utc};
 
 use super::cache_admin::{invalidate_scope, Scope};
 use super::export::{request_export, ExportAnswer};
-use super::process::{process_job, Outcome};
+use super::process::{process_job, Fate, Outcome};
 use super::status::{download_url, job_for};
 use super::warm::warm;
 use super::ServiceError;
@@ -207,24 +207,20 @@ async fn duplicate_and_concurrent_deliveries_make_one_file() {
     assert_eq!(
         results
             .iter()
-            .filter(|r| matches!(r, Ok(Outcome::Succeeded { .. })))
+            .filter(|r| matches!(r, Outcome::Succeeded { .. }))
             .count(),
         1
     );
     assert!(
         results.iter().all(|r| matches!(
             r,
-            Ok(Outcome::Succeeded { .. })
-                | Ok(Outcome::AlreadyFinished)
-                | Err(super::process::RetryLater::Busy { .. })
+            Outcome::Succeeded { .. } | Outcome::AlreadyFinished | Outcome::Busy { .. }
         )),
         "{results:?}"
     );
     // A late redelivery finds the job finished.
     assert_eq!(
-        process_job(&f.deps, &msg, "w3", deadline, false)
-            .await
-            .unwrap(),
+        process_job(&f.deps, &msg, "w3", deadline, false).await,
         Outcome::AlreadyFinished
     );
     only_object(&f, ".csv");
@@ -277,9 +273,7 @@ async fn continuation_before_the_deadline_yields_the_identical_file() {
     let msg = f.queue.drain().remove(0);
     // The deadline is already inside the margin: hand over after the first page.
     let tight = f.deps.clock.now() + Duration::seconds(30);
-    let first = process_job(&f.deps, &msg, "w1", tight, false)
-        .await
-        .unwrap();
+    let first = process_job(&f.deps, &msg, "w1", tight, false).await;
     assert!(matches!(first, Outcome::Continued { .. }), "{first:?}");
     let cont = f.queue.drain();
     assert_eq!(
@@ -289,15 +283,11 @@ async fn continuation_before_the_deadline_yields_the_identical_file() {
             kind: MessageKind::Continue
         }]
     );
-    let mut outcome = process_job(&f.deps, &cont[0], "w2", tight, false)
-        .await
-        .unwrap();
+    let mut outcome = process_job(&f.deps, &cont[0], "w2", tight, false).await;
     // Each continuation makes progress; finish with a roomy deadline.
     while let Outcome::Continued { .. } = outcome {
         let next = f.queue.drain().remove(0);
-        outcome = process_job(&f.deps, &next, "w3", far_deadline(&f), false)
-            .await
-            .unwrap();
+        outcome = process_job(&f.deps, &next, "w3", far_deadline(&f), false).await;
     }
     assert!(
         matches!(outcome, Outcome::Succeeded { rows: 83, .. }),
@@ -424,10 +414,7 @@ async fn run_always_near_the_deadline(f: &Fakes, max_runs: usize) -> (Outcome, u
         runs += 1;
         assert!(runs < max_runs, "no progress across continuations");
         let tight = f.deps.clock.now() + Duration::seconds(1);
-        match process_job(&f.deps, &msg, &format!("w{runs}"), tight, false)
-            .await
-            .unwrap()
-        {
+        match process_job(&f.deps, &msg, &format!("w{runs}"), tight, false).await {
             Outcome::Continued { .. } => continue,
             other => return (other, runs),
         }
@@ -550,9 +537,7 @@ async fn a_worker_killed_at_any_step_resumes_into_the_identical_file() {
             f.clock.advance(Duration::seconds(
                 f.deps.config.worker.lease.as_secs() as i64 + 1,
             ));
-            let second = process_job(&f.deps, &msg, "w2", far_deadline(&f), false)
-                .await
-                .unwrap();
+            let second = process_job(&f.deps, &msg, "w2", far_deadline(&f), false).await;
             assert!(
                 matches!(second, Outcome::Succeeded { rows, .. } if rows == ROWS as u64),
                 "{format} {at:?}: {second:?}"
@@ -622,9 +607,7 @@ async fn a_worker_killed_again_while_resuming_resumes_from_the_same_checkpoint()
             assert!(run.is_none(), "{format} {at:?}: did not crash: {run:?}");
             f.clock.advance(lease);
         }
-        let last = process_job(&f.deps, &msg, "w", far_deadline(&f), false)
-            .await
-            .unwrap();
+        let last = process_job(&f.deps, &msg, "w", far_deadline(&f), false).await;
         assert!(
             matches!(last, Outcome::Succeeded { .. }),
             "{format}: {last:?}"
@@ -656,9 +639,7 @@ async fn progress_is_unknown_until_an_earlier_file_of_the_same_rows_gives_the_to
     let second = miss(&f, "acme", &orders(&[("delimiter", ";")])).await;
     let msg = f.queue.drain().remove(0);
     let tight = f.deps.clock.now() + Duration::seconds(1);
-    let outcome = process_job(&f.deps, &msg, "w1", tight, false)
-        .await
-        .unwrap();
+    let outcome = process_job(&f.deps, &msg, "w1", tight, false).await;
     assert!(matches!(outcome, Outcome::Continued { .. }), "{outcome:?}");
     let job = f.meta.jobs.lock().unwrap()[&second].clone();
     assert_eq!(job.rows_total, Some(45));
@@ -674,9 +655,7 @@ async fn progress_is_unknown_until_an_earlier_file_of_the_same_rows_gives_the_to
         .find(|m| m.job_id == third)
         .unwrap();
     let tight = f.deps.clock.now() + Duration::seconds(1);
-    process_job(&f.deps, &msg, "w1", tight, false)
-        .await
-        .unwrap();
+    process_job(&f.deps, &msg, "w1", tight, false).await;
     let job = f.meta.jobs.lock().unwrap()[&third].clone();
     assert_eq!(job.rows_total, None);
     assert_eq!(job.progress(), None);
@@ -763,18 +742,17 @@ async fn transient_failures_are_retried_then_the_job_fails_for_good_and_aborts()
         )
         .await;
         if attempt < 3 {
-            let err = result.unwrap_err();
-            assert!(
-                matches!(err, super::process::RetryLater::Transient { .. }),
-                "{err:?}"
-            );
-            assert!(err.delay_seconds(f.deps.clock.now()) > 0);
+            assert!(matches!(result, Outcome::Transient { .. }), "{result:?}");
+            assert!(matches!(
+                result.fate(f.deps.clock.now()),
+                Fate::RetryIn(delay) if delay > 0
+            ));
             let job = f.meta.jobs.lock().unwrap().get(&job_id).cloned().unwrap();
             assert_eq!(job.status, JobStatus::Running);
             assert!(job.lease.is_none(), "the lease is released for the retry");
         } else {
             assert_eq!(
-                result.unwrap(),
+                result,
                 Outcome::Exhausted {
                     code: "retries_exhausted".into()
                 }
@@ -835,13 +813,12 @@ async fn a_retry_after_a_transient_error_resumes_and_succeeds() {
     let job_id = miss(&f, "acme", &orders(&[])).await;
     let msg = f.queue.drain().remove(0);
     *f.source.fail_next.lock().unwrap() = 1;
-    assert!(process_job(&f.deps, &msg, "w1", far_deadline(&f), false)
-        .await
-        .is_err());
     assert!(matches!(
-        process_job(&f.deps, &msg, "w2", far_deadline(&f), false)
-            .await
-            .unwrap(),
+        process_job(&f.deps, &msg, "w1", far_deadline(&f), false).await,
+        Outcome::Transient { .. }
+    ));
+    assert!(matches!(
+        process_job(&f.deps, &msg, "w2", far_deadline(&f), false).await,
         Outcome::Succeeded { rows: 45, .. }
     ));
     assert_eq!(acme_csv(&f), reference);
@@ -883,8 +860,9 @@ async fn a_transient_failure_on_the_last_delivery_is_final() {
     let msg = f.queue.drain().remove(0);
     *f.source.fail_next.lock().unwrap() = 1;
     let outcome = process_job(&f.deps, &msg, "w1", far_deadline(&f), true).await;
+    assert_eq!(outcome.fate(f.deps.clock.now()), Fate::DeadLetter);
     assert_eq!(
-        outcome.unwrap(),
+        outcome,
         Outcome::Exhausted {
             code: "retries_exhausted".into()
         }
@@ -938,9 +916,7 @@ async fn pinned_exports_are_built_when_missing_and_refreshed_when_due() {
     let sent = f.queue.drain();
     assert_eq!(sent.len(), 3);
     for m in &sent {
-        process_job(&f.deps, m, "w", far_deadline(&f), false)
-            .await
-            .unwrap();
+        process_job(&f.deps, m, "w", far_deadline(&f), false).await;
     }
     // Fresh for exactly one more run: nothing to do now, due a second later.
     let report = warm(&f.deps, f.deps.clock.now()).await.unwrap();
@@ -997,9 +973,7 @@ async fn a_tenant_at_its_running_limit_waits_while_other_tenants_start() {
 
     miss(&f, "acme", &orders(&[("status", "paid")])).await;
     let second = f.queue.drain().remove(0);
-    let outcome = process_job(&f.deps, &second, "w2", far_deadline(&f), false)
-        .await
-        .unwrap();
+    let outcome = process_job(&f.deps, &second, "w2", far_deadline(&f), false).await;
     assert!(matches!(outcome, Outcome::Deferred { .. }), "{outcome:?}");
     let delayed = f.queue.delayed.lock().unwrap().clone();
     assert_eq!(delayed.len(), 1, "put back to wait its turn");
@@ -1010,17 +984,13 @@ async fn a_tenant_at_its_running_limit_waits_while_other_tenants_start() {
 
     miss(&f, "globex", &orders(&[])).await;
     let other = f.queue.drain().remove(0);
-    let outcome = process_job(&f.deps, &other, "w3", far_deadline(&f), false)
-        .await
-        .unwrap();
+    let outcome = process_job(&f.deps, &other, "w3", far_deadline(&f), false).await;
     assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
 
     // Once the dead worker's lease is over, the waiting job runs.
     f.clock.advance(Duration::seconds(
         f.deps.config.worker.lease.as_secs() as i64 + 1,
     ));
-    let outcome = process_job(&f.deps, &second, "w4", far_deadline(&f), false)
-        .await
-        .unwrap();
+    let outcome = process_job(&f.deps, &second, "w4", far_deadline(&f), false).await;
     assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
 }
