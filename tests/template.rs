@@ -563,8 +563,12 @@ fn every_sdk_call_of_an_adapter_is_in_its_iam_list() {
     let ports = code_of("shared/src/ports.rs");
     for (file, lists) in [
         (
-            "shared/src/adapters/dynamodb.rs",
-            [META_IAM, SOURCE_IAM].concat(),
+            "shared/src/adapters/dynamodb/metadata.rs",
+            META_IAM.to_vec(),
+        ),
+        (
+            "shared/src/adapters/dynamodb/source.rs",
+            SOURCE_IAM.to_vec(),
         ),
         ("shared/src/adapters/s3.rs", FILES_IAM.to_vec()),
         ("shared/src/adapters/sqs.rs", QUEUE_IAM.to_vec()),
