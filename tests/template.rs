@@ -604,8 +604,9 @@ fn every_aws_action_the_code_calls_is_granted_on_its_resource() {
         ("WarmerFunction", "functions/warmer"),
     ] {
         let mut used = BTreeSet::new();
+        let port_fields: BTreeSet<&str> = needs.iter().map(|n| n.port).collect();
         for (code, file) in function_code(crate_dir) {
-            for port in ["meta", "source", "files", "queue"] {
+            for &port in &port_fields {
                 for method in calls_after(&code, &format!(".{port}.")) {
                     if ports.contains(&format!("fn{method}(")) {
                         used.insert((port, method, file.clone()));
