@@ -93,4 +93,6 @@ pub(crate) fn require_scope(
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_entries;
+#[cfg(test)]
 mod tests_hardening;
