@@ -4,10 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use http::{Method, StatusCode};
 use integration_tests::{neutralised, Stack, SECRET};
+use shared::testing::HitBeforeCompletion;
 
 const ALL: &[&str] = &["exports:read", "exports:admin"];
 
@@ -446,6 +448,56 @@ async fn stale_entry_is_served_while_a_refresh_runs() {
         stack.queued_messages().await.len(),
         1,
         "one refresh, joined by the strict caller"
+    );
+    stack.teardown().await;
+}
+
+#[tokio::test]
+async fn a_hit_counted_while_a_refresh_completes_survives_the_new_entry() {
+    let mut stack = Stack::new(30, &[]).await;
+    let token = stack.reader("acme");
+    let first = stack.export_through_worker("/exports/orders", &token).await;
+    let key = stack
+        .deps
+        .jobs
+        .get_job(&first)
+        .await
+        .unwrap()
+        .unwrap()
+        .cache_key;
+    assert_eq!(
+        stack.status("/exports/orders", &token).await,
+        StatusCode::SEE_OTHER
+    );
+    stack.clock.advance(chrono::Duration::seconds(1000));
+    let stale = stack.get("/exports/orders", &token).await;
+    assert_eq!(stale.header("x-export-cache"), "stale");
+
+    // Each completion is preceded by a hit on the entry it replaces, as a request served in
+    // the meantime would count it.
+    let racing_hit = stack.deps.clock.now() + chrono::Duration::seconds(5);
+    stack.deps.jobs = Arc::new(HitBeforeCompletion {
+        inner: stack.deps.jobs.clone(),
+        entries: stack.deps.entries.clone(),
+        at: racing_hit,
+    });
+    stack.run_worker().await;
+    let entry = stack
+        .deps
+        .entries
+        .find("acme", "alice", &key)
+        .await
+        .unwrap()
+        .entry
+        .unwrap();
+    assert_ne!(entry.job_id, first, "the refresh wrote its entry");
+    assert_eq!(
+        entry.hits, 3,
+        "two hits before the refresh, one while it completed"
+    );
+    assert_eq!(
+        entry.last_hit_at.map(|t| t.timestamp()),
+        Some(racing_hit.timestamp())
     );
     stack.teardown().await;
 }

@@ -172,13 +172,13 @@ async fn a_user_scoped_export_is_invisible_to_other_users_of_the_tenant() {
 #[tokio::test]
 async fn tenant_running_slots_hold_their_limit_in_dynamodb() {
     let stack = Stack::new(0, &[]).await;
-    let meta = &stack.deps.meta;
+    let slots = &stack.deps.slots;
     let now = stack.deps.clock.now();
     let until = now + Duration::minutes(16);
     let ids: Vec<String> = (0..6).map(|i| format!("a{i}")).collect();
     let takes = futures::future::join_all(
         ids.iter()
-            .map(|id| meta.take_tenant_slot("acme", id, now, until, 2)),
+            .map(|id| slots.take_tenant_slot("acme", id, now, until, 2)),
     )
     .await;
     let granted: Vec<usize> = takes
@@ -190,26 +190,26 @@ async fn tenant_running_slots_hold_their_limit_in_dynamodb() {
     assert_eq!(granted.len(), 2, "{takes:?}");
     let holder = format!("a{}", granted[0]);
     // A renewal keeps the same slot; another tenant is not affected.
-    assert!(meta
+    assert!(slots
         .take_tenant_slot("acme", &holder, now, until, 2)
         .await
         .unwrap());
-    assert!(!meta
+    assert!(!slots
         .take_tenant_slot("acme", "late", now, until, 2)
         .await
         .unwrap());
-    assert!(meta
+    assert!(slots
         .take_tenant_slot("globex", "g", now, until, 2)
         .await
         .unwrap());
-    meta.release_tenant_slot("acme", &holder).await.unwrap();
-    assert!(meta
+    slots.release_tenant_slot("acme", &holder).await.unwrap();
+    assert!(slots
         .take_tenant_slot("acme", "late", now, until, 2)
         .await
         .unwrap());
     // Slots of dead workers expire with their lease.
     let later = until + Duration::seconds(1);
-    assert!(meta
+    assert!(slots
         .take_tenant_slot("acme", "later", later, later + Duration::minutes(16), 2)
         .await
         .unwrap());

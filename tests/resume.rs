@@ -14,7 +14,7 @@ use shared::domain::identity::SCOPE_READ;
 use shared::domain::{Identity, JobMessage, JobStatus, MessageKind, RawExportRequest, Row, Value};
 use shared::services::export::{request_export, ExportAnswer};
 use shared::services::process::{process_job, Outcome};
-use shared::testing::{crash_points, CrashPlan, CrashingFiles, CrashingMeta, MemorySource};
+use shared::testing::{crash_points, CrashPlan, CrashingFiles, CrashingJobs, MemorySource};
 
 /// Orders whose note is 300 characters of pseudo-random hex: text that compresses about 2:1, so
 /// every format makes more than one 5 MiB part from 40,000 rows.
@@ -83,7 +83,7 @@ fn far(stack: &Stack) -> chrono::DateTime<Utc> {
 }
 
 async fn finished_sha(stack: &Stack, job_id: &str) -> String {
-    let job = stack.deps.meta.get_job(job_id).await.unwrap().unwrap();
+    let job = stack.deps.jobs.get_job(job_id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let key = job.object_key.clone().unwrap();
     let (size, digest) = stack.deps.files.digest(&key).await.unwrap();
@@ -124,8 +124,8 @@ async fn every_format_survives_a_worker_killed_at_each_step_with_the_identical_f
         inner: stack.deps.files.clone(),
         plan: plan.clone(),
     });
-    stack.deps.meta = Arc::new(CrashingMeta {
-        inner: stack.deps.meta.clone(),
+    stack.deps.jobs = Arc::new(CrashingJobs {
+        inner: stack.deps.jobs.clone(),
         plan: plan.clone(),
     });
 
@@ -139,7 +139,7 @@ async fn every_format_survives_a_worker_killed_at_each_step_with_the_identical_f
         );
         let job = stack
             .deps
-            .meta
+            .jobs
             .get_job(&reference.job_id)
             .await
             .unwrap()

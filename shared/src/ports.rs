@@ -1,12 +1,14 @@
 //! What the domain needs from the world. Adapters for AWS live in `adapters`, in-memory fakes in
 //! `testing` (feature `test-util`).
 
+use std::collections::BTreeMap;
 use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::catalog::ColumnType;
+use crate::domain::job::LiveBucket;
 use crate::domain::{CacheEntry, CacheKey, Generation, Job, JobMessage, Row, UploadedPart};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -85,14 +87,28 @@ pub enum HitKind {
     Miss,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct DatasetStats {
+/// How often a dataset's requests were served from the cache, or missed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HitCounts {
     pub hits: u64,
     pub misses: u64,
     pub stale_hits: u64,
+}
+
+/// Entries, bytes and rows of the entries of one [`LiveBucket`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EntryTotals {
     pub entries: u64,
     pub bytes: u64,
     pub rows: u64,
+}
+
+/// A tenant's counters as stored: hit counts per dataset, and entry totals per bucket, every
+/// bucket, live or not (which ones still count is the caller's to decide: `LiveBucket::is_live`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tallies {
+    pub served: BTreeMap<String, HitCounts>,
+    pub buckets: Vec<(LiveBucket, EntryTotals)>,
 }
 
 /// What a request needs to decide, read together.
@@ -100,16 +116,20 @@ pub struct DatasetStats {
 pub struct Lookup {
     /// The key's entry, current or not: its job id guards the creation of a new job.
     pub entry: Option<CacheEntry>,
-    /// Whether `entry` still has its builder's generations (nothing invalidated it since).
-    pub entry_current: bool,
+    /// The current generations of the user who built `entry` (the caller's when there is no
+    /// entry or the caller built it): what tells whether it was invalidated.
+    pub builder_generation: Generation,
     /// The caller's current generations: what a job started now records, so the file it builds
     /// is current for the user it is recorded for.
     pub generation: Generation,
 }
 
 impl Lookup {
+    /// The entry, unless something invalidated it since it was built.
     pub fn current_entry(&self) -> Option<&CacheEntry> {
-        self.entry.as_ref().filter(|_| self.entry_current)
+        self.entry
+            .as_ref()
+            .filter(|e| e.is_current(self.builder_generation))
     }
 }
 
@@ -140,45 +160,56 @@ pub enum Created {
     RateLimited,
 }
 
+/// Job records, and the per-key in-flight markers that make concurrent misses share one job.
 #[async_trait]
-pub trait MetadataStore: Send + Sync {
-    /// The key's entry and the generations that judge it, with the caller's, together.
-    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup>;
-    /// The key's entry (current or not) and the caller's current generations.
-    async fn lookup(
-        &self,
-        tenant: &str,
-        user: &str,
-        key: &CacheKey,
-    ) -> PortResult<(Option<CacheEntry>, Generation)> {
-        let found = self.find(tenant, user, key).await?;
-        Ok((found.entry, found.generation))
-    }
-    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()>;
-    /// Bumps the entry's hit counter and last-hit time (what the warmer looks at).
-    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()>;
-
+pub trait JobStore: Send + Sync {
     /// Writes the job and the key's in-flight marker together, under the conditions of `new`.
     async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created>;
     async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>>;
     /// Compare-and-set on `job.version - 1`: `Conflict` when someone else wrote in between.
     async fn put_job(&self, job: &Job) -> PortResult<()>;
     /// Marks the job (compare-and-set as `put_job`) and writes its cache entry in one
-    /// transaction, keeping the tenant's live entry counters in step.
+    /// transaction, keeping the tenant's live entry totals in step. The key's hit count and
+    /// last-hit time are left as they are, whatever `entry` says: popularity survives a refresh
+    /// (the warmer looks at it), hits counted while the job ran included.
     async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()>;
     /// Removes the key's marker if `job_id` still holds it.
     async fn release_marker(&self, tenant: &str, key: &CacheKey, job_id: &str) -> PortResult<()>;
+}
 
+/// Cache entries: read with what judges them, hit, listed by expiry, deleted.
+#[async_trait]
+pub trait EntryStore: Send + Sync {
+    /// The key's entry with its builder's generations and the caller's, read together.
+    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup>;
+    /// Bumps the entry's hit count and last-hit time (what the warmer looks at); nothing when
+    /// the entry is gone.
+    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()>;
     /// Entries whose fresh deadline falls in `[from, to)`.
     async fn expiring_entries(
         &self,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> PortResult<Vec<CacheEntry>>;
+    /// Removes the key's entry (and takes it off the live entry totals).
     async fn delete_entry(&self, tenant: &str, key: &CacheKey) -> PortResult<()>;
+}
+
+/// Invalidation: bumping a generation hides every entry built under the old one.
+#[async_trait]
+pub trait Generations: Send + Sync {
     /// Hides every entry of the tenant (`user: None`) or of one user.
     async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()>;
     async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation>;
+}
+
+/// Statistics nothing else depends on: hit counters, live entry totals, row counts.
+#[async_trait]
+pub trait Counters: Send + Sync {
+    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()>;
+    /// The tenant's hit counts and entry totals: a few counter reads, however many entries the
+    /// tenant has.
+    async fn tallies(&self, tenant: &str) -> PortResult<Tallies>;
     /// The exact row count of the last file built from the rows `rows_key` names
     /// (`domain::request::rows_key`), in any format or columns.
     async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>>;
@@ -189,14 +220,11 @@ pub trait MetadataStore: Send + Sync {
         rows: u64,
         now: DateTime<Utc>,
     ) -> PortResult<()>;
-    /// Counters per dataset, and live entries with their bytes: a few counter reads, however
-    /// many entries the tenant has.
-    async fn stats(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-    ) -> PortResult<std::collections::BTreeMap<String, DatasetStats>>;
+}
 
+/// The running-job slots of each tenant (see `services::tenant_slots`).
+#[async_trait]
+pub trait TenantSlots: Send + Sync {
     /// Takes (or renews) one of the tenant's `limit` running-job slots for `job_id` until
     /// `until`; `false` when every slot is held by another job whose hold has not expired.
     async fn take_tenant_slot(

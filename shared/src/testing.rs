@@ -11,10 +11,12 @@ use sha2::{Digest, Sha256};
 
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::domain::job::LiveBucket;
 use crate::domain::{CacheEntry, CacheKey, Generation, Job, JobMessage, Row, UploadedPart};
 use crate::ports::{
-    Clock, Created, DatasetStats, HitKind, JobQueue, Lookup, MetadataStore, NewJob, ObjectStore,
-    Page, PortError, PortResult, RowSource, SourceQuery,
+    Clock, Counters, Created, EntryStore, EntryTotals, Generations, HitCounts, HitKind, JobQueue,
+    JobStore, Lookup, NewJob, ObjectStore, Page, PortError, PortResult, RowSource, SourceQuery,
+    Tallies, TenantSlots,
 };
 use crate::services::process::{Fate, Outcome};
 use crate::services::Deps;
@@ -26,7 +28,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// (tenant, key) -> (job id holding the marker, until)
 type Markers = HashMap<(String, CacheKey), (String, DateTime<Utc>)>;
 /// tenant -> slot index -> (job id, held until)
-type TenantSlots = HashMap<String, BTreeMap<u32, (String, DateTime<Utc>)>>;
+type SlotHolds = HashMap<String, BTreeMap<u32, (String, DateTime<Utc>)>>;
 /// upload id -> (object key, parts by number)
 type Uploads = HashMap<String, (String, BTreeMap<i32, Vec<u8>>)>;
 
@@ -36,10 +38,10 @@ pub struct MemoryMeta {
     pub entries: Mutex<HashMap<(String, CacheKey), CacheEntry>>,
     pub markers: Mutex<Markers>,
     pub generations: Mutex<HashMap<(String, String), u64>>,
-    pub counters: Mutex<HashMap<(String, String), DatasetStats>>,
+    pub counters: Mutex<HashMap<(String, String), HitCounts>>,
     pub miss_slots: Mutex<HashMap<(String, i64), u32>>,
     pub row_counts: Mutex<HashMap<(String, String), u64>>,
-    pub tenant_slots: Mutex<TenantSlots>,
+    pub tenant_slots: Mutex<SlotHolds>,
     /// When set, the next `find` says so on the first channel and returns only once the second
     /// fires: a test can finish a job between a request's look at the cache and its write.
     pub pause_after_find: Mutex<Option<Pause>>,
@@ -61,46 +63,7 @@ impl MemoryMeta {
 }
 
 #[async_trait]
-impl MetadataStore for MemoryMeta {
-    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup> {
-        let entry = lock(&self.entries)
-            .get(&(tenant.into(), key.clone()))
-            .cloned();
-        let pause = lock(&self.pause_after_find).take();
-        if let Some((reached, resume)) = pause {
-            let _ = reached.send(());
-            let _ = resume.await;
-        }
-        Ok(Lookup {
-            entry_current: entry
-                .as_ref()
-                .is_some_and(|e| e.generation == self.gen(tenant, &e.user)),
-            entry,
-            generation: self.gen(tenant, user),
-        })
-    }
-
-    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
-        let mut c = lock(&self.counters);
-        let s = c.entry((tenant.into(), dataset.into())).or_default();
-        match kind {
-            HitKind::Hit => s.hits += 1,
-            HitKind::Stale => s.stale_hits += 1,
-            HitKind::Miss => s.misses += 1,
-        }
-        Ok(())
-    }
-
-    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
-        if let Some(e) =
-            lock(&self.entries).get_mut(&(entry.tenant.clone(), entry.cache_key.clone()))
-        {
-            e.hits += 1;
-            e.last_hit_at = Some(now);
-        }
-        Ok(())
-    }
-
+impl JobStore for MemoryMeta {
     async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
         let job = new.job;
         let k = (job.tenant.clone(), job.cache_key.clone());
@@ -160,9 +123,19 @@ impl MetadataStore for MemoryMeta {
 
     async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()> {
         self.put_job(job).await?;
-        lock(&self.entries).insert(
-            (entry.tenant.clone(), entry.cache_key.clone()),
-            entry.clone(),
+        let mut entries = lock(&self.entries);
+        let k = (entry.tenant.clone(), entry.cache_key.clone());
+        // As the adapter: the key's hits are counted in place and survive the new entry.
+        let (hits, last_hit_at) = entries
+            .get(&k)
+            .map_or((0, None), |old| (old.hits, old.last_hit_at));
+        entries.insert(
+            k,
+            CacheEntry {
+                hits,
+                last_hit_at,
+                ..entry.clone()
+            },
         );
         Ok(())
     }
@@ -172,6 +145,38 @@ impl MetadataStore for MemoryMeta {
         let k = (tenant.to_string(), key.clone());
         if m.get(&k).is_some_and(|(holder, _)| holder == job_id) {
             m.remove(&k);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EntryStore for MemoryMeta {
+    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup> {
+        let entry = lock(&self.entries)
+            .get(&(tenant.into(), key.clone()))
+            .cloned();
+        let pause = lock(&self.pause_after_find).take();
+        if let Some((reached, resume)) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
+        }
+        let generation = self.gen(tenant, user);
+        Ok(Lookup {
+            builder_generation: entry
+                .as_ref()
+                .map_or(generation, |e| self.gen(tenant, &e.user)),
+            entry,
+            generation,
+        })
+    }
+
+    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
+        if let Some(e) =
+            lock(&self.entries).get_mut(&(entry.tenant.clone(), entry.cache_key.clone()))
+        {
+            e.hits += 1;
+            e.last_hit_at = Some(now);
         }
         Ok(())
     }
@@ -192,7 +197,10 @@ impl MetadataStore for MemoryMeta {
         lock(&self.entries).remove(&(tenant.to_string(), key.clone()));
         Ok(())
     }
+}
 
+#[async_trait]
+impl Generations for MemoryMeta {
     async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()> {
         *lock(&self.generations)
             .entry((tenant.into(), user.unwrap_or("").into()))
@@ -202,6 +210,40 @@ impl MetadataStore for MemoryMeta {
 
     async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
         Ok(self.gen(tenant, user))
+    }
+}
+
+#[async_trait]
+impl Counters for MemoryMeta {
+    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
+        let mut c = lock(&self.counters);
+        let s = c.entry((tenant.into(), dataset.into())).or_default();
+        match kind {
+            HitKind::Hit => s.hits += 1,
+            HitKind::Stale => s.stale_hits += 1,
+            HitKind::Miss => s.misses += 1,
+        }
+        Ok(())
+    }
+
+    async fn tallies(&self, tenant: &str) -> PortResult<Tallies> {
+        let served = lock(&self.counters)
+            .iter()
+            .filter(|((t, _), _)| t == tenant)
+            .map(|((_, d), c)| (d.clone(), *c))
+            .collect();
+        // Totals per bucket, as the adapter keeps them in its transactions.
+        let mut buckets: BTreeMap<LiveBucket, EntryTotals> = BTreeMap::new();
+        for e in lock(&self.entries).values().filter(|e| e.tenant == tenant) {
+            let totals = buckets.entry(LiveBucket::of(e)).or_default();
+            totals.entries += 1;
+            totals.bytes += e.bytes;
+            totals.rows += e.rows;
+        }
+        Ok(Tallies {
+            served,
+            buckets: buckets.into_iter().collect(),
+        })
     }
 
     async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>> {
@@ -220,29 +262,10 @@ impl MetadataStore for MemoryMeta {
         lock(&self.row_counts).insert((tenant.to_string(), rows_key.to_string()), rows);
         Ok(())
     }
+}
 
-    async fn stats(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-    ) -> PortResult<BTreeMap<String, DatasetStats>> {
-        let mut out: BTreeMap<String, DatasetStats> = lock(&self.counters)
-            .iter()
-            .filter(|((t, _), _)| t == tenant)
-            .map(|((_, d), s)| (d.clone(), s.clone()))
-            .collect();
-        let tenant_gen = self.gen(tenant, "").tenant;
-        for e in lock(&self.entries).values() {
-            if e.tenant == tenant && e.generation.tenant == tenant_gen && e.stale_until > now {
-                let s = out.entry(e.spec.dataset.clone()).or_default();
-                s.entries += 1;
-                s.bytes += e.bytes;
-                s.rows += e.rows;
-            }
-        }
-        Ok(out)
-    }
-
+#[async_trait]
+impl TenantSlots for MemoryMeta {
     async fn take_tenant_slot(
         &self,
         tenant: &str,
@@ -525,7 +548,11 @@ pub fn fakes(config: Config, page_rows: usize) -> Fakes {
     let deps = Deps {
         config: Arc::new(config),
         catalog: Arc::new(catalog),
-        meta: meta.clone(),
+        jobs: meta.clone(),
+        entries: meta.clone(),
+        generations: meta.clone(),
+        counters: meta.clone(),
+        slots: meta.clone(),
         files: files.clone(),
         queue: queue.clone(),
         source: source.clone(),
@@ -660,23 +687,14 @@ impl ObjectStore for CrashingFiles {
     }
 }
 
-/// A metadata store that can crash around `put_job` (checkpoints, progress) and `complete_job`.
-pub struct CrashingMeta {
-    pub inner: Arc<dyn MetadataStore>,
+/// A job store that can crash around `put_job` (checkpoints, progress) and `complete_job`.
+pub struct CrashingJobs {
+    pub inner: Arc<dyn JobStore>,
     pub plan: Arc<CrashPlan>,
 }
 
 #[async_trait]
-impl MetadataStore for CrashingMeta {
-    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup> {
-        self.inner.find(tenant, user, key).await
-    }
-    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
-        self.inner.count(tenant, dataset, kind).await
-    }
-    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
-        self.inner.touch_entry(entry, now).await
-    }
+impl JobStore for CrashingJobs {
     async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
         self.inner.create_job(new).await
     }
@@ -693,57 +711,39 @@ impl MetadataStore for CrashingMeta {
     async fn release_marker(&self, tenant: &str, key: &CacheKey, job_id: &str) -> PortResult<()> {
         self.inner.release_marker(tenant, key, job_id).await
     }
-    async fn expiring_entries(
-        &self,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> PortResult<Vec<CacheEntry>> {
-        self.inner.expiring_entries(from, to).await
+}
+
+/// A job store that counts a hit on the key's entry right before each completion, as a request
+/// served while a refresh finishes would: the hit must survive the new entry.
+pub struct HitBeforeCompletion {
+    pub inner: Arc<dyn JobStore>,
+    pub entries: Arc<dyn EntryStore>,
+    pub at: DateTime<Utc>,
+}
+
+#[async_trait]
+impl JobStore for HitBeforeCompletion {
+    async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
+        self.inner.create_job(new).await
     }
-    async fn delete_entry(&self, tenant: &str, key: &CacheKey) -> PortResult<()> {
-        self.inner.delete_entry(tenant, key).await
+    async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>> {
+        self.inner.get_job(job_id).await
     }
-    async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()> {
-        self.inner.bump_generation(tenant, user).await
+    async fn put_job(&self, job: &Job) -> PortResult<()> {
+        self.inner.put_job(job).await
     }
-    async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
-        self.inner.current_generation(tenant, user).await
+    async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()> {
+        let found = self
+            .entries
+            .find(&entry.tenant, &entry.user, &entry.cache_key)
+            .await?;
+        if let Some(served) = &found.entry {
+            self.entries.touch_entry(served, self.at).await?;
+        }
+        self.inner.complete_job(job, entry).await
     }
-    async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>> {
-        self.inner.row_count(tenant, rows_key).await
-    }
-    async fn record_row_count(
-        &self,
-        tenant: &str,
-        rows_key: &str,
-        rows: u64,
-        now: DateTime<Utc>,
-    ) -> PortResult<()> {
-        self.inner
-            .record_row_count(tenant, rows_key, rows, now)
-            .await
-    }
-    async fn stats(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-    ) -> PortResult<BTreeMap<String, DatasetStats>> {
-        self.inner.stats(tenant, now).await
-    }
-    async fn take_tenant_slot(
-        &self,
-        tenant: &str,
-        job_id: &str,
-        now: DateTime<Utc>,
-        until: DateTime<Utc>,
-        limit: u32,
-    ) -> PortResult<bool> {
-        self.inner
-            .take_tenant_slot(tenant, job_id, now, until, limit)
-            .await
-    }
-    async fn release_tenant_slot(&self, tenant: &str, job_id: &str) -> PortResult<()> {
-        self.inner.release_tenant_slot(tenant, job_id).await
+    async fn release_marker(&self, tenant: &str, key: &CacheKey, job_id: &str) -> PortResult<()> {
+        self.inner.release_marker(tenant, key, job_id).await
     }
 }
 

@@ -23,7 +23,7 @@ pub mod sqs;
 /// not in AWS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IamNeed {
-    /// The port field of `Deps` the method is called through (`meta`, `source`, `files`, `queue`).
+    /// The port field of `Deps` the method is called through (`jobs`, `entries`, `source`, ...).
     pub port: &'static str,
     pub method: &'static str,
     /// SDK operations the method sends, as the code names them (`batch_get_item`).
@@ -125,11 +125,16 @@ pub fn deps_from_aws(sdk: &aws_config::SdkConfig, config: Config, catalog: Catal
             .timeout_config(timeouts(&config.sdk))
             .build(),
     );
+    let meta = Arc::new(dynamodb::MetaStore::new(
+        ddb(&config.sdk),
+        &config.meta_table,
+    ));
     Deps {
-        meta: Arc::new(dynamodb::MetaStore::new(
-            ddb(&config.sdk),
-            &config.meta_table,
-        )),
+        jobs: meta.clone(),
+        entries: meta.clone(),
+        generations: meta.clone(),
+        counters: meta.clone(),
+        slots: meta,
         source: Arc::new(dynamodb::DynamoSource::new(ddb(&config.sdk_bulk))),
         files: Arc::new(s3::S3Files::new(s3, &config.bucket)),
         queue: Arc::new(sqs::SqsQueue::new(sqs, &config.queue_url)),

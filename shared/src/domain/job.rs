@@ -432,6 +432,47 @@ impl CacheEntry {
     pub fn file_name(&self) -> String {
         file_name(&self.spec, self.created_at)
     }
+
+    /// Whether nothing invalidated the entry since it was built: an entry is judged by the
+    /// current generations of the user who built it (`builder_now`), not by the caller's.
+    pub fn is_current(&self, builder_now: Generation) -> bool {
+        self.generation == builder_now
+    }
+}
+
+/// Where an entry is tallied for the cache statistics: its dataset, the tenant generation it was
+/// built under and the hour its stale deadline falls in. Totals kept per bucket let statistics
+/// read a few counters instead of every entry, skip invalidated generations, and stop counting a
+/// bucket once its hour is over.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LiveBucket {
+    pub dataset: String,
+    pub tenant_generation: u64,
+    /// Start of the hour the entries' stale deadlines fall in.
+    pub hour: DateTime<Utc>,
+}
+
+impl LiveBucket {
+    pub fn of(entry: &CacheEntry) -> Self {
+        let secs = entry.stale_until.timestamp();
+        Self {
+            dataset: entry.spec.dataset.clone(),
+            tenant_generation: entry.generation.tenant,
+            hour: DateTime::from_timestamp(secs - secs.rem_euclid(3600), 0)
+                .unwrap_or(entry.stale_until),
+        }
+    }
+
+    /// When the bucket's hour is over.
+    pub fn ends(&self) -> DateTime<Utc> {
+        self.hour + Duration::hours(1)
+    }
+
+    /// Whether the bucket's entries still count as live: built under the tenant's current
+    /// generation, and inside their stale window (to the hour).
+    pub fn is_live(&self, tenant_generation: u64, now: DateTime<Utc>) -> bool {
+        self.tenant_generation == tenant_generation && self.ends() > now
+    }
 }
 
 pub fn file_name(spec: &ExportSpec, at: DateTime<Utc>) -> String {

@@ -2,12 +2,14 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
+
 use super::{require_scope, Deps, ServiceError};
 use crate::domain::identity::{SCOPE_ADMIN, SCOPE_READ};
 use crate::domain::request::normalise;
 use crate::domain::{Identity, RawExportRequest};
 use crate::encode::ENCODER_VERSION;
-use crate::ports::DatasetStats;
+use crate::ports::Tallies;
 
 /// Stops serving the one entry the request would hit.
 pub async fn invalidate_entry(
@@ -17,7 +19,7 @@ pub async fn invalidate_entry(
 ) -> Result<(), ServiceError> {
     require_scope(who, SCOPE_READ)?;
     let key = normalise(&deps.catalog, raw)?.cache_key(who.owner(), ENCODER_VERSION);
-    deps.meta.delete_entry(&who.tenant, &key).await?;
+    deps.entries.delete_entry(&who.tenant, &key).await?;
     Ok(())
 }
 
@@ -36,16 +38,27 @@ pub async fn invalidate_scope(
     match scope {
         Scope::Tenant => {
             require_scope(who, SCOPE_ADMIN)?;
-            deps.meta.bump_generation(&who.tenant, None).await?;
+            deps.generations.bump_generation(&who.tenant, None).await?;
         }
         Scope::User => {
             require_scope(who, SCOPE_READ)?;
-            deps.meta
+            deps.generations
                 .bump_generation(&who.tenant, Some(&who.user))
                 .await?;
         }
     }
     Ok(())
+}
+
+/// What `GET /exports/cache/stats` shows of one dataset.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DatasetStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub stale_hits: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub rows: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -62,7 +75,9 @@ pub struct CacheStats {
 
 pub async fn stats(deps: &Deps, who: &Identity) -> Result<CacheStats, ServiceError> {
     require_scope(who, SCOPE_READ)?;
-    let by_dataset = deps.meta.stats(&who.tenant, deps.clock.now()).await?;
+    let tallies = deps.counters.tallies(&who.tenant).await?;
+    let generation = deps.generations.current_generation(&who.tenant, "").await?;
+    let by_dataset = by_dataset(tallies, generation.tenant, deps.clock.now());
     let sum = |f: fn(&DatasetStats) -> u64| by_dataset.values().map(f).sum::<u64>();
     let (hits, misses, stale_hits) = (sum(|d| d.hits), sum(|d| d.misses), sum(|d| d.stale_hits));
     let served = hits + stale_hits;
@@ -81,4 +96,35 @@ pub async fn stats(deps: &Deps, who: &Identity) -> Result<CacheStats, ServiceErr
         rows: sum(|d| d.rows),
         by_dataset,
     })
+}
+
+/// Hit counts per dataset, with the totals of the entries that still count as live.
+fn by_dataset(
+    tallies: Tallies,
+    tenant_generation: u64,
+    now: DateTime<Utc>,
+) -> BTreeMap<String, DatasetStats> {
+    let mut out: BTreeMap<String, DatasetStats> = tallies
+        .served
+        .into_iter()
+        .map(|(dataset, c)| {
+            let stats = DatasetStats {
+                hits: c.hits,
+                misses: c.misses,
+                stale_hits: c.stale_hits,
+                ..DatasetStats::default()
+            };
+            (dataset, stats)
+        })
+        .collect();
+    for (bucket, totals) in tallies.buckets {
+        if !bucket.is_live(tenant_generation, now) {
+            continue;
+        }
+        let st = out.entry(bucket.dataset).or_default();
+        st.entries += totals.entries;
+        st.bytes += totals.bytes;
+        st.rows += totals.rows;
+    }
+    out
 }

@@ -49,7 +49,7 @@ pub async fn request_export(
     // A second round only when a job finished between our look and our create: its file is then
     // served instead of being built again.
     for _ in 0..3 {
-        let found = deps.meta.find(&who.tenant, &who.user, &key).await?;
+        let found = deps.entries.find(&who.tenant, &who.user, &key).await?;
         let now = deps.clock.now();
         if let Some(entry) = found.current_entry() {
             let stale = match entry.freshness(now) {
@@ -141,7 +141,7 @@ async fn serve(
         if stale { HitKind::Stale } else { HitKind::Hit },
     )
     .await;
-    if let Err(e) = deps.meta.touch_entry(entry, now).await {
+    if let Err(e) = deps.entries.touch_entry(entry, now).await {
         tracing::warn!(error = %e, "could not record the hit on the entry");
     }
     Ok(ExportAnswer::File {
@@ -154,7 +154,7 @@ async fn serve(
 
 /// Counters are statistics: losing one must not fail the caller's request.
 async fn record(deps: &Deps, tenant: &str, dataset: &str, kind: HitKind) {
-    if let Err(e) = deps.meta.count(tenant, dataset, kind).await {
+    if let Err(e) = deps.counters.count(tenant, dataset, kind).await {
         tracing::warn!(error = %e, "could not count a cache {:?}", kind);
     }
 }

@@ -79,7 +79,7 @@ pub async fn start_or_join(
             Duration::days(KEEP_RECORDS_FOR_DAYS),
         );
         let created = deps
-            .meta
+            .jobs
             .create_job(NewJob {
                 job: &job,
                 marker_until: now + Duration::hours(MARKER_HOURS),
@@ -99,7 +99,7 @@ pub async fn start_or_join(
                     retry_after: 60 - now.timestamp().rem_euclid(60) as u32,
                 })
             }
-            Ok(Created::Held(existing)) => match deps.meta.get_job(&existing).await? {
+            Ok(Created::Held(existing)) => match deps.jobs.get_job(&existing).await? {
                 Some(other) if !other.status.is_terminal() => return Ok(Start::Joined(other)),
                 // Finished (or vanished) but its marker is still there: take the marker over.
                 _ => replacing = Some(existing),
@@ -136,11 +136,11 @@ async fn enqueue_or_fail(deps: &Deps, mut job: Job) -> Result<(), ServiceError> 
     job.finished_at = Some(now);
     job.updated_at = now;
     job.version += 1;
-    if let Err(e) = deps.meta.put_job(&job).await {
+    if let Err(e) = deps.jobs.put_job(&job).await {
         tracing::error!(job_id = %job.job_id, error = %e, "could not record the enqueue failure");
     }
     if let Err(e) = deps
-        .meta
+        .jobs
         .release_marker(&job.tenant, &job.cache_key, &job.job_id)
         .await
     {

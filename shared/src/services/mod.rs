@@ -4,7 +4,10 @@ use std::sync::Arc;
 
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::ports::{Clock, JobQueue, MetadataStore, ObjectStore, PortError, RowSource};
+use crate::ports::{
+    Clock, Counters, EntryStore, Generations, JobQueue, JobStore, ObjectStore, PortError,
+    RowSource, TenantSlots,
+};
 
 pub mod cache_admin;
 pub mod export;
@@ -19,7 +22,12 @@ pub mod warm;
 pub struct Deps {
     pub config: Arc<Config>,
     pub catalog: Arc<Catalog>,
-    pub meta: Arc<dyn MetadataStore>,
+    // The metadata store, one port per concern (one DynamoDB table behind them all).
+    pub jobs: Arc<dyn JobStore>,
+    pub entries: Arc<dyn EntryStore>,
+    pub generations: Arc<dyn Generations>,
+    pub counters: Arc<dyn Counters>,
+    pub slots: Arc<dyn TenantSlots>,
     pub files: Arc<dyn ObjectStore>,
     pub queue: Arc<dyn JobQueue>,
     pub source: Arc<dyn RowSource>,
@@ -82,5 +90,7 @@ pub(crate) fn require_scope(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_entries;
 #[cfg(test)]
 mod tests_hardening;

@@ -162,7 +162,7 @@ pub async fn process_job(
         attempt,
         message: e.to_string(),
     };
-    let mut job = match deps.meta.get_job(&msg.job_id).await {
+    let mut job = match deps.jobs.get_job(&msg.job_id).await {
         Ok(Some(j)) => j,
         Ok(None) => return Outcome::UnknownJob,
         Err(e) => return transient(0, &e),
@@ -230,7 +230,7 @@ async fn settle(
                 Err(Stop::Fatal(failure)) => {
                     // The file exists but no entry points at it: record the failure so the key
                     // is free again (the orphan expires with the bucket's lifecycle rule).
-                    if let Ok(Some(job)) = deps.meta.get_job(&job.job_id).await {
+                    if let Ok(Some(job)) = deps.jobs.get_job(&job.job_id).await {
                         fail_job(deps, job, &failure).await;
                     }
                     Outcome::Failed {
@@ -293,7 +293,7 @@ async fn settle(
 /// The exact count of an earlier file of the same rows, so progress is known from the first row.
 async fn known_rows(deps: &Deps, job: &Job) -> Option<u64> {
     let key = deps.catalog.resolve(&job.spec).ok()?.rows_key(job.owner());
-    match deps.meta.row_count(&job.tenant, &key).await {
+    match deps.counters.row_count(&job.tenant, &key).await {
         Ok(rows) => rows,
         Err(e) => {
             // Progress is a nicety: the export goes on without a total.
@@ -310,7 +310,7 @@ fn to_chrono(d: std::time::Duration) -> Duration {
 async fn save(deps: &Deps, job: &mut Job) -> Result<(), PortError> {
     job.version += 1;
     job.updated_at = deps.clock.now();
-    deps.meta.put_job(job).await
+    deps.jobs.put_job(job).await
 }
 
 /// The catalog's view of the request as one Query on the tenant partition.
@@ -757,21 +757,12 @@ async fn write_manifest(
     Ok(())
 }
 
-async fn finish_success(deps: &Deps, mut job: Job, mut entry: CacheEntry) -> Result<(), Stop> {
-    // Popularity survives a refresh, or the warmer would forget an entry it just refreshed.
-    if let Ok((Some(previous), _)) = deps
-        .meta
-        .lookup(&job.tenant, &job.user, &job.cache_key)
-        .await
-    {
-        entry.hits = previous.hits;
-        entry.last_hit_at = previous.last_hit_at;
-    }
+async fn finish_success(deps: &Deps, mut job: Job, entry: CacheEntry) -> Result<(), Stop> {
     let now = deps.clock.now();
     job.succeed(&entry, now);
     job.updated_at = now;
     job.version += 1;
-    deps.meta.complete_job(&job, &entry).await?;
+    deps.jobs.complete_job(&job, &entry).await?;
     release_marker(deps, &job).await;
     tenant_slots::release(deps, &job).await;
     record_rows(deps, &job, entry.rows).await;
@@ -788,7 +779,7 @@ async fn record_rows(deps: &Deps, job: &Job, rows: u64) {
     };
     let key = export.rows_key(job.owner());
     if let Err(e) = deps
-        .meta
+        .counters
         .record_row_count(&job.tenant, &key, rows, deps.clock.now())
         .await
     {
@@ -812,7 +803,7 @@ async fn fail_job(deps: &Deps, mut job: Job, failure: &Failure) {
 
 async fn release_marker(deps: &Deps, job: &Job) {
     if let Err(e) = deps
-        .meta
+        .jobs
         .release_marker(&job.tenant, &job.cache_key, &job.job_id)
         .await
     {

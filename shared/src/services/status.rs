@@ -56,7 +56,7 @@ pub async fn job_for(deps: &Deps, who: &Identity, job_id: &str) -> Result<Job, S
     {
         return Err(not_found());
     }
-    match deps.meta.get_job(job_id).await? {
+    match deps.jobs.get_job(job_id).await? {
         Some(job)
             if job.tenant == who.tenant && (job.user == who.user || !user_scoped(deps, &job)) =>
         {
@@ -117,7 +117,7 @@ pub async fn download_url(
     // The link lives only while the job's file is what the cache serves for its key: deleting
     // the entry, invalidating it, or replacing it with a newer file revokes it.
     let found = deps
-        .meta
+        .entries
         .find(&job.tenant, &job.user, &job.cache_key)
         .await?;
     if found.current_entry().is_none_or(|e| e.job_id != job.job_id) {

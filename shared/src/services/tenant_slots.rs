@@ -30,7 +30,7 @@ pub async fn acquire(deps: &Deps, job: &Job, now: DateTime<Utc>) -> PortResult<S
     }
     let until = now + Duration::from_std(settings.lease).unwrap_or(Duration::MAX);
     if deps
-        .meta
+        .slots
         .take_tenant_slot(&job.tenant, &job.job_id, now, until, limit)
         .await?
     {
@@ -54,7 +54,7 @@ pub async fn release(deps: &Deps, job: &Job) {
         return;
     }
     if let Err(e) = deps
-        .meta
+        .slots
         .release_tenant_slot(&job.tenant, &job.job_id)
         .await
     {

@@ -471,15 +471,15 @@ async fn reference_in_parts(
     )
 }
 
-/// Routes the fakes' object store and metadata store through a crash plan.
+/// Routes the fakes' object store and job store through a crash plan.
 fn with_crashes(f: &mut Fakes) -> Arc<crate::testing::CrashPlan> {
-    use crate::testing::{CrashPlan, CrashingFiles, CrashingMeta};
+    use crate::testing::{CrashPlan, CrashingFiles, CrashingJobs};
     let plan = Arc::new(CrashPlan::default());
     f.deps.files = Arc::new(CrashingFiles {
         inner: f.files.clone(),
         plan: plan.clone(),
     });
-    f.deps.meta = Arc::new(CrashingMeta {
+    f.deps.jobs = Arc::new(CrashingJobs {
         inner: f.meta.clone(),
         plan: plan.clone(),
     });

@@ -113,7 +113,7 @@ pub async fn warm(deps: &Deps, now: DateTime<Utc>) -> Result<WarmReport, Service
     // Pins first: they are the operator's explicit promise; demand shares what is left.
     warm_pins(deps, now, interval, &mut budget, &mut report).await?;
     let mut entries = deps
-        .meta
+        .entries
         .expiring_entries(now - interval, now + interval)
         .await?;
     report.candidates = entries.len();
@@ -132,7 +132,7 @@ pub async fn warm(deps: &Deps, now: DateTime<Utc>) -> Result<WarmReport, Service
             continue;
         }
         let generation = deps
-            .meta
+            .generations
             .current_generation(&entry.tenant, &entry.user)
             .await?;
         if generation != entry.generation {
@@ -178,7 +178,7 @@ async fn warm_pins(
                 user: PIN_USER,
             };
             let key = pin.export.cache_key(owner, ENCODER_VERSION);
-            let found = deps.meta.find(tenant, PIN_USER, &key).await?;
+            let found = deps.entries.find(tenant, PIN_USER, &key).await?;
             if found
                 .current_entry()
                 .is_some_and(|e| e.fresh_until >= now + interval)

@@ -1,11 +1,10 @@
-//! DynamoDB: the metadata table (jobs, entries, markers, generations, counters) and the source
-//! tables (rows, read by Query on the tenant partition).
+//! The metadata table: jobs, entries, markers, generations, counters.
 //!
 //! Metadata layout, one table with `pk`/`sk`:
 //! | item | pk | sk | notes |
 //! |---|---|---|---|
 //! | job | `JOB#{id}` | `JOB` | `doc` JSON + `version` for compare-and-set |
-//! | cache entry | `T#{tenant}` | `E#{key}` | `doc` JSON; `gsi1pk`/`gsi1sk` = fresh-until hour bucket, for the warmer |
+//! | cache entry | `T#{tenant}` | `E#{key}` | `doc` JSON; `gsi1pk`/`gsi1sk` = fresh-until hour bucket, for the warmer; `hits`, `last_hit_at` counted in place, never written by a completion |
 //! | in-flight marker | `T#{tenant}` | `M#{key}` | `job_id`, written with a condition |
 //! | generation | `T#{tenant}` | `G` or `G#U#{user}` | `gen`, bumped to invalidate |
 //! | counters | `T#{tenant}` | `S#{dataset}` | `hits`, `misses`, `stale_hits` |
@@ -16,68 +15,49 @@
 //! Every item that should go away carries `expires_at` (epoch seconds, the table's TTL attribute);
 //! readers still check deadlines themselves because TTL deletion is lazy.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, ConditionCheck, Delete, KeysAndAttributes, Put, ReturnConsumedCapacity,
-    TransactWriteItem, Update,
+    AttributeValue, ConditionCheck, Delete, KeysAndAttributes, Put, TransactWriteItem, Update,
 };
 use aws_sdk_dynamodb::Client;
-use chrono::{DateTime, Duration, DurationRound, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Duration, DurationRound, Utc};
 
-use super::IamResource::{MetaTable, MetaTableIndexes, SourceTableIndexes, SourceTables};
-use super::{sdk_error, IamNeed};
-use crate::catalog::ColumnType;
-use crate::domain::value::is_decimal_text;
-use crate::domain::{CacheEntry, CacheKey, Generation, Job, Row, Value};
+use super::{get_n, get_s, is_condition_failure, n, s, Item};
+use crate::adapters::IamResource::{MetaTable, MetaTableIndexes};
+use crate::adapters::{sdk_error, IamNeed};
+use crate::domain::job::LiveBucket;
+use crate::domain::{CacheEntry, CacheKey, Generation, Job};
 use crate::ports::{
-    Created, DatasetStats, HitKind, Lookup, MetadataStore, NewJob, Page, PortError, PortResult,
-    RowSource, SourceQuery,
+    Counters, Created, EntryStore, EntryTotals, Generations, HitCounts, HitKind, JobStore, Lookup,
+    NewJob, PortError, PortResult, Tallies, TenantSlots,
 };
 
-type Item = HashMap<String, AttributeValue>;
-
-/// IAM needs of the metadata store's methods (see [`IamNeed`]); transactions are authorised by
-/// the item actions of their parts. Keep in step with the SDK calls below.
+/// IAM needs of the metadata store's methods, by port (see [`IamNeed`]); transactions are
+/// authorised by the item actions of their parts. Keep in step with the SDK calls below.
 #[rustfmt::skip]
 pub const META_IAM: &[IamNeed] = &[
-    IamNeed::new("meta", "find", &["batch_get_item", "get_item"], &["dynamodb:BatchGetItem", "dynamodb:GetItem"], MetaTable),
-    IamNeed::new("meta", "lookup", &["batch_get_item", "get_item"], &["dynamodb:BatchGetItem", "dynamodb:GetItem"], MetaTable),
-    IamNeed::new("meta", "count", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
-    IamNeed::new("meta", "touch_entry", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
-    IamNeed::new("meta", "create_job", &["transact_write_items", "get_item"], &["dynamodb:PutItem", "dynamodb:ConditionCheckItem", "dynamodb:UpdateItem", "dynamodb:GetItem"], MetaTable),
-    IamNeed::new("meta", "get_job", &["get_item"], &["dynamodb:GetItem"], MetaTable),
-    IamNeed::new("meta", "put_job", &["put_item"], &["dynamodb:PutItem"], MetaTable),
-    IamNeed::new("meta", "complete_job", &["get_item", "transact_write_items"], &["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], MetaTable),
-    IamNeed::new("meta", "release_marker", &["delete_item"], &["dynamodb:DeleteItem"], MetaTable),
-    IamNeed::new("meta", "expiring_entries", &["query"], &["dynamodb:Query"], MetaTableIndexes),
-    IamNeed::new("meta", "delete_entry", &["get_item", "transact_write_items"], &["dynamodb:GetItem", "dynamodb:DeleteItem", "dynamodb:UpdateItem"], MetaTable),
-    IamNeed::new("meta", "bump_generation", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
-    IamNeed::new("meta", "current_generation", &["batch_get_item"], &["dynamodb:BatchGetItem"], MetaTable),
-    IamNeed::new("meta", "stats", &["query", "batch_get_item"], &["dynamodb:Query", "dynamodb:BatchGetItem"], MetaTable),
-    IamNeed::new("meta", "take_tenant_slot", &["query", "put_item"], &["dynamodb:Query", "dynamodb:PutItem"], MetaTable),
-    IamNeed::new("meta", "release_tenant_slot", &["query", "delete_item"], &["dynamodb:Query", "dynamodb:DeleteItem"], MetaTable),
-    IamNeed::new("meta", "row_count", &["get_item"], &["dynamodb:GetItem"], MetaTable),
-    IamNeed::new("meta", "record_row_count", &["put_item"], &["dynamodb:PutItem"], MetaTable),
+    IamNeed::new("jobs", "create_job", &["transact_write_items", "get_item"], &["dynamodb:PutItem", "dynamodb:ConditionCheckItem", "dynamodb:UpdateItem", "dynamodb:GetItem"], MetaTable),
+    IamNeed::new("jobs", "get_job", &["get_item"], &["dynamodb:GetItem"], MetaTable),
+    IamNeed::new("jobs", "put_job", &["put_item"], &["dynamodb:PutItem"], MetaTable),
+    IamNeed::new("jobs", "complete_job", &["get_item", "transact_write_items"], &["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("jobs", "release_marker", &["delete_item"], &["dynamodb:DeleteItem"], MetaTable),
+    IamNeed::new("entries", "find", &["batch_get_item", "get_item"], &["dynamodb:BatchGetItem", "dynamodb:GetItem"], MetaTable),
+    IamNeed::new("entries", "touch_entry", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("entries", "expiring_entries", &["query"], &["dynamodb:Query"], MetaTableIndexes),
+    IamNeed::new("entries", "delete_entry", &["get_item", "transact_write_items"], &["dynamodb:GetItem", "dynamodb:DeleteItem", "dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("generations", "bump_generation", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("generations", "current_generation", &["batch_get_item"], &["dynamodb:BatchGetItem"], MetaTable),
+    IamNeed::new("counters", "count", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
+    IamNeed::new("counters", "tallies", &["query"], &["dynamodb:Query"], MetaTable),
+    IamNeed::new("counters", "row_count", &["get_item"], &["dynamodb:GetItem"], MetaTable),
+    IamNeed::new("counters", "record_row_count", &["put_item"], &["dynamodb:PutItem"], MetaTable),
+    IamNeed::new("slots", "take_tenant_slot", &["query", "put_item"], &["dynamodb:Query", "dynamodb:PutItem"], MetaTable),
+    IamNeed::new("slots", "release_tenant_slot", &["query", "delete_item"], &["dynamodb:Query", "dynamodb:DeleteItem"], MetaTable),
 ];
-
-/// IAM needs of the source reader: a Query of the table, or of its range index.
-#[rustfmt::skip]
-pub const SOURCE_IAM: &[IamNeed] = &[
-    IamNeed::new("source", "read_page", &["query"], &["dynamodb:Query"], SourceTables),
-    IamNeed::new("source", "read_page", &["query"], &["dynamodb:Query"], SourceTableIndexes),
-];
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: impl ToString) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
 
 fn key(pk: String, sk: String) -> Item {
     HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
@@ -120,19 +100,6 @@ fn hour_bucket(t: DateTime<Utc>) -> String {
     format!("EXP#{}", t.format("%Y-%m-%dT%H"))
 }
 
-fn get_s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
-    item.get(name)
-        .and_then(|v| v.as_s().ok())
-        .map(String::as_str)
-}
-
-fn get_n(item: &Item, name: &str) -> u64 {
-    item.get(name)
-        .and_then(|v| v.as_n().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn corrupt(what: &str, e: impl std::fmt::Display) -> PortError {
     PortError::failed("decode metadata", format!("{what}: {e}"), false)
 }
@@ -170,41 +137,59 @@ fn job_item(job: &Job) -> PortResult<Item> {
     Ok(item)
 }
 
-fn entry_item(e: &CacheEntry) -> PortResult<Item> {
+/// The entry's attributes but its hit count and last-hit time: those are counted in place on
+/// the same item (`touch_entry`) and never written with the entry, so a completion keeps the
+/// hits counted while its job ran. The copies inside `doc` are not read.
+fn entry_attributes(e: &CacheEntry) -> PortResult<Vec<(&'static str, AttributeValue)>> {
     let doc = serde_json::to_string(e).map_err(|err| corrupt("entry", err))?;
-    let mut item = key(tenant_pk(&e.tenant), entry_sk(&e.cache_key));
-    item.insert("doc".into(), s(doc));
-    // Top level so conditions can name the entry they expect (see `entry_is`).
-    item.insert("job_id".into(), s(&e.job_id));
-    item.insert("dataset".into(), s(&e.spec.dataset));
-    item.insert("rows".into(), n(e.rows));
-    item.insert("bytes".into(), n(e.bytes));
-    item.insert("gen_t".into(), n(e.generation.tenant));
-    item.insert("stale_until".into(), n(e.stale_until.timestamp()));
-    item.insert("hits".into(), n(e.hits));
-    if let Some(t) = e.last_hit_at {
-        item.insert("last_hit_at".into(), s(t.to_rfc3339()));
-    }
-    item.insert("gsi1pk".into(), s(hour_bucket(e.fresh_until)));
-    item.insert(
-        "gsi1sk".into(),
-        s(format!(
-            "{}#{}#{}",
-            sortable(e.fresh_until),
-            e.tenant,
-            e.cache_key
-        )),
-    );
-    // Metadata outlives the file's usefulness by a day, then TTL removes it.
-    item.insert(
-        "expires_at".into(),
-        n((e.stale_until + Duration::days(1)).timestamp()),
-    );
-    Ok(item)
+    Ok(vec![
+        ("doc", s(doc)),
+        // Top level so conditions can name the entry they expect (see `entry_is`).
+        ("job_id", s(&e.job_id)),
+        ("dataset", s(&e.spec.dataset)),
+        ("rows", n(e.rows)),
+        ("bytes", n(e.bytes)),
+        ("gen_t", n(e.generation.tenant)),
+        ("stale_until", n(e.stale_until.timestamp())),
+        ("gsi1pk", s(hour_bucket(e.fresh_until))),
+        (
+            "gsi1sk",
+            s(format!(
+                "{}#{}#{}",
+                sortable(e.fresh_until),
+                e.tenant,
+                e.cache_key
+            )),
+        ),
+        // Metadata outlives the file's usefulness by a day, then TTL removes it.
+        (
+            "expires_at",
+            n((e.stale_until + Duration::days(1)).timestamp()),
+        ),
+    ])
 }
 
-fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(e: &E) -> bool {
-    e.code() == Some("ConditionalCheckFailedException")
+/// Writes the entry over the key's item, if the item is still the one `seen` names.
+fn entry_update(table: &str, e: &CacheEntry, seen: Option<&str>) -> PortResult<Update> {
+    let attributes = entry_attributes(e)?;
+    let sets: Vec<String> = (0..attributes.len())
+        .map(|i| format!("#a{i} = :a{i}"))
+        .collect();
+    let (condition, seen) = entry_is(seen);
+    let mut update = Update::builder()
+        .table_name(table)
+        .set_key(Some(key(tenant_pk(&e.tenant), entry_sk(&e.cache_key))))
+        .update_expression(format!("SET {}", sets.join(", ")))
+        .condition_expression(condition)
+        .set_expression_attribute_values(seen.map(|v| HashMap::from([(":seen".into(), v)])));
+    for (i, (name, value)) in attributes.into_iter().enumerate() {
+        update = update
+            .expression_attribute_names(format!("#a{i}"), name)
+            .expression_attribute_values(format!(":a{i}"), value);
+    }
+    update
+        .build()
+        .map_err(|err| PortError::failed("write entry", err.to_string(), false))
 }
 
 /// Why a transaction was cancelled, one code per item in order ("None" for items that passed);
@@ -246,51 +231,52 @@ fn entry_is(seen: Option<&str>) -> (&'static str, Option<AttributeValue>) {
     }
 }
 
-/// Where an entry is counted for `stats`: per dataset, tenant generation and the hour of its
-/// stale deadline, so stats reads a few counters, skips invalidated generations, and stops
-/// counting a bucket when its hour is over.
-fn live_bucket(e: &CacheEntry) -> String {
+fn bucket_sk(b: &LiveBucket) -> String {
     format!(
         "L#{}#{}#{}",
-        e.spec.dataset,
-        e.generation.tenant,
-        e.stale_until.format("%Y%m%d%H")
+        b.dataset,
+        b.tenant_generation,
+        b.hour.format("%Y%m%d%H")
     )
 }
 
-/// Counter updates for an entry written (`added`) in place of another (`removed`); one update
+/// The bucket a live-entry totals item counts (see the layout above).
+fn bucket_of(item: &Item) -> Option<LiveBucket> {
+    let ends = DateTime::from_timestamp(get_n(item, "hour_end") as i64, 0)?;
+    Some(LiveBucket {
+        dataset: get_s(item, "dataset")?.to_string(),
+        tenant_generation: get_n(item, "gen_t"),
+        hour: ends - Duration::hours(1),
+    })
+}
+
+/// Totals updates for an entry written (`added`) in place of another (`removed`); one update
 /// when both fall in the same bucket, since a transaction may touch an item only once.
 fn live_updates(
     table: &str,
     added: Option<&CacheEntry>,
     removed: Option<&CacheEntry>,
 ) -> PortResult<Vec<TransactWriteItem>> {
-    let mut deltas: Vec<(&CacheEntry, i64, i64, i64)> = Vec::new();
+    let mut deltas: Vec<(&str, LiveBucket, i64, i64, i64)> = Vec::new();
     for (e, sign) in added
         .map(|e| (e, 1))
         .into_iter()
         .chain(removed.map(|e| (e, -1)))
     {
+        let bucket = LiveBucket::of(e);
         let delta = (sign, sign * e.bytes as i64, sign * e.rows as i64);
-        match deltas
-            .iter_mut()
-            .find(|d| live_bucket(d.0) == live_bucket(e))
-        {
-            Some(d) => (d.1, d.2, d.3) = (d.1 + delta.0, d.2 + delta.1, d.3 + delta.2),
-            None => deltas.push((e, delta.0, delta.1, delta.2)),
+        match deltas.iter_mut().find(|d| d.1 == bucket) {
+            Some(d) => (d.2, d.3, d.4) = (d.2 + delta.0, d.3 + delta.1, d.4 + delta.2),
+            None => deltas.push((&e.tenant, bucket, delta.0, delta.1, delta.2)),
         }
     }
     deltas
         .into_iter()
-        .map(|(e, entries, bytes, rows)| {
-            let hour_end = e
-                .stale_until
-                .duration_trunc(Duration::hours(1))
-                .map_err(|err| PortError::failed("live counters", err.to_string(), false))?
-                + Duration::hours(1);
+        .map(|(tenant, bucket, entries, bytes, rows)| {
+            let hour_end = bucket.ends();
             let update = Update::builder()
                 .table_name(table)
-                .set_key(Some(key(tenant_pk(&e.tenant), live_bucket(e))))
+                .set_key(Some(key(tenant_pk(tenant), bucket_sk(&bucket))))
                 .update_expression(
                     "ADD #e :e, #b :b, #r :r SET dataset = :d, gen_t = :g, hour_end = :h, expires_at = :x",
                 )
@@ -300,8 +286,8 @@ fn live_updates(
                 .expression_attribute_values(":e", n(entries))
                 .expression_attribute_values(":b", n(bytes))
                 .expression_attribute_values(":r", n(rows))
-                .expression_attribute_values(":d", s(&e.spec.dataset))
-                .expression_attribute_values(":g", n(e.generation.tenant))
+                .expression_attribute_values(":d", s(&bucket.dataset))
+                .expression_attribute_values(":g", n(bucket.tenant_generation))
                 .expression_attribute_values(":h", n(hour_end.timestamp()))
                 .expression_attribute_values(":x", n((hour_end + Duration::days(1)).timestamp()))
                 .build()
@@ -477,82 +463,7 @@ fn generation_from(items: &[Item], user: &str) -> Generation {
 }
 
 #[async_trait]
-impl MetadataStore for MetaStore {
-    async fn find(&self, tenant: &str, user: &str, key_: &CacheKey) -> PortResult<Lookup> {
-        let items = self
-            .batch_get(vec![
-                key(tenant_pk(tenant), entry_sk(key_)),
-                key(tenant_pk(tenant), "G".into()),
-                key(tenant_pk(tenant), user_gen_sk(user)),
-            ])
-            .await?;
-        let generation = generation_from(&items, user);
-        let entry = items
-            .into_iter()
-            .find(|i| get_s(i, "sk").is_some_and(|sk| sk.starts_with("E#")))
-            .map(CacheEntry::try_from)
-            .transpose()?;
-        // An entry is judged by the generations of the user who built it.
-        let builder = match &entry {
-            Some(e) if e.user != user => Generation {
-                tenant: generation.tenant,
-                user: self
-                    .get_item(tenant_pk(tenant), user_gen_sk(&e.user))
-                    .await?
-                    .map_or(0, |i| get_n(&i, "gen")),
-            },
-            _ => generation,
-        };
-        Ok(Lookup {
-            entry_current: entry.as_ref().is_some_and(|e| e.generation == builder),
-            entry,
-            generation,
-        })
-    }
-
-    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
-        let counter = match kind {
-            HitKind::Hit => "hits",
-            HitKind::Stale => "stale_hits",
-            HitKind::Miss => "misses",
-        };
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(tenant_pk(tenant), format!("S#{dataset}"))))
-            .update_expression("ADD #c :one SET dataset = :d")
-            .expression_attribute_names("#c", counter)
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":d", s(dataset))
-            .send()
-            .await
-            .map_err(|e| sdk_error("count", e))?;
-        Ok(())
-    }
-
-    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(
-                tenant_pk(&entry.tenant),
-                entry_sk(&entry.cache_key),
-            )))
-            .update_expression("ADD hits :one SET last_hit_at = :now")
-            // Never resurrect an entry deleted in the meantime.
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":now", s(now.to_rfc3339()))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Ok(()),
-            Err(e) => Err(sdk_error("touch entry", e)),
-        }
-    }
-
+impl JobStore for MetaStore {
     async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
         let job = new.job;
         let now = job.created_at;
@@ -678,8 +589,8 @@ impl MetadataStore for MetaStore {
         let invalid = |e: aws_sdk_dynamodb::error::BuildError| {
             PortError::failed("complete job", e.to_string(), false)
         };
-        // The entry replaces whatever is there, and the counters move from the old entry to
-        // the new one.
+        // The entry replaces whatever is there (its hits stay), and the totals move from the
+        // old entry to the new one.
         let outcome = self
             .on_current_entry(&entry.tenant, &entry.cache_key, 1, |old| {
                 let job_put = Put::builder()
@@ -689,19 +600,10 @@ impl MetadataStore for MetaStore {
                     .expression_attribute_values(":prev", n(job.version.saturating_sub(1)))
                     .build()
                     .map_err(invalid)?;
-                let (condition, seen) = entry_is(old.map(|o| o.job_id.as_str()));
-                let entry_put = Put::builder()
-                    .table_name(&self.table)
-                    .set_item(Some(entry_item(entry)?))
-                    .condition_expression(condition)
-                    .set_expression_attribute_values(
-                        seen.map(|v| HashMap::from([(":seen".into(), v)])),
-                    )
-                    .build()
-                    .map_err(invalid)?;
+                let entry_write = entry_update(&self.table, entry, old.map(|o| o.job_id.as_str()))?;
                 let mut items = vec![
                     TransactWriteItem::builder().put(job_put).build(),
-                    TransactWriteItem::builder().put(entry_put).build(),
+                    TransactWriteItem::builder().update(entry_write).build(),
                 ];
                 items.extend(live_updates(&self.table, Some(entry), old)?);
                 Ok(items)
@@ -731,6 +633,63 @@ impl MetadataStore for MetaStore {
             Ok(_) => Ok(()),
             Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Ok(()),
             Err(e) => Err(sdk_error("release marker", e)),
+        }
+    }
+}
+
+#[async_trait]
+impl EntryStore for MetaStore {
+    async fn find(&self, tenant: &str, user: &str, key_: &CacheKey) -> PortResult<Lookup> {
+        let items = self
+            .batch_get(vec![
+                key(tenant_pk(tenant), entry_sk(key_)),
+                key(tenant_pk(tenant), "G".into()),
+                key(tenant_pk(tenant), user_gen_sk(user)),
+            ])
+            .await?;
+        let generation = generation_from(&items, user);
+        let entry = items
+            .into_iter()
+            .find(|i| get_s(i, "sk").is_some_and(|sk| sk.starts_with("E#")))
+            .map(CacheEntry::try_from)
+            .transpose()?;
+        let builder_generation = match &entry {
+            Some(e) if e.user != user => Generation {
+                tenant: generation.tenant,
+                user: self
+                    .get_item(tenant_pk(tenant), user_gen_sk(&e.user))
+                    .await?
+                    .map_or(0, |i| get_n(&i, "gen")),
+            },
+            _ => generation,
+        };
+        Ok(Lookup {
+            entry,
+            builder_generation,
+            generation,
+        })
+    }
+
+    async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()> {
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(
+                tenant_pk(&entry.tenant),
+                entry_sk(&entry.cache_key),
+            )))
+            .update_expression("ADD hits :one SET last_hit_at = :now")
+            // Never resurrect an entry deleted in the meantime.
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", s(now.to_rfc3339()))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Ok(()),
+            Err(e) => Err(sdk_error("touch entry", e)),
         }
     }
 
@@ -786,7 +745,10 @@ impl MetadataStore for MetaStore {
             .await?;
         outcome.map_err(|codes| cancelled("delete entry", &codes))
     }
+}
 
+#[async_trait]
+impl Generations for MetaStore {
     async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()> {
         let sk = user.map_or_else(|| "G".to_string(), user_gen_sk);
         self.client
@@ -809,6 +771,56 @@ impl MetadataStore for MetaStore {
             ])
             .await?;
         Ok(generation_from(&items, user))
+    }
+}
+
+#[async_trait]
+impl Counters for MetaStore {
+    async fn count(&self, tenant: &str, dataset: &str, kind: HitKind) -> PortResult<()> {
+        let counter = match kind {
+            HitKind::Hit => "hits",
+            HitKind::Stale => "stale_hits",
+            HitKind::Miss => "misses",
+        };
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(tenant_pk(tenant), format!("S#{dataset}"))))
+            .update_expression("ADD #c :one SET dataset = :d")
+            .expression_attribute_names("#c", counter)
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":d", s(dataset))
+            .send()
+            .await
+            .map_err(|e| sdk_error("count", e))?;
+        Ok(())
+    }
+
+    async fn tallies(&self, tenant: &str) -> PortResult<Tallies> {
+        let mut out = Tallies::default();
+        for c in &self.tenant_items(tenant, "S#").await? {
+            let Some(ds) = get_s(c, "dataset") else {
+                continue;
+            };
+            let counts = HitCounts {
+                hits: get_n(c, "hits"),
+                misses: get_n(c, "misses"),
+                stale_hits: get_n(c, "stale_hits"),
+            };
+            out.served.insert(ds.to_string(), counts);
+        }
+        for item in &self.tenant_items(tenant, "L#").await? {
+            let Some(bucket) = bucket_of(item) else {
+                continue;
+            };
+            let totals = EntryTotals {
+                entries: get_n(item, "entries"),
+                bytes: get_n(item, "bytes"),
+                rows: get_n(item, "rows"),
+            };
+            out.buckets.push((bucket, totals));
+        }
+        Ok(out)
     }
 
     async fn row_count(&self, tenant: &str, rows_key: &str) -> PortResult<Option<u64>> {
@@ -847,37 +859,10 @@ impl MetadataStore for MetaStore {
             .map_err(|e| sdk_error("record row count", e))?;
         Ok(())
     }
+}
 
-    async fn stats(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-    ) -> PortResult<BTreeMap<String, DatasetStats>> {
-        let mut out: BTreeMap<String, DatasetStats> = BTreeMap::new();
-        for c in &self.tenant_items(tenant, "S#").await? {
-            let Some(ds) = get_s(c, "dataset") else {
-                continue;
-            };
-            let st = out.entry(ds.to_string()).or_default();
-            st.hits = get_n(c, "hits");
-            st.misses = get_n(c, "misses");
-            st.stale_hits = get_n(c, "stale_hits");
-        }
-        let tenant_gen = self.current_generation(tenant, "").await?.tenant;
-        for bucket in &self.tenant_items(tenant, "L#").await? {
-            let live = get_n(bucket, "gen_t") == tenant_gen
-                && get_n(bucket, "hour_end") as i64 > now.timestamp();
-            let Some(ds) = get_s(bucket, "dataset").filter(|_| live) else {
-                continue;
-            };
-            let st = out.entry(ds.to_string()).or_default();
-            st.entries += get_n(bucket, "entries");
-            st.bytes += get_n(bucket, "bytes");
-            st.rows += get_n(bucket, "rows");
-        }
-        Ok(out)
-    }
-
+#[async_trait]
+impl TenantSlots for MetaStore {
     async fn take_tenant_slot(
         &self,
         tenant: &str,
@@ -963,249 +948,11 @@ impl MetadataStore for MetaStore {
     }
 }
 
-/// Reads source rows with Query on the tenant partition (or the range index), never Scan.
-#[derive(Clone)]
-pub struct DynamoSource {
-    client: Client,
-}
-
-impl DynamoSource {
-    pub fn new(client: Client) -> Self {
-        Self { client }
-    }
-}
-
-#[async_trait]
-impl RowSource for DynamoSource {
-    async fn read_page(&self, q: &SourceQuery, cursor: Option<&str>) -> PortResult<Page> {
-        let mut names: HashMap<String, String> = HashMap::new();
-        let mut values: HashMap<String, AttributeValue> = HashMap::new();
-        names.insert("#t".into(), q.tenant_attribute.clone());
-        values.insert(":t".into(), s(&q.tenant));
-        let mut key_cond = "#t = :t".to_string();
-        let mut req = self.client.query().table_name(&q.table);
-        if let Some(r) = &q.range {
-            req = req.index_name(&r.index);
-            names.insert("#r".into(), r.attribute.clone());
-            match (&r.from, &r.to) {
-                (Some(f), Some(t)) => {
-                    key_cond.push_str(" AND #r BETWEEN :from AND :to");
-                    values.insert(":from".into(), s(f));
-                    values.insert(":to".into(), s(t));
-                }
-                (Some(f), None) => {
-                    key_cond.push_str(" AND #r >= :from");
-                    values.insert(":from".into(), s(f));
-                }
-                (None, Some(t)) => {
-                    key_cond.push_str(" AND #r <= :to");
-                    values.insert(":to".into(), s(t));
-                }
-                (None, None) => {}
-            }
-        }
-        let mut filter = Vec::new();
-        for (i, (attr, ty, value)) in q.filters.iter().enumerate() {
-            names.insert(format!("#f{i}"), attr.clone());
-            values.insert(format!(":f{i}"), filter_value(*ty, value));
-            filter.push(format!("#f{i} = :f{i}"));
-        }
-        let projection: Vec<String> = q
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, (attr, _))| {
-                names.insert(format!("#c{i}"), attr.clone());
-                format!("#c{i}")
-            })
-            .collect();
-        if !filter.is_empty() {
-            req = req.filter_expression(filter.join(" AND "));
-        }
-        let resp = req
-            .key_condition_expression(key_cond)
-            .projection_expression(projection.join(", "))
-            .set_expression_attribute_names(Some(names))
-            .set_expression_attribute_values(Some(values))
-            .set_exclusive_start_key(cursor.map(decode_cursor).transpose()?)
-            .set_limit(q.page_size)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| sdk_error("source query", e))?;
-        let read_capacity = resp
-            .consumed_capacity
-            .as_ref()
-            .and_then(|c| c.capacity_units)
-            .unwrap_or(0.0);
-        let next = match resp.last_evaluated_key {
-            Some(k) if !k.is_empty() => Some(encode_cursor(&k)?),
-            _ => None,
-        };
-        let mut rows = Vec::with_capacity(resp.items.as_ref().map_or(0, Vec::len));
-        for mut item in resp.items.unwrap_or_default() {
-            let row: Row = q
-                .columns
-                .iter()
-                .map(|(attr, ty)| to_value(attr, *ty, item.remove(attr)))
-                .collect::<PortResult<_>>()?;
-            rows.push(row);
-        }
-        Ok(Page {
-            rows,
-            next,
-            read_capacity,
-        })
-    }
-}
-
-fn filter_value(ty: ColumnType, value: &str) -> AttributeValue {
-    match ty {
-        ColumnType::Integer | ColumnType::Decimal => n(value),
-        ColumnType::Boolean => AttributeValue::Bool(value == "true"),
-        _ => s(value),
-    }
-}
-
-fn data_error(attr: &str, ty: ColumnType, got: &AttributeValue) -> PortError {
-    PortError::Data(format!(
-        "attribute `{attr}` should hold a {} but holds {got:?}",
-        ty.as_str()
-    ))
-}
-
-/// One source attribute to a cell of the column's type; a mismatch is a data error, never a silent
-/// blank.
-pub fn to_value(attr: &str, ty: ColumnType, v: Option<AttributeValue>) -> PortResult<Value> {
-    let Some(v) = v else { return Ok(Value::Null) };
-    if matches!(v, AttributeValue::Null(_)) {
-        return Ok(Value::Null);
-    }
-    let text = match &v {
-        AttributeValue::S(t) | AttributeValue::N(t) => Some(t.as_str()),
-        _ => None,
-    };
-    let out = match ty {
-        // By value: text cells are the bulk of most exports, so move the string, don't copy it.
-        ColumnType::String => {
-            return match v {
-                AttributeValue::S(t) | AttributeValue::N(t) => Ok(Value::Str(t)),
-                AttributeValue::Bool(b) => Ok(Value::Str(b.to_string())),
-                other => Err(data_error(attr, ty, &other)),
-            }
-        }
-        ColumnType::Integer => text.and_then(|t| t.parse().ok()).map(Value::Int),
-        ColumnType::Decimal => text
-            .filter(|t| is_decimal_text(t))
-            .map(|t| Value::Dec(t.to_string())),
-        ColumnType::Boolean => match &v {
-            AttributeValue::Bool(b) => Some(Value::Bool(*b)),
-            _ => match text {
-                Some("true") | Some("1") => Some(Value::Bool(true)),
-                Some("false") | Some("0") => Some(Value::Bool(false)),
-                _ => None,
-            },
-        },
-        ColumnType::Timestamp => match &v {
-            AttributeValue::N(t) => t
-                .parse::<f64>()
-                .ok()
-                .and_then(|secs| {
-                    Utc.timestamp_opt(secs.trunc() as i64, (secs.fract() * 1e9) as u32)
-                        .single()
-                })
-                .map(Value::Ts),
-            _ => text
-                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| Value::Ts(t.with_timezone(&Utc))),
-        },
-        ColumnType::Date => text
-            .and_then(|t| NaiveDate::parse_from_str(t, "%Y-%m-%d").ok())
-            .map(Value::Date),
-    };
-    out.ok_or_else(|| data_error(attr, ty, &v))
-}
-
-/// LastEvaluatedKey as JSON text, so a checkpoint can carry it. Keys hold only S and N.
-fn encode_cursor(k: &Item) -> PortResult<String> {
-    let mut map = serde_json::Map::new();
-    for (name, v) in k {
-        let (t, val) = match v {
-            AttributeValue::S(x) => ("S", x),
-            AttributeValue::N(x) => ("N", x),
-            other => {
-                return Err(PortError::failed(
-                    "source cursor",
-                    format!("unsupported key attribute {name}: {other:?}"),
-                    false,
-                ))
-            }
-        };
-        map.insert(name.clone(), serde_json::json!({ t: val }));
-    }
-    Ok(serde_json::Value::Object(map).to_string())
-}
-
-fn decode_cursor(text: &str) -> PortResult<Item> {
-    let bad = |m: &str| PortError::failed("source cursor", m.to_string(), false);
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
-    let obj = v.as_object().ok_or_else(|| bad("not an object"))?;
-    let mut out = HashMap::new();
-    for (name, typed) in obj {
-        let av = if let Some(x) = typed.get("S").and_then(|x| x.as_str()) {
-            s(x)
-        } else if let Some(x) = typed.get("N").and_then(|x| x.as_str()) {
-            AttributeValue::N(x.to_string())
-        } else {
-            return Err(bad("unsupported attribute type"));
-        };
-        out.insert(name.clone(), av);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
+    use chrono::TimeZone;
+
     use super::*;
-
-    #[test]
-    fn cursor_round_trips() {
-        let k: Item = HashMap::from([
-            ("tenant_id".to_string(), s("acme")),
-            ("order_id".to_string(), s("ORD-1")),
-            ("n".to_string(), n(5)),
-        ]);
-        assert_eq!(decode_cursor(&encode_cursor(&k).unwrap()).unwrap(), k);
-    }
-
-    #[test]
-    fn values_convert_by_column_type_and_mismatches_are_errors() {
-        assert_eq!(
-            to_value("a", ColumnType::Integer, Some(n(7))).unwrap(),
-            Value::Int(7)
-        );
-        assert_eq!(
-            to_value("a", ColumnType::Decimal, Some(n("12.50"))).unwrap(),
-            Value::Dec("12.50".into())
-        );
-        assert_eq!(
-            to_value("a", ColumnType::String, None).unwrap(),
-            Value::Null
-        );
-        assert_eq!(
-            to_value("a", ColumnType::Boolean, Some(AttributeValue::Bool(true))).unwrap(),
-            Value::Bool(true)
-        );
-        assert!(matches!(
-            to_value("a", ColumnType::Timestamp, Some(s("2024-01-01T00:00:00Z"))).unwrap(),
-            Value::Ts(_)
-        ));
-        assert!(matches!(
-            to_value("amount", ColumnType::Integer, Some(s("x"))),
-            Err(PortError::Data(m)) if m.contains("amount")
-        ));
-        assert!(to_value("d", ColumnType::Date, Some(s("2024-13-01"))).is_err());
-    }
 
     #[test]
     fn expiry_index_keys_sort_by_time() {
