@@ -80,12 +80,7 @@ pub trait ObjectStore: Send + Sync {
         -> PortResult<String>;
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HitKind {
-    Hit,
-    Stale,
-    Miss,
-}
+pub use crate::domain::HitKind;
 
 /// How often a dataset's requests were served from the cache, or missed it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -165,7 +165,7 @@ async fn export(
     raw: RawExportRequest,
 ) -> Result<Response, ApiError> {
     let answer = request_export(&state.deps, who, &raw).await?;
-    let result = answer.cache_result();
+    let result = answer.cache_result().as_str();
     match answer {
         ExportAnswer::File {
             entry,

@@ -30,6 +30,25 @@ impl JobStatus {
     }
 }
 
+/// How a request was answered: from a fresh file, from a stale one, or by a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitKind {
+    Hit,
+    Stale,
+    Miss,
+}
+
+impl HitKind {
+    /// As in the `X-Export-Cache` header and the logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Stale => "stale",
+            Self::Miss => "miss",
+        }
+    }
+}
+
 /// Why a job was created: a caller's miss, or a refresh (stale hit or warmer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

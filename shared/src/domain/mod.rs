@@ -12,7 +12,7 @@ pub mod value;
 pub use catalog::{Catalog, Column, ColumnType, Dataset};
 pub use identity::Identity;
 pub use job::{
-    CacheEntry, Checkpoint, EncoderState, Freshness, Generation, Job, JobError, JobKind,
+    CacheEntry, Checkpoint, EncoderState, Freshness, Generation, HitKind, Job, JobError, JobKind,
     JobMessage, JobStatus, MessageKind, SheetEntry, UploadedPart, XlsxState,
 };
 pub use key::{CacheKey, Owner};

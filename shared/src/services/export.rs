@@ -7,10 +7,10 @@ use super::{require_scope, Deps, ServiceError};
 use crate::domain::identity::SCOPE_READ;
 use crate::domain::request::normalise;
 use crate::domain::{
-    CacheEntry, CacheKey, ExportSpec, Freshness, Identity, Job, JobKind, RawExportRequest,
+    CacheEntry, CacheKey, ExportSpec, Freshness, HitKind, Identity, Job, JobKind, RawExportRequest,
 };
 use crate::encode::ENCODER_VERSION;
-use crate::ports::{HitKind, Lookup};
+use crate::ports::Lookup;
 
 #[derive(Debug)]
 pub enum ExportAnswer {
@@ -26,11 +26,11 @@ pub enum ExportAnswer {
 }
 
 impl ExportAnswer {
-    pub fn cache_result(&self) -> &'static str {
+    pub fn cache_result(&self) -> HitKind {
         match self {
-            Self::File { stale: false, .. } => "hit",
-            Self::File { stale: true, .. } => "stale",
-            Self::Job { .. } => "miss",
+            Self::File { stale: false, .. } => HitKind::Hit,
+            Self::File { stale: true, .. } => HitKind::Stale,
+            Self::Job { .. } => HitKind::Miss,
         }
     }
 }
