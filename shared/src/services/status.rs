@@ -16,12 +16,13 @@ fn safe_sentence(code: &str) -> &'static str {
         "row_limit_exceeded" => {
             "the export has more rows than this dataset allows; narrow it with filters or from/to"
         }
-        "too_large_for_one_run" => {
-            "the export is too large for this format; narrow it with filters or from/to, or use csv"
-        }
-        "no_temp_space" => "the export needs more temporary space than a worker has; narrow it or use csv",
-        "dataset_unknown" => "the dataset is no longer available",
+        "dataset_unknown" => "the dataset or one of the export's columns is no longer offered",
         "source_data_invalid" => "some source rows do not match the dataset's column types; the operators have the details",
+        "storage_failed" => "storing or reading the export failed; request it again later",
+        "encode_failed" => "writing the file failed; request it again or contact support",
+        "cannot_resume" => "the export could not continue from its last checkpoint; request it again",
+        "upload_mismatch" => "the stored file did not match what was written; request it again",
+        "manifest_failed" => "describing the file failed; request it again or contact support",
         "transient" => "a temporary problem interrupted the export; it will be retried",
         "retries_exhausted" => "the export kept hitting a temporary problem and was given up; request it again later",
         "enqueue_failed" => "the export could not be queued; request it again",
