@@ -159,3 +159,6 @@ pub enum StartupError {
     #[error(transparent)]
     Catalog(#[from] crate::catalog::CatalogError),
 }
+
+#[cfg(test)]
+pub(crate) mod testkit;
