@@ -179,5 +179,4 @@ async fn every_format_survives_a_worker_killed_at_each_step_with_the_identical_f
         }
     }
     plan.disarm();
-    stack.teardown().await;
 }
