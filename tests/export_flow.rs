@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use http::{Method, StatusCode};
@@ -469,11 +468,7 @@ async fn a_hit_counted_while_a_refresh_completes_survives_the_new_entry() {
     // Each completion is preceded by a hit on the entry it replaces, as a request served in
     // the meantime would count it.
     let racing_hit = stack.deps.clock.now() + chrono::Duration::seconds(5);
-    stack.deps.jobs = Arc::new(HitBeforeCompletion {
-        inner: stack.deps.jobs.clone(),
-        entries: stack.deps.entries.clone(),
-        at: racing_hit,
-    });
+    HitBeforeCompletion::before_every_completion(&mut stack.deps, racing_hit);
     stack.run_worker().await;
     let entry = stack
         .deps

@@ -209,7 +209,7 @@ mod tests {
         S3Files::new(s3(http), "exports-test")
     }
 
-    /// (method, path, query pairs, header lookup, body) of the one request sent.
+    /// What an S3 request carried.
     struct Sent {
         method: String,
         path: String,
@@ -242,7 +242,14 @@ mod tests {
         (uri.path().to_string(), query)
     }
 
-    fn only_request(http: &StaticReplayClient) -> Sent {
+    /// An S3 result document about the object `KEY`.
+    fn result(root: &str, more: &str) -> http::Response<aws_smithy_types::body::SdkBody> {
+        let xml = format!("<{root}><Bucket>exports-test</Bucket><Key>{KEY}</Key>{more}</{root}>");
+        answer(200, &[], &xml)
+    }
+
+    /// The one request sent, which must be `method` on the object `KEY`.
+    fn only_request(http: &StaticReplayClient, method: &str) -> Sent {
         let sent: Vec<Sent> = http
             .actual_requests()
             .map(|r| {
@@ -261,26 +268,26 @@ mod tests {
             })
             .collect();
         assert_eq!(sent.len(), 1);
-        sent.into_iter().next().unwrap()
+        let sent = sent.into_iter().next().unwrap();
+        assert_eq!(
+            (sent.method.as_str(), sent.path.as_str()),
+            (method, format!("/exports-test/{KEY}").as_str())
+        );
+        sent
     }
 
     #[tokio::test]
     async fn start_upload_creates_a_multipart_upload_named_for_download() {
-        let http = answering(vec![answer(
-            200,
-            &[],
-            "<InitiateMultipartUploadResult><Bucket>exports-test</Bucket>\
-             <Key>exports/acme/orders/k1/j1.csv</Key><UploadId>u-1</UploadId>\
-             </InitiateMultipartUploadResult>",
+        let http = answering(vec![result(
+            "InitiateMultipartUploadResult",
+            "<UploadId>u-1</UploadId>",
         )]);
         let id = files(&http)
             .start_upload(KEY, "text/csv; charset=utf-8", "orders-20240501-093000.csv")
             .await
             .unwrap();
         assert_eq!(id, "u-1");
-        let sent = only_request(&http);
-        assert_eq!(sent.method, "POST");
-        assert_eq!(sent.path, format!("/exports-test/{KEY}"));
+        let sent = only_request(&http, "POST");
         assert_eq!(sent.param("uploads"), Some(""));
         assert_eq!(sent.header("content-type"), Some("text/csv; charset=utf-8"));
         assert_eq!(
@@ -297,9 +304,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(etag, "\"etag-2\"");
-        let sent = only_request(&http);
-        assert_eq!(sent.method, "PUT");
-        assert_eq!(sent.path, format!("/exports-test/{KEY}"));
+        let sent = only_request(&http, "PUT");
         assert_eq!(sent.param("partNumber"), Some("2"));
         assert_eq!(sent.param("uploadId"), Some("u-1"));
         assert_eq!(sent.body, b"a,b\n1,2\n");
@@ -308,12 +313,9 @@ mod tests {
 
     #[tokio::test]
     async fn complete_upload_lists_the_parts_in_order_with_their_etags() {
-        let http = answering(vec![answer(
-            200,
-            &[],
-            "<CompleteMultipartUploadResult><Bucket>exports-test</Bucket>\
-             <Key>exports/acme/orders/k1/j1.csv</Key><ETag>\"x-2\"</ETag>\
-             </CompleteMultipartUploadResult>",
+        let http = answering(vec![result(
+            "CompleteMultipartUploadResult",
+            "<ETag>\"x-2\"</ETag>",
         )]);
         let parts = [
             UploadedPart {
@@ -331,9 +333,7 @@ mod tests {
             .complete_upload(KEY, "u-1", &parts)
             .await
             .unwrap();
-        let sent = only_request(&http);
-        assert_eq!(sent.method, "POST");
-        assert_eq!(sent.path, format!("/exports-test/{KEY}"));
+        let sent = only_request(&http, "POST");
         assert_eq!(sent.param("uploadId"), Some("u-1"));
         let body = String::from_utf8(sent.body).unwrap();
         let listed: Vec<&str> = body
@@ -355,9 +355,7 @@ mod tests {
     async fn abort_upload_deletes_the_upload_not_the_object() {
         let http = answering(vec![answer(204, &[], "")]);
         files(&http).abort_upload(KEY, "u-1").await.unwrap();
-        let sent = only_request(&http);
-        assert_eq!(sent.method, "DELETE");
-        assert_eq!(sent.path, format!("/exports-test/{KEY}"));
+        let sent = only_request(&http, "DELETE");
         assert_eq!(sent.param("uploadId"), Some("u-1"));
     }
 

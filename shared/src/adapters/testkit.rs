@@ -9,9 +9,8 @@ use aws_smithy_types::retry::RetryConfig;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::Value as Json;
 
-use crate::catalog::Catalog;
-use crate::domain::request::normalise;
-use crate::domain::{CacheEntry, CacheKey, Generation, Job, JobKind, RawExportRequest};
+use crate::domain::{CacheEntry, CacheKey, Generation, Job};
+use crate::testing::orders_job;
 
 /// An HTTP client that gives these answers, in order, to whatever it is sent.
 pub(crate) fn answering(answers: Vec<http::Response<SdkBody>>) -> StaticReplayClient {
@@ -130,26 +129,13 @@ pub(crate) fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2024, 5, 1, 9, 30, 0).unwrap()
 }
 
-/// A queued export of all orders of `tenant`, for key `k1`.
+/// A queued export of all orders of `tenant`, created at `t0` for key `k1`.
 pub(crate) fn job(tenant: &str, job_id: &str) -> Job {
-    let spec = normalise(
-        &Catalog::builtin().unwrap(),
-        &RawExportRequest::from_query("orders", vec![]),
-    )
-    .unwrap()
-    .spec;
-    Job::new(
-        job_id.into(),
-        tenant,
-        "alice",
-        CacheKey("k1".into()),
-        spec,
-        JobKind::Export,
-        Generation { tenant: 2, user: 5 },
-        None,
-        t0(),
-        Duration::days(7),
-    )
+    Job {
+        cache_key: CacheKey("k1".into()),
+        generation: Generation { tenant: 2, user: 5 },
+        ..orders_job(tenant, job_id, t0())
+    }
 }
 
 /// The entry `job` makes when it finishes at `t0` (fresh 900 s, stale 3600 s more).

@@ -486,15 +486,15 @@ async fn reference_in_parts(
 
 /// Routes the fakes' object store and job store through a crash plan.
 fn with_crashes(f: &mut Fakes) -> Arc<crate::testing::CrashPlan> {
-    use crate::testing::{CrashPlan, CrashingFiles, CrashingJobs};
+    use crate::testing::{CrashPlan, CrashingFiles, HookedJobs};
     let plan = Arc::new(CrashPlan::default());
     f.deps.files = Arc::new(CrashingFiles {
         inner: f.files.clone(),
         plan: plan.clone(),
     });
-    f.deps.jobs = Arc::new(CrashingJobs {
+    f.deps.jobs = Arc::new(HookedJobs {
         inner: f.meta.clone(),
-        plan: plan.clone(),
+        hook: plan.clone(),
     });
     plan
 }

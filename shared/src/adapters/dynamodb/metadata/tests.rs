@@ -36,6 +36,17 @@ fn gen_item(sk: &str, gen: u64) -> Json {
     json!({ "pk": { "S": "T#acme" }, "sk": { "S": sk }, "gen": { "N": gen.to_string() } })
 }
 
+/// The condition of an entry write that expects the entry built by `:seen`.
+const SEEN: &str = "job_id = :seen OR (attribute_exists(pk) AND attribute_not_exists(job_id))";
+
+/// A write's condition and the values its expressions name.
+fn condition(write: &Json) -> (&str, &Json) {
+    (
+        write["ConditionExpression"].as_str().unwrap_or_default(),
+        &write["ExpressionAttributeValues"],
+    )
+}
+
 fn n_of(v: &Json) -> i64 {
     v["N"].as_str().unwrap().parse().unwrap()
 }
@@ -116,33 +127,34 @@ async fn create_job_writes_marker_job_entry_check_and_rate_slot_in_one_transacti
     assert_eq!(marker["Item"]["pk"]["S"], "T#acme");
     assert_eq!(marker["Item"]["sk"]["S"], "M#k1");
     assert_eq!(marker["Item"]["job_id"]["S"], "j1");
+    let now = t0().timestamp();
     assert_eq!(
-        marker["ConditionExpression"],
-        "attribute_not_exists(pk) OR expires_at < :now"
-    );
-    assert_eq!(
-        n_of(&marker["ExpressionAttributeValues"][":now"]),
-        t0().timestamp()
+        condition(marker),
+        (
+            "attribute_not_exists(pk) OR expires_at < :now",
+            &json!({ ":now": { "N": now.to_string() } })
+        )
     );
     let job_put = &items[1]["Put"];
     assert_eq!(job_put["Item"]["pk"]["S"], "JOB#j1");
     assert_eq!(job_put["Item"]["sk"]["S"], "JOB");
     assert_eq!(job_put["Item"]["version"]["N"], "1");
-    assert_eq!(job_put["ConditionExpression"], "attribute_not_exists(pk)");
+    assert_eq!(
+        condition(job_put),
+        ("attribute_not_exists(pk)", &Json::Null)
+    );
     let check = &items[2]["ConditionCheck"];
     assert_eq!(check["Key"], key_json("T#acme", "E#k1"));
-    assert_eq!(
-        check["ConditionExpression"],
-        "job_id = :seen OR (attribute_exists(pk) AND attribute_not_exists(job_id))"
-    );
-    assert_eq!(check["ExpressionAttributeValues"][":seen"]["S"], "j0");
+    assert_eq!(condition(check), (SEEN, &json!({ ":seen": { "S": "j0" } })));
     let rate = &items[3]["Update"];
     assert_eq!(rate["Key"], key_json("T#acme", "RL#202405010930"));
+    let rate_values = json!({
+        ":one": { "N": "1" }, ":limit": { "N": "5" }, ":exp": { "N": (now + 3600).to_string() },
+    });
     assert_eq!(
-        rate["ConditionExpression"],
-        "attribute_not_exists(n) OR n < :limit"
+        condition(rate),
+        ("attribute_not_exists(n) OR n < :limit", &rate_values)
     );
-    assert_eq!(rate["ExpressionAttributeValues"][":limit"]["N"], "5");
 }
 
 #[tokio::test]
@@ -162,14 +174,13 @@ async fn create_job_takes_a_marker_over_only_from_the_job_it_names_and_expects_n
     let tx = only_call(&http, "TransactWriteItems");
     let items = tx["TransactItems"].as_array().unwrap();
     assert_eq!(items.len(), 3, "no rate slot without a limit: {tx}");
-    assert_eq!(items[0]["Put"]["ConditionExpression"], "job_id = :old");
     assert_eq!(
-        items[0]["Put"]["ExpressionAttributeValues"][":old"]["S"],
-        "j1"
+        condition(&items[0]["Put"]),
+        ("job_id = :old", &json!({ ":old": { "S": "j1" } }))
     );
     assert_eq!(
-        items[2]["ConditionCheck"]["ConditionExpression"],
-        "attribute_not_exists(pk)"
+        condition(&items[2]["ConditionCheck"]),
+        ("attribute_not_exists(pk)", &Json::Null)
     );
 }
 
@@ -233,8 +244,10 @@ async fn put_job_is_a_compare_and_set_on_the_previous_version() {
     assert_eq!(put["Item"]["pk"]["S"], "JOB#j1");
     assert_eq!(put["Item"]["version"]["N"], "3");
     assert_eq!(put["Item"]["tenant"]["S"], "acme");
-    assert_eq!(put["ConditionExpression"], "version = :prev");
-    assert_eq!(put["ExpressionAttributeValues"][":prev"]["N"], "2");
+    assert_eq!(
+        condition(&put),
+        ("version = :prev", &json!({ ":prev": { "N": "2" } }))
+    );
 
     let lost = answering(vec![error("ConditionalCheckFailedException", json!({}))]);
     assert!(matches!(
@@ -267,8 +280,10 @@ async fn complete_job_updates_the_entry_but_never_its_hits_and_moves_the_totals(
 
     let job_put = &items[0]["Put"];
     assert_eq!(job_put["Item"]["pk"]["S"], "JOB#j1");
-    assert_eq!(job_put["ConditionExpression"], "version = :prev");
-    assert_eq!(job_put["ExpressionAttributeValues"][":prev"]["N"], "3");
+    assert_eq!(
+        condition(job_put),
+        ("version = :prev", &json!({ ":prev": { "N": "3" } }))
+    );
 
     let write = &items[1]["Update"];
     assert_eq!(write["TableName"], TABLE);
@@ -300,10 +315,7 @@ async fn complete_job_updates_the_entry_but_never_its_hits_and_moves_the_totals(
         ],
         "hits and last_hit_at are left to touch_entry"
     );
-    assert_eq!(
-        write["ConditionExpression"],
-        "job_id = :seen OR (attribute_exists(pk) AND attribute_not_exists(job_id))"
-    );
+    assert_eq!(condition(write).0, SEEN);
     assert_eq!(write["ExpressionAttributeValues"][":seen"]["S"], "j0");
 
     let mut moves: Vec<(String, i64, i64)> = items[2..]
@@ -336,10 +348,7 @@ async fn complete_job_on_a_key_without_entry_expects_none_and_adds_one_bucket() 
     let calls = dynamodb_calls(&http);
     let items = calls[1].1["TransactItems"].as_array().unwrap();
     assert_eq!(items.len(), 3);
-    assert_eq!(
-        items[1]["Update"]["ConditionExpression"],
-        "attribute_not_exists(pk)"
-    );
+    assert_eq!(condition(&items[1]["Update"]).0, "attribute_not_exists(pk)");
     let bucket = &items[2]["Update"];
     assert_eq!(bucket["Key"], key_json("T#acme", "L#orders#2#2024050110"));
     assert_eq!(
@@ -372,11 +381,12 @@ async fn touch_entry_adds_a_hit_in_place_and_never_creates_an_entry() {
         update["UpdateExpression"],
         "ADD hits :one SET last_hit_at = :now"
     );
-    assert_eq!(update["ConditionExpression"], "attribute_exists(pk)");
-    assert_eq!(update["ExpressionAttributeValues"][":one"]["N"], "1");
     assert_eq!(
-        update["ExpressionAttributeValues"][":now"]["S"],
-        at.to_rfc3339()
+        condition(&update),
+        (
+            "attribute_exists(pk)",
+            &json!({ ":one": { "N": "1" }, ":now": { "S": at.to_rfc3339() } })
+        )
     );
 
     let gone = answering(vec![error("ConditionalCheckFailedException", json!({}))]);
@@ -398,7 +408,10 @@ async fn delete_entry_deletes_the_entry_it_read_and_takes_it_off_its_bucket() {
     let delete = &items[0]["Delete"];
     assert_eq!(delete["TableName"], TABLE);
     assert_eq!(delete["Key"], key_json("T#acme", "E#k1"));
-    assert_eq!(delete["ExpressionAttributeValues"][":seen"]["S"], "j0");
+    assert_eq!(
+        condition(delete),
+        (SEEN, &json!({ ":seen": { "S": "j0" } }))
+    );
     let bucket = &items[1]["Update"];
     assert_eq!(bucket["Key"], key_json("T#acme", "L#orders#2#2024050110"));
     assert_eq!(n_of(&bucket["ExpressionAttributeValues"][":e"]), -1);
@@ -421,8 +434,10 @@ async fn release_marker_deletes_it_only_for_the_job_holding_it() {
         .unwrap();
     let delete = only_call(&http, "DeleteItem");
     assert_eq!(delete["Key"], key_json("T#acme", "M#k1"));
-    assert_eq!(delete["ConditionExpression"], "job_id = :j");
-    assert_eq!(delete["ExpressionAttributeValues"][":j"]["S"], "j1");
+    assert_eq!(
+        condition(&delete),
+        ("job_id = :j", &json!({ ":j": { "S": "j1" } }))
+    );
 }
 
 #[tokio::test]
@@ -557,15 +572,13 @@ async fn take_tenant_slot_reads_the_slots_then_claims_a_free_one_under_a_conditi
     assert_eq!(put["Item"]["job_id"]["S"], "j1");
     assert_eq!(n_of(&put["Item"]["until"]), until.timestamp());
     assert_eq!(
-        put["ConditionExpression"],
-        "attribute_not_exists(pk) OR job_id = :me OR #u <= :now"
+        condition(put),
+        (
+            "attribute_not_exists(pk) OR job_id = :me OR #u <= :now",
+            &json!({ ":me": { "S": "j1" }, ":now": { "N": now.timestamp().to_string() } })
+        )
     );
-    assert_eq!(put["ExpressionAttributeNames"]["#u"], "until");
-    assert_eq!(put["ExpressionAttributeValues"][":me"]["S"], "j1");
-    assert_eq!(
-        n_of(&put["ExpressionAttributeValues"][":now"]),
-        now.timestamp()
-    );
+    assert_eq!(put["ExpressionAttributeNames"], json!({ "#u": "until" }));
 
     // Another worker claimed it first: no slot.
     let raced = answering(vec![
