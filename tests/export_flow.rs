@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use http::{Method, StatusCode};
@@ -189,7 +188,6 @@ async fn miss_then_hit_serves_byte_identical_seeded_rows_without_reading_the_sou
     );
     assert_eq!(stats["entries"], 1);
     assert_eq!(stats["bytes"], first.len() as u64);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -229,7 +227,6 @@ async fn concurrent_identical_misses_create_one_job() {
         1,
         "one message for one job"
     );
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -265,7 +262,6 @@ async fn duplicate_sqs_delivery_makes_one_file() {
         stack.queued_messages().await.is_empty(),
         "every delivery was settled"
     );
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -291,7 +287,6 @@ async fn other_tenants_job_id_is_404() {
     let theirs = stack.get("/exports/orders", &other).await;
     assert_eq!(theirs.status, StatusCode::ACCEPTED);
     assert_ne!(theirs.json()["job_id"].as_str().unwrap(), job_id);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -370,7 +365,6 @@ async fn bad_requests_get_problem_json_naming_the_field() {
         stack.call(Method::GET, "/health", None, None).await.status,
         StatusCode::OK
     );
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -428,7 +422,6 @@ async fn expired_entry_is_a_miss_again_and_invalidation_hides_entries() {
         stack.status("/exports/orders?status=paid", &token).await,
         StatusCode::ACCEPTED
     );
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -449,7 +442,6 @@ async fn stale_entry_is_served_while_a_refresh_runs() {
         1,
         "one refresh, joined by the strict caller"
     );
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -476,11 +468,7 @@ async fn a_hit_counted_while_a_refresh_completes_survives_the_new_entry() {
     // Each completion is preceded by a hit on the entry it replaces, as a request served in
     // the meantime would count it.
     let racing_hit = stack.deps.clock.now() + chrono::Duration::seconds(5);
-    stack.deps.jobs = Arc::new(HitBeforeCompletion {
-        inner: stack.deps.jobs.clone(),
-        entries: stack.deps.entries.clone(),
-        at: racing_hit,
-    });
+    HitBeforeCompletion::before_every_completion(&mut stack.deps, racing_hit);
     stack.run_worker().await;
     let entry = stack
         .deps
@@ -499,7 +487,6 @@ async fn a_hit_counted_while_a_refresh_completes_survives_the_new_entry() {
         entry.last_hit_at.map(|t| t.timestamp()),
         Some(racing_hit.timestamp())
     );
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -555,7 +542,6 @@ async fn warmer_enqueues_exactly_the_hit_entries_about_to_expire() {
     // The next run joins the in-flight refresh rather than queuing a second one.
     let again = warmer::handle(&stack.deps, event).await.unwrap();
     assert_eq!((again.enqueued, again.joined), (0, 1), "{again:?}");
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -598,7 +584,6 @@ async fn authorizer_claims_identify_the_caller_in_aws() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -620,7 +605,6 @@ async fn worker_fixture_for_an_unknown_job_is_settled_not_retried() {
     bad.records[0].body = Some("not json".into());
     let answer = worker::handle_batch(&stack.deps, bad, "w", chrono::Utc::now()).await;
     assert_eq!(answer.batch_item_failures.len(), 1);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -645,5 +629,4 @@ async fn too_many_new_exports_get_429_while_hits_keep_flowing() {
             .await,
         StatusCode::ACCEPTED
     );
-    stack.teardown().await;
 }

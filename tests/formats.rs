@@ -175,7 +175,6 @@ async fn xlsx_matches_the_source_cell_by_cell_and_type_by_type() {
         }
     }
     assert_eq!(i, ROWS, "every row on some sheet, none twice");
-    stack.teardown().await;
 }
 
 fn expected_csv_row(item: &HashMap<String, AttributeValue>, created: String) -> Vec<String> {
@@ -264,7 +263,6 @@ async fn csv_variants_round_trip_through_a_csv_reader() {
     assert!(!expected.is_empty());
     assert_eq!(rows, expected, "catalog column order, filtered rows");
     assert_eq!(status["rows_written"], expected.len() as u64);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -283,5 +281,4 @@ async fn range_export_reads_the_created_at_index() {
         .collect();
     assert_eq!(ids, expected);
     assert_eq!(manifest["range"]["column"], "created_at");
-    stack.teardown().await;
 }

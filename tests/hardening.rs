@@ -65,7 +65,6 @@ async fn a_create_that_looked_before_the_job_finished_starts_nothing() {
     let hit = stack.get("/exports/orders?status=paid", &token).await;
     assert_eq!(hit.status, StatusCode::SEE_OTHER);
     assert_eq!(hit.header("x-export-id"), first);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -91,7 +90,6 @@ async fn identical_misses_racing_the_job_completion_make_one_job() {
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert!(stack.queued_messages().await.is_empty());
     assert_eq!(stack.export_files().await.len(), 1);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -108,7 +106,6 @@ async fn a_file_built_after_a_user_invalidation_is_served_to_its_builder() {
     let hit = stack.get("/exports/orders", &bob).await;
     assert_eq!(hit.status, StatusCode::SEE_OTHER, "bob's file is current");
     assert_eq!(hit.header("x-export-id"), rebuilt);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -129,7 +126,6 @@ async fn deleting_an_entry_revokes_its_download_link() {
     let gone = stack.get(&link, &token).await;
     assert_eq!(gone.status, StatusCode::GONE);
     assert_eq!(gone.header("content-type"), "application/problem+json");
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -143,7 +139,6 @@ async fn polling_a_running_export_is_never_rate_limited() {
     let limited = stack.get("/exports/orders?status=paid", &token).await;
     assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(limited.header("retry-after").parse::<u32>().unwrap() <= 60);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -166,7 +161,6 @@ async fn a_user_scoped_export_is_invisible_to_other_users_of_the_tenant() {
     // Bob's identical request is his own export, never alice's file.
     let theirs = stack.get("/exports/contacts", &bob).await;
     assert_ne!(job_id(&theirs), job);
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -213,7 +207,6 @@ async fn tenant_running_slots_hold_their_limit_in_dynamodb() {
         .take_tenant_slot("acme", "later", later, later + Duration::minutes(16), 2)
         .await
         .unwrap());
-    stack.teardown().await;
 }
 
 #[tokio::test]
@@ -291,5 +284,4 @@ async fn stats_read_counters_not_entries_and_follow_every_change() {
     assert_eq!(stats().await["entries"], 1);
     stack.clock.advance(Duration::hours(3));
     assert_eq!(stats().await["entries"], 0);
-    stack.teardown().await;
 }

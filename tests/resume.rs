@@ -14,7 +14,7 @@ use shared::domain::identity::SCOPE_READ;
 use shared::domain::{Identity, JobMessage, JobStatus, MessageKind, RawExportRequest, Row, Value};
 use shared::services::export::{request_export, ExportAnswer};
 use shared::services::process::{process_job, Outcome};
-use shared::testing::{crash_points, CrashPlan, CrashingFiles, CrashingJobs, MemorySource};
+use shared::testing::{crash_points, CrashPlan, CrashingFiles, HookedJobs, MemorySource};
 
 /// Orders whose note is 300 characters of pseudo-random hex: text that compresses about 2:1, so
 /// every format makes more than one 5 MiB part from 40,000 rows.
@@ -124,9 +124,9 @@ async fn every_format_survives_a_worker_killed_at_each_step_with_the_identical_f
         inner: stack.deps.files.clone(),
         plan: plan.clone(),
     });
-    stack.deps.jobs = Arc::new(CrashingJobs {
+    stack.deps.jobs = Arc::new(HookedJobs {
         inner: stack.deps.jobs.clone(),
-        plan: plan.clone(),
+        hook: plan.clone(),
     });
 
     let mut tenant = tenants.iter();
@@ -175,5 +175,4 @@ async fn every_format_survives_a_worker_killed_at_each_step_with_the_identical_f
         }
     }
     plan.disarm();
-    stack.teardown().await;
 }

@@ -33,7 +33,7 @@ async fn a_paused_emulator_gets_a_quick_503_and_the_worker_a_retry() {
         .unwrap()
         .to_string();
 
-    moto.pause();
+    let paused = moto.pause();
     for uri in ["/exports/orders", "/exports/cache/stats"] {
         let started = Instant::now();
         let a = tokio::time::timeout(Duration::from_secs(30), stack.get(uri, &token))
@@ -73,6 +73,5 @@ async fn a_paused_emulator_gets_a_quick_503_and_the_worker_a_retry() {
         "worker took {took:?}"
     );
 
-    moto.resume();
-    stack.teardown().await;
+    drop(paused);
 }

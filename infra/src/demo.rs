@@ -590,7 +590,7 @@ pub async fn crash_check(
 /// The labels of `dataset` in the catalog compiled into the functions (the header every format
 /// must start with), when the dataset is there.
 fn catalog_labels(dataset: &str) -> Option<Vec<String>> {
-    let catalog = shared::catalog::Catalog::builtin().ok()?;
+    let catalog = shared::domain::catalog::Catalog::builtin().ok()?;
     let ds = catalog.get(dataset)?;
     Some(ds.columns.iter().map(|c| c.label.clone()).collect())
 }

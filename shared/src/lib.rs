@@ -2,7 +2,6 @@
 //! functions run.
 
 pub mod adapters;
-pub mod catalog;
 pub mod config;
 pub mod domain;
 pub mod encode;

@@ -7,7 +7,7 @@ use std::time::Duration as StdDuration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::catalog::ColumnType;
+use crate::domain::catalog::ColumnType;
 use crate::domain::job::LiveBucket;
 use crate::domain::{CacheEntry, CacheKey, Generation, Job, JobMessage, Row, UploadedPart};
 

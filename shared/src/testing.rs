@@ -2,6 +2,8 @@
 //! They keep the same conditional-write rules as the DynamoDB adapter, so races behave alike.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration as StdDuration;
 
@@ -9,10 +11,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
-use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::domain::catalog::Catalog;
 use crate::domain::job::LiveBucket;
-use crate::domain::{CacheEntry, CacheKey, Generation, Job, JobMessage, Row, UploadedPart};
+use crate::domain::request::normalise;
+use crate::domain::{
+    CacheEntry, CacheKey, Generation, Job, JobKind, JobMessage, Owner, RawExportRequest, Row,
+    UploadedPart,
+};
 use crate::ports::{
     Clock, Counters, Created, EntryStore, EntryTotals, Generations, HitCounts, HitKind, JobQueue,
     JobStore, Lookup, NewJob, ObjectStore, Page, PortError, PortResult, RowSource, SourceQuery,
@@ -687,14 +693,31 @@ impl ObjectStore for CrashingFiles {
     }
 }
 
-/// A job store that can crash around `put_job` (checkpoints, progress) and `complete_job`.
-pub struct CrashingJobs {
+/// A `put_job` or `complete_job` call on its way to the store, for a [`JobHook`] to run.
+pub type JobWrite<'a> = Pin<Box<dyn Future<Output = PortResult<()>> + Send + 'a>>;
+
+/// What a test does around the writes of a job store (see [`HookedJobs`]).
+#[async_trait]
+pub trait JobHook: Send + Sync {
+    /// Runs `write` (`op` is `put_job` or `complete_job`; `completes` is the entry a completion
+    /// writes), or never returns, as a crash.
+    async fn around(
+        &self,
+        op: &'static str,
+        completes: Option<&CacheEntry>,
+        write: JobWrite<'_>,
+    ) -> PortResult<()>;
+}
+
+/// A job store whose writes pass through a test's hook: a [`CrashPlan`], a
+/// [`HitBeforeCompletion`].
+pub struct HookedJobs {
     pub inner: Arc<dyn JobStore>,
-    pub plan: Arc<CrashPlan>,
+    pub hook: Arc<dyn JobHook>,
 }
 
 #[async_trait]
-impl JobStore for CrashingJobs {
+impl JobStore for HookedJobs {
     async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
         self.inner.create_job(new).await
     }
@@ -702,49 +725,99 @@ impl JobStore for CrashingJobs {
         self.inner.get_job(job_id).await
     }
     async fn put_job(&self, job: &Job) -> PortResult<()> {
-        self.plan.point("put_job", self.inner.put_job(job)).await
+        let write = self.inner.put_job(job);
+        self.hook.around("put_job", None, write).await
     }
     async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()> {
-        let call = self.inner.complete_job(job, entry);
-        self.plan.point("complete_job", call).await
+        let write = self.inner.complete_job(job, entry);
+        self.hook.around("complete_job", Some(entry), write).await
     }
     async fn release_marker(&self, tenant: &str, key: &CacheKey, job_id: &str) -> PortResult<()> {
         self.inner.release_marker(tenant, key, job_id).await
     }
 }
 
-/// A job store that counts a hit on the key's entry right before each completion, as a request
-/// served while a refresh finishes would: the hit must survive the new entry.
+/// Crashes around `put_job` (checkpoints, progress) and `complete_job`.
+#[async_trait]
+impl JobHook for CrashPlan {
+    async fn around(
+        &self,
+        op: &'static str,
+        _completes: Option<&CacheEntry>,
+        write: JobWrite<'_>,
+    ) -> PortResult<()> {
+        self.point(op, write).await
+    }
+}
+
+/// Counts a hit on the key's entry right before each completion, as a request served while a
+/// refresh finishes would: the hit must survive the new entry.
 pub struct HitBeforeCompletion {
-    pub inner: Arc<dyn JobStore>,
     pub entries: Arc<dyn EntryStore>,
     pub at: DateTime<Utc>,
 }
 
+impl HitBeforeCompletion {
+    /// Routes `deps`' job store through a hit at `at` before each completion.
+    pub fn before_every_completion(deps: &mut Deps, at: DateTime<Utc>) {
+        let hook = Arc::new(Self {
+            entries: deps.entries.clone(),
+            at,
+        });
+        deps.jobs = Arc::new(HookedJobs {
+            inner: deps.jobs.clone(),
+            hook,
+        });
+    }
+}
+
 #[async_trait]
-impl JobStore for HitBeforeCompletion {
-    async fn create_job(&self, new: NewJob<'_>) -> PortResult<Created> {
-        self.inner.create_job(new).await
-    }
-    async fn get_job(&self, job_id: &str) -> PortResult<Option<Job>> {
-        self.inner.get_job(job_id).await
-    }
-    async fn put_job(&self, job: &Job) -> PortResult<()> {
-        self.inner.put_job(job).await
-    }
-    async fn complete_job(&self, job: &Job, entry: &CacheEntry) -> PortResult<()> {
-        let found = self
-            .entries
-            .find(&entry.tenant, &entry.user, &entry.cache_key)
-            .await?;
-        if let Some(served) = &found.entry {
-            self.entries.touch_entry(served, self.at).await?;
+impl JobHook for HitBeforeCompletion {
+    async fn around(
+        &self,
+        _op: &'static str,
+        completes: Option<&CacheEntry>,
+        write: JobWrite<'_>,
+    ) -> PortResult<()> {
+        if let Some(new) = completes {
+            let found = self
+                .entries
+                .find(&new.tenant, &new.user, &new.cache_key)
+                .await?;
+            if let Some(served) = &found.entry {
+                self.entries.touch_entry(served, self.at).await?;
+            }
         }
-        self.inner.complete_job(job, entry).await
+        write.await
     }
-    async fn release_marker(&self, tenant: &str, key: &CacheKey, job_id: &str) -> PortResult<()> {
-        self.inner.release_marker(tenant, key, job_id).await
-    }
+}
+
+/// The job the API makes for a plain `GET /exports/orders` of `tenant`'s user alice at `now`.
+pub fn orders_job(tenant: &str, job_id: &str, now: DateTime<Utc>) -> Job {
+    let catalog = match Catalog::builtin() {
+        Ok(c) => c,
+        Err(e) => panic!("builtin catalog: {e}"),
+    };
+    let export = match normalise(&catalog, &RawExportRequest::from_query("orders", vec![])) {
+        Ok(req) => req,
+        Err(e) => panic!("all orders: {e}"),
+    };
+    let owner = Owner {
+        tenant,
+        user: "alice",
+    };
+    Job::new(
+        job_id.into(),
+        tenant,
+        "alice",
+        export.cache_key(owner, crate::encode::ENCODER_VERSION),
+        export.spec,
+        JobKind::Export,
+        Generation::default(),
+        None,
+        now,
+        chrono::Duration::days(crate::services::KEEP_RECORDS_FOR_DAYS),
+    )
 }
 
 /// The crash points a worker run passes through, in the order a run meets them: around a part

@@ -15,8 +15,8 @@ use tower::ServiceExt;
 
 use infra::provision::{provision, teardown, template_path, Provisioned};
 use shared::adapters::deps_from_aws;
-use shared::catalog::Catalog;
 use shared::config::Config;
+use shared::domain::catalog::Catalog;
 use shared::services::Deps;
 use shared::testing::ManualClock;
 
@@ -31,12 +31,56 @@ pub async fn sdk() -> SdkConfig {
     aws_config::defaults(BehaviorVersion::latest()).load().await
 }
 
+/// A provisioned stack, torn down when dropped: at the end of its test, and as well when an
+/// assertion fails first.
 pub struct Stack {
     pub sdk: SdkConfig,
     pub p: Provisioned,
     pub deps: Deps,
     pub clock: Arc<ManualClock>,
     pub queue_arn: String,
+    _teardown: Teardown,
+}
+
+/// How long a teardown may take; past it the stack is reported as left behind.
+const TEARDOWN_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Deletes a stack's resources when dropped, from the moment they exist (a failing seed or
+/// set-up step leaves nothing behind either). Drop cannot await, and the test's runtime may be
+/// a current-thread one that this very call blocks, so the teardown runs on a thread of its own
+/// with its own runtime, through SDK clients built there.
+struct Teardown {
+    sdk: SdkConfig,
+    p: Provisioned,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        let (sdk, p) = (self.sdk.clone(), self.p.clone());
+        let done = std::thread::spawn(move || -> Result<(), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                match tokio::time::timeout(TEARDOWN_WITHIN, teardown(&sdk, &p)).await {
+                    Ok(result) => result.map_err(|e| format!("{e:#}")),
+                    Err(_) => Err(format!("not done within {TEARDOWN_WITHIN:?}")),
+                }
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the teardown thread panicked".into()));
+        if let Err(e) = done {
+            let what = format!("stack {} was not torn down: {e}", self.p.names.stack);
+            // A second panic while the test unwinds would abort the whole test binary.
+            if std::thread::panicking() {
+                eprintln!("{what}");
+            } else {
+                panic!("{what}");
+            }
+        }
+    }
 }
 
 pub struct Answer {
@@ -70,6 +114,10 @@ impl Stack {
     pub async fn on(sdk: SdkConfig, rows: u64, extra: &[(&str, &str)]) -> Self {
         let stack = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let p = provision(&sdk, &template_path(), &stack).await.unwrap();
+        let torn_down = Teardown {
+            sdk: sdk.clone(),
+            p: p.clone(),
+        };
         if rows > 0 {
             infra::seed::seed(
                 &sdk,
@@ -117,11 +165,8 @@ impl Stack {
             deps,
             clock,
             queue_arn,
+            _teardown: torn_down,
         }
-    }
-
-    pub async fn teardown(self) {
-        teardown(&self.sdk, &self.p).await.unwrap();
     }
 
     pub fn token(&self, tenant: &str, scopes: &[&str]) -> String {
@@ -412,13 +457,20 @@ impl OwnMoto {
         assert!(status.success(), "kill {signal}");
     }
 
-    /// Freezes the emulator: connections are accepted by the kernel, never answered.
-    pub fn pause(&self) {
+    /// Freezes the emulator (connections are accepted by the kernel, never answered) until the
+    /// returned guard is dropped, so a failed assertion never leaves it frozen for the teardown.
+    pub fn pause(&self) -> Paused<'_> {
         self.signal("-STOP");
+        Paused(self)
     }
+}
 
-    pub fn resume(&self) {
-        self.signal("-CONT");
+/// The emulator stays frozen while this lives.
+pub struct Paused<'a>(&'a OwnMoto);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.signal("-CONT");
     }
 }
 

@@ -184,5 +184,8 @@ pub enum StartupError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
-    Catalog(#[from] crate::catalog::CatalogError),
+    Catalog(#[from] crate::domain::catalog::CatalogError),
 }
+
+#[cfg(test)]
+pub(crate) mod testkit;

@@ -198,7 +198,198 @@ impl ObjectStore for S3Files {
 
 #[cfg(test)]
 mod tests {
+    use aws_smithy_http_client::test_util::StaticReplayClient;
+
     use super::*;
+    use crate::adapters::testkit::{answer, answering, s3};
+
+    const KEY: &str = "exports/acme/orders/k1/j1.csv";
+
+    fn files(http: &StaticReplayClient) -> S3Files {
+        S3Files::new(s3(http), "exports-test")
+    }
+
+    /// What an S3 request carried.
+    struct Sent {
+        method: String,
+        path: String,
+        query: Vec<(String, String)>,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Sent {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+
+        fn param(&self, name: &str) -> Option<&str> {
+            self.query
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    fn parts_of(uri: &str) -> (String, Vec<(String, String)>) {
+        let uri: http::Uri = uri.parse().unwrap();
+        let query = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+        (uri.path().to_string(), query)
+    }
+
+    /// An S3 result document about the object `KEY`.
+    fn result(root: &str, more: &str) -> http::Response<aws_smithy_types::body::SdkBody> {
+        let xml = format!("<{root}><Bucket>exports-test</Bucket><Key>{KEY}</Key>{more}</{root}>");
+        answer(200, &[], &xml)
+    }
+
+    /// The one request sent, which must be `method` on the object `KEY`.
+    fn only_request(http: &StaticReplayClient, method: &str) -> Sent {
+        let sent: Vec<Sent> = http
+            .actual_requests()
+            .map(|r| {
+                let (path, query) = parts_of(r.uri());
+                Sent {
+                    method: r.method().to_string(),
+                    path,
+                    query,
+                    headers: r
+                        .headers()
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect(),
+                    body: r.body().bytes().unwrap_or_default().to_vec(),
+                }
+            })
+            .collect();
+        assert_eq!(sent.len(), 1);
+        let sent = sent.into_iter().next().unwrap();
+        assert_eq!(
+            (sent.method.as_str(), sent.path.as_str()),
+            (method, format!("/exports-test/{KEY}").as_str())
+        );
+        sent
+    }
+
+    #[tokio::test]
+    async fn start_upload_creates_a_multipart_upload_named_for_download() {
+        let http = answering(vec![result(
+            "InitiateMultipartUploadResult",
+            "<UploadId>u-1</UploadId>",
+        )]);
+        let id = files(&http)
+            .start_upload(KEY, "text/csv; charset=utf-8", "orders-20240501-093000.csv")
+            .await
+            .unwrap();
+        assert_eq!(id, "u-1");
+        let sent = only_request(&http, "POST");
+        assert_eq!(sent.param("uploads"), Some(""));
+        assert_eq!(sent.header("content-type"), Some("text/csv; charset=utf-8"));
+        assert_eq!(
+            sent.header("content-disposition"),
+            Some("attachment; filename=\"orders-20240501-093000.csv\"")
+        );
+    }
+
+    #[tokio::test]
+    async fn upload_part_sends_the_bytes_as_numbered_part_of_the_upload() {
+        let http = answering(vec![answer(200, &[("ETag", "\"etag-2\"")], "")]);
+        let etag = files(&http)
+            .upload_part(KEY, "u-1", 2, b"a,b\n1,2\n".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(etag, "\"etag-2\"");
+        let sent = only_request(&http, "PUT");
+        assert_eq!(sent.param("partNumber"), Some("2"));
+        assert_eq!(sent.param("uploadId"), Some("u-1"));
+        assert_eq!(sent.body, b"a,b\n1,2\n");
+        assert_eq!(sent.header("content-length"), Some("8"));
+    }
+
+    #[tokio::test]
+    async fn complete_upload_lists_the_parts_in_order_with_their_etags() {
+        let http = answering(vec![result(
+            "CompleteMultipartUploadResult",
+            "<ETag>\"x-2\"</ETag>",
+        )]);
+        let parts = [
+            UploadedPart {
+                number: 1,
+                etag: "\"e1\"".into(),
+                size: 5,
+            },
+            UploadedPart {
+                number: 2,
+                etag: "\"e2\"".into(),
+                size: 3,
+            },
+        ];
+        files(&http)
+            .complete_upload(KEY, "u-1", &parts)
+            .await
+            .unwrap();
+        let sent = only_request(&http, "POST");
+        assert_eq!(sent.param("uploadId"), Some("u-1"));
+        let body = String::from_utf8(sent.body).unwrap();
+        let listed: Vec<&str> = body
+            .split("<Part>")
+            .skip(1)
+            .map(|p| p.split("</Part>").next().unwrap())
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                "<ETag>&quot;e1&quot;</ETag><PartNumber>1</PartNumber>",
+                "<ETag>&quot;e2&quot;</ETag><PartNumber>2</PartNumber>",
+            ],
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn abort_upload_deletes_the_upload_not_the_object() {
+        let http = answering(vec![answer(204, &[], "")]);
+        files(&http).abort_upload(KEY, "u-1").await.unwrap();
+        let sent = only_request(&http, "DELETE");
+        assert_eq!(sent.param("uploadId"), Some("u-1"));
+    }
+
+    #[tokio::test]
+    async fn presign_get_signs_a_download_with_its_name_and_lifetime_without_a_request() {
+        let http = answering(vec![]);
+        let url = files(&http)
+            .presign_get(KEY, "orders-20240501-093000.csv", Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert_eq!(http.actual_requests().count(), 0);
+        let (path, query) = parts_of(&url);
+        assert!(
+            url.starts_with("https://s3.us-east-1.amazonaws.com/"),
+            "{url}"
+        );
+        assert_eq!(path, format!("/exports-test/{KEY}"));
+        let param = |name: &str| {
+            query
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(param("X-Amz-Expires"), Some("600"));
+        assert_eq!(
+            param("response-content-disposition"),
+            Some("attachment; filename=\"orders-20240501-093000.csv\"")
+        );
+        assert_eq!(param("X-Amz-Algorithm"), Some("AWS4-HMAC-SHA256"));
+        assert!(
+            param("X-Amz-Signature").is_some_and(|s| s.len() == 64),
+            "{url}"
+        );
+    }
 
     #[test]
     fn disposition_cannot_break_the_header() {

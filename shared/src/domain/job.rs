@@ -171,7 +171,7 @@ pub struct Lease {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub job_id: String,
-    /// Bumped on every write; writes are compare-and-set on it (see `MetadataStore::put_job`).
+    /// Bumped on every write; writes are compare-and-set on it (see `JobStore::put_job`).
     pub version: u64,
     pub tenant: String,
     pub user: String,

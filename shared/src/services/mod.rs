@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::domain::catalog::Catalog;
 use crate::ports::{
     Clock, Counters, EntryStore, Generations, JobQueue, JobStore, ObjectStore, PortError,
     RowSource, TenantSlots,

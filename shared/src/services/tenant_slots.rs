@@ -71,9 +71,7 @@ pub async fn defer(deps: &Deps, msg: &JobMessage, retry_in: u32) -> PortResult<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::request::normalise;
-    use crate::domain::{Catalog, JobKind, MessageKind, Owner, RawExportRequest};
-    use crate::encode::ENCODER_VERSION;
+    use crate::domain::MessageKind;
     use crate::ports::Clock;
     use crate::testing::{fakes, test_config, Fakes};
 
@@ -84,27 +82,7 @@ mod tests {
     }
 
     fn job(f: &Fakes, tenant: &str, id: &str) -> Job {
-        let export = normalise(
-            &Catalog::builtin().unwrap(),
-            &RawExportRequest::from_query("orders", vec![]),
-        )
-        .unwrap();
-        let owner = Owner {
-            tenant,
-            user: "alice",
-        };
-        Job::new(
-            id.into(),
-            tenant,
-            "alice",
-            export.cache_key(owner, ENCODER_VERSION),
-            export.spec,
-            JobKind::Export,
-            Default::default(),
-            None,
-            f.clock.now(),
-            Duration::days(1),
-        )
+        crate::testing::orders_job(tenant, id, f.clock.now())
     }
 
     async fn take(f: &Fakes, tenant: &str, id: &str) -> Slot {

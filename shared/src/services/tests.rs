@@ -12,7 +12,7 @@ use super::process::{process_job, Fate, Outcome};
 use super::status::{download_url, job_for};
 use super::warm::warm;
 use super::ServiceError;
-use crate::catalog::{Catalog, BUILTIN_CATALOG};
+use crate::domain::catalog::{Catalog, BUILTIN_CATALOG};
 use crate::domain::identity::{SCOPE_ADMIN, SCOPE_READ};
 use crate::domain::{Identity, JobMessage, JobStatus, MessageKind, RawExportRequest, Row, Value};
 use crate::testing::{fakes, test_config, Fakes};
@@ -473,15 +473,15 @@ async fn reference_in_parts(
 
 /// Routes the fakes' object store and job store through a crash plan.
 fn with_crashes(f: &mut Fakes) -> Arc<crate::testing::CrashPlan> {
-    use crate::testing::{CrashPlan, CrashingFiles, CrashingJobs};
+    use crate::testing::{CrashPlan, CrashingFiles, HookedJobs};
     let plan = Arc::new(CrashPlan::default());
     f.deps.files = Arc::new(CrashingFiles {
         inner: f.files.clone(),
         plan: plan.clone(),
     });
-    f.deps.jobs = Arc::new(CrashingJobs {
+    f.deps.jobs = Arc::new(HookedJobs {
         inner: f.meta.clone(),
-        plan: plan.clone(),
+        hook: plan.clone(),
     });
     plan
 }

@@ -1,8 +1,7 @@
 //! Use-case tests for what is kept per cache entry: which entries count as live in the
 //! statistics (decided here, in the services, not in a store) and hit counts that survive the
-//! refresh completing meanwhile. The same flows run against the emulator in `tests/hardening.rs`.
-
-use std::sync::Arc;
+//! refresh completing meanwhile. The same flows run against the emulator in `tests/export_flow.rs`
+//! and `tests/hardening.rs`.
 
 use chrono::{Duration, TimeZone, Utc};
 
@@ -44,11 +43,7 @@ async fn a_hit_counted_while_a_refresh_completes_survives_the_new_entry() {
     assert_eq!(only_entry(&f).hits, 3);
 
     let racing_hit = f.clock.now() + Duration::seconds(5);
-    f.deps.jobs = Arc::new(HitBeforeCompletion {
-        inner: f.deps.jobs.clone(),
-        entries: f.deps.entries.clone(),
-        at: racing_hit,
-    });
+    HitBeforeCompletion::before_every_completion(&mut f.deps, racing_hit);
     run_queue(&f).await;
     let refreshed = only_entry(&f);
     assert_ne!(

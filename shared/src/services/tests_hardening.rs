@@ -10,7 +10,7 @@ use super::status::{download_url, job_for};
 use super::tests::{miss, orders, run_queue, setup, setup_with, who};
 use super::warm::warm;
 use super::ServiceError;
-use crate::catalog::{Catalog, BUILTIN_CATALOG};
+use crate::domain::catalog::{Catalog, BUILTIN_CATALOG};
 use crate::domain::Value;
 use crate::domain::{Identity, RawExportRequest};
 

@@ -949,16 +949,4 @@ impl TenantSlots for MetaStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use chrono::TimeZone;
-
-    use super::*;
-
-    #[test]
-    fn expiry_index_keys_sort_by_time() {
-        let a = Utc.with_ymd_and_hms(2024, 1, 1, 9, 59, 59).unwrap();
-        let b = a + Duration::milliseconds(1500);
-        assert!(sortable(a) < sortable(b));
-        assert_eq!(hour_bucket(a), "EXP#2024-01-01T09");
-    }
-}
+mod tests;

@@ -10,7 +10,7 @@ use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use super::{n, s, Item};
 use crate::adapters::IamResource::{SourceTableIndexes, SourceTables};
 use crate::adapters::{sdk_error, IamNeed};
-use crate::catalog::ColumnType;
+use crate::domain::catalog::ColumnType;
 use crate::domain::value::is_decimal_text;
 use crate::domain::{Row, Value};
 use crate::ports::{Page, PortError, PortResult, RowSource, SourceQuery};
@@ -225,7 +225,149 @@ fn decode_cursor(text: &str) -> PortResult<Item> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+    use crate::adapters::testkit::{answering, dynamodb, ok, only_call};
+    use crate::ports::RangeQuery;
+
+    fn orders_query(range: Option<RangeQuery>) -> SourceQuery {
+        SourceQuery {
+            table: "orders-test".into(),
+            tenant_attribute: "tenant_id".into(),
+            tenant: "acme".into(),
+            range,
+            filters: vec![
+                ("status".into(), ColumnType::String, "paid".into()),
+                ("paid".into(), ColumnType::Boolean, "true".into()),
+                ("items".into(), ColumnType::Integer, "3".into()),
+            ],
+            columns: vec![
+                ("order_id".into(), ColumnType::String),
+                ("amount".into(), ColumnType::Decimal),
+            ],
+            page_size: Some(500),
+        }
+    }
+
+    #[tokio::test]
+    async fn read_page_queries_the_range_index_with_filters_projection_and_cursor() {
+        let last = json!({
+            "tenant_id": { "S": "acme" }, "order_id": { "S": "ORD-2" },
+            "created_at": { "S": "2024-01-02T00:00:00Z" },
+        });
+        let http = answering(vec![ok(json!({
+            "Items": [
+                { "order_id": { "S": "ORD-1" }, "amount": { "N": "12.50" } },
+                { "order_id": { "S": "ORD-2" } },
+            ],
+            "LastEvaluatedKey": last,
+            "ConsumedCapacity": { "TableName": "orders-test", "CapacityUnits": 2.5 },
+        }))]);
+        let start: Item = HashMap::from([
+            ("tenant_id".to_string(), s("acme")),
+            ("order_id".to_string(), s("ORD-0")),
+            ("created_at".to_string(), s("2024-01-01T00:00:00Z")),
+        ]);
+        let cursor = encode_cursor(&start).unwrap();
+        let range = RangeQuery {
+            index: "by_created_at".into(),
+            attribute: "created_at".into(),
+            from: Some("2024-01-01T00:00:00Z".into()),
+            to: Some("2024-02-01T00:00:00Z".into()),
+        };
+        let page = DynamoSource::new(dynamodb(&http))
+            .read_page(&orders_query(Some(range)), Some(&cursor))
+            .await
+            .unwrap();
+
+        let q = only_call(&http, "Query");
+        assert_eq!(q["TableName"], "orders-test");
+        assert_eq!(q["IndexName"], "by_created_at");
+        assert_eq!(
+            q["KeyConditionExpression"],
+            "#t = :t AND #r BETWEEN :from AND :to"
+        );
+        assert_eq!(
+            q["FilterExpression"],
+            "#f0 = :f0 AND #f1 = :f1 AND #f2 = :f2"
+        );
+        assert_eq!(q["ProjectionExpression"], "#c0, #c1");
+        assert_eq!(
+            q["ExpressionAttributeNames"],
+            json!({
+                "#t": "tenant_id", "#r": "created_at", "#f0": "status", "#f1": "paid",
+                "#f2": "items", "#c0": "order_id", "#c1": "amount",
+            })
+        );
+        assert_eq!(
+            q["ExpressionAttributeValues"],
+            json!({
+                ":t": { "S": "acme" },
+                ":from": { "S": "2024-01-01T00:00:00Z" }, ":to": { "S": "2024-02-01T00:00:00Z" },
+                ":f0": { "S": "paid" }, ":f1": { "BOOL": true }, ":f2": { "N": "3" },
+            })
+        );
+        assert_eq!(
+            q["ExclusiveStartKey"],
+            json!({
+                "tenant_id": { "S": "acme" }, "order_id": { "S": "ORD-0" },
+                "created_at": { "S": "2024-01-01T00:00:00Z" },
+            })
+        );
+        assert_eq!(q["Limit"], 500);
+        assert_eq!(q["ReturnConsumedCapacity"], "TOTAL");
+        assert!(q.get("ConsistentRead").is_none(), "{q}");
+
+        assert_eq!(
+            page.rows,
+            vec![
+                vec![Value::Str("ORD-1".into()), Value::Dec("12.50".into())],
+                vec![Value::Str("ORD-2".into()), Value::Null],
+            ]
+        );
+        let next: serde_json::Value = serde_json::from_str(page.next.as_deref().unwrap()).unwrap();
+        assert_eq!(next, last);
+        assert_eq!(page.read_capacity, 2.5);
+    }
+
+    #[tokio::test]
+    async fn read_page_without_a_range_queries_the_table_and_open_bounds_stay_open() {
+        let http = answering(vec![ok(json!({ "Items": [] }))]);
+        let mut query = orders_query(None);
+        query.filters.clear();
+        let page = DynamoSource::new(dynamodb(&http))
+            .read_page(&query, None)
+            .await
+            .unwrap();
+        let q = only_call(&http, "Query");
+        assert!(q.get("IndexName").is_none(), "{q}");
+        assert!(q.get("FilterExpression").is_none(), "{q}");
+        assert!(q.get("ExclusiveStartKey").is_none(), "{q}");
+        assert_eq!(q["KeyConditionExpression"], "#t = :t");
+        assert_eq!(page.next, None);
+
+        for (from, to, condition) in [
+            (Some("2024-01-01"), None, "#t = :t AND #r >= :from"),
+            (None, Some("2024-02-01"), "#t = :t AND #r <= :to"),
+        ] {
+            let http = answering(vec![ok(json!({ "Items": [] }))]);
+            let range = RangeQuery {
+                index: "by_created_at".into(),
+                attribute: "created_at".into(),
+                from: from.map(str::to_string),
+                to: to.map(str::to_string),
+            };
+            DynamoSource::new(dynamodb(&http))
+                .read_page(&orders_query(Some(range)), None)
+                .await
+                .unwrap();
+            assert_eq!(
+                only_call(&http, "Query")["KeyConditionExpression"],
+                condition
+            );
+        }
+    }
 
     #[test]
     fn cursor_round_trips() {
