@@ -10,6 +10,8 @@
 # WATCH_PORT (the API's cargo lambda watch, 9000), WORKER_WATCH_PORT (the worker's own watch,
 # run and restarted by the bridge, WATCH_PORT+1). Distinct ports, STACK names and RUN_DIRs (logs
 # and env.sh, .local/run) let several local stacks run side by side.
+# WATCH_RELOAD (1; 0 when UP_EXIT=1): whether the watches rebuild and restart the functions when
+# files change. A run that only demonstrates (CI) does not want a restart mid-export.
 # KILL_WORKER_CHECK=csv,xlsx,csv.gz: after the demo, export those formats again, kill -9 the
 # worker mid-export and check each job still finishes with the same file (about a minute each:
 # the killed run's job lease has to expire).
@@ -87,8 +89,13 @@ source "$RUN_DIR/env.sh"
 log "seeding $ROWS orders per tenant ($TENANTS)"
 "$DEVSTACK" seed --stack "$STACK" --rows "$ROWS" --tenants "$TENANTS"
 
+if [[ "${WATCH_RELOAD:-$([[ "$UP_EXIT" == 1 ]] && echo 0 || echo 1)}" == 1 ]]; then
+  reload_flags=() worker_reload=true
+else
+  reload_flags=(--ignore-changes) worker_reload=false
+fi
 start_bg "cargo lambda watch" "$RUN_DIR/watch.log" \
-  cargo lambda watch -A 127.0.0.1 -P "$WATCH_PORT"
+  cargo lambda watch -A 127.0.0.1 -P "$WATCH_PORT" "${reload_flags[@]}"
 WATCH_PID=$BG_PID
 
 # The bridge runs the worker under a cargo lambda watch of its own on WORKER_WATCH_PORT and
@@ -97,7 +104,8 @@ WATCH_PID=$BG_PID
 : >"$RUN_DIR/worker-watch.log"
 start_bg bridge "$RUN_DIR/bridge.log" \
   "$DEVSTACK" bridge --stack "$STACK" --watch "$WATCH_URL" --schedule-secs "$SCHEDULE_SECS" \
-  --worker-port "$WORKER_WATCH_PORT" --worker-log "$RUN_DIR/worker-watch.log"
+  --worker-port "$WORKER_WATCH_PORT" --worker-log "$RUN_DIR/worker-watch.log" \
+  --worker-reload "$worker_reload"
 BRIDGE_PID=$BG_PID
 
 log "waiting for the API at $API/health (the first call compiles export-api; log: ${RUN_DIR#"$ROOT"/}/watch.log)"

@@ -43,7 +43,7 @@ USAGE: devstack <command> [--flag value]...
         write deterministic orders (and rows/10 customers) for each tenant
   bridge    [--stack export-cache] [--watch http://127.0.0.1:9000] [--schedule-secs 900]
             [--queue-url URL] [--wait-secs 3] [--worker-port PORT] [--worker-log PATH]
-            [--worker-timeout-secs <template's Timeout>] [--redeliver-secs 5]
+            [--worker-reload true] [--worker-timeout-secs <template's Timeout>] [--redeliver-secs 5]
         play the SQS trigger (export-worker) and the schedule (export-warmer) until Ctrl-C.
         With --worker-port the worker runs under a `cargo lambda watch` of the bridge's own on
         that port, restarted when the worker dies or outlives its timeout plus 30 s; the
@@ -304,6 +304,13 @@ async fn cmd_bridge(flags: Flags) -> anyhow::Result<()> {
             .with_context(|| format!("--worker-port expects a port number, got {port:?}"))?;
         let mut spec = WatchSpec::cargo_lambda(port, bridge::WORKER_FUNCTION);
         spec.log = flags.get("worker-log").map(PathBuf::from);
+        match flags.or("worker-reload", "true").as_str() {
+            "true" => {}
+            // Nothing rebuilds or restarts the worker when files (or a worktree's git metadata)
+            // change under it: what a run that only demonstrates wants.
+            "false" => spec.args.push("--ignore-changes".to_owned()),
+            other => anyhow::bail!("--worker-reload expects true or false, got {other:?}"),
+        }
         cfg.worker_watch = Some(spec);
     }
     bridge::run(&sdk, cfg, shutdown_signal()).await
@@ -451,6 +458,7 @@ async fn main() -> std::process::ExitCode {
             "wait-secs",
             "worker-port",
             "worker-log",
+            "worker-reload",
             "worker-timeout-secs",
             "redeliver-secs",
         ]) {
