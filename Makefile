@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV_BIN := $(CURDIR)/.local/venv/bin
 export PATH := $(VENV_BIN):$(PATH)
 
-.PHONY: help up test lint fmt bench build deploy bootstrap
+.PHONY: help up test lint fmt bench bench-worker build deploy bootstrap
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,8 +21,11 @@ lint: ## rustfmt check and clippy with warnings as errors
 fmt: ## format the workspace
 	cargo fmt --all
 
-bench: ## benchmarks of the shared crate
-	cargo bench -p shared
+bench: ## the encoders alone (no AWS); release build
+	cargo bench -p shared --bench encoders
+
+bench-worker: ## the worker's path through the SDK into moto's S3 (BENCH_ROWS=1000000,10000000)
+	@infra/scripts/bench-worker.sh
 
 build: ## debug build of every crate
 	cargo build --workspace --all-targets

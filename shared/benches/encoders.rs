@@ -13,17 +13,17 @@
 //! it is 0 unless `BENCH_KEEP` keeps the files.
 
 use std::collections::BTreeMap;
-use std::error::Error;
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use shared::domain::{Catalog, Column};
-use shared::domain::{ExportSpec, Format, Row, Value};
+use shared::domain::{ExportSpec, Format, Row};
 use shared::encode::{encoder_for, EncodeSettings, FileInfo};
 
-type Res<T> = Result<T, Box<dyn Error>>;
+mod common;
+use common::{disk_write_bytes, group, peak_rss_kib, size, Orders, Res};
 
 const PAGE: usize = 1000;
 /// The worker's default part size.
@@ -238,183 +238,4 @@ fn child(case: &str, rows: u64) -> Res<()> {
     }
     .print();
     Ok(())
-}
-
-/// Bytes this process caused to be written to storage so far.
-fn disk_write_bytes() -> Res<u64> {
-    proc_self_field("io", "write_bytes:")
-}
-
-fn peak_rss_kib() -> Res<u64> {
-    proc_self_field("status", "VmHWM:")
-}
-
-/// The number after `key` in `/proc/self/{file}` (a unit after it is dropped).
-fn proc_self_field(file: &str, key: &str) -> Res<u64> {
-    let text = std::fs::read_to_string(format!("/proc/self/{file}"))?;
-    let value = text
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .ok_or(format!("no {key} in /proc/self/{file}"))?;
-    Ok(value.trim().trim_end_matches("kB").trim().parse()?)
-}
-
-/// Deterministic synthetic `orders` rows: row `i` is always the same, so every case and every
-/// run encodes the same data.
-struct Orders {
-    positions: [usize; 12],
-    epoch: DateTime<Utc>,
-}
-
-const FIRST_NAMES: [&str; 24] = [
-    "Ada", "Grace", "Siobhán", "Zoë", "Wei", "Jean-Luc", "Søren", "Björk", "Émile", "Olu", "Priya",
-    "Mateo", "Yuki", "Fatima", "Lars", "Ines", "Kofi", "Mia", "Noah", "Aiko", "Omar", "Elena",
-    "Tomás", "Hana",
-];
-const LAST_NAMES: [&str; 24] = [
-    "Lovelace",
-    "Hopper",
-    "O'Brien",
-    "Martín",
-    "Müller",
-    "Ng",
-    "Picard",
-    "Kierkegaard",
-    "Guðmundsdóttir",
-    "Zola",
-    "Okafor",
-    "Sharma",
-    "García",
-    "Tanaka",
-    "Haddad",
-    "Larsen",
-    "Ferreira",
-    "Mensah",
-    "Rossi",
-    "Smith",
-    "Suzuki",
-    "Khan",
-    "Novak",
-    "Kim",
-];
-/// One name in 16 is one of these: quotes, commas, formula starts, other scripts.
-const ODD_NAMES: [&str; 8] = [
-    "Zoë \"Z\" Martín",
-    "Smith & Sons, Ltd.",
-    "=HYPERLINK(\"http://evil\")",
-    "-20% customer",
-    "@mention",
-    "株式会社テスト",
-    "Ng, Wei",
-    "+44 20 7946 0000",
-];
-const STATUSES: [&str; 5] = ["pending", "paid", "shipped", "cancelled", "refunded"];
-const CURRENCIES: [&str; 3] = ["EUR", "USD", "GBP"];
-const NOTES: [&str; 4] = [
-    "leave at the door",
-    "gift, wrap please",
-    "call before \"delivery\"",
-    "fragile\nhandle with care",
-];
-const COLUMN_NAMES: [&str; 12] = [
-    "order_id",
-    "created_at",
-    "customer_id",
-    "customer_name",
-    "status",
-    "currency",
-    "amount",
-    "tax",
-    "items",
-    "paid",
-    "ship_date",
-    "note",
-];
-
-impl Orders {
-    fn new(columns: &[Column]) -> Res<Self> {
-        let mut positions = [0; 12];
-        for (p, name) in positions.iter_mut().zip(COLUMN_NAMES) {
-            *p = columns
-                .iter()
-                .position(|c| c.name == name)
-                .ok_or(format!("orders has no column {name}"))?;
-        }
-        Ok(Self {
-            positions,
-            epoch: DateTime::parse_from_rfc3339("2023-01-01T00:00:00Z")?.with_timezone(&Utc),
-        })
-    }
-
-    fn fill(&mut self, page: &mut Vec<Row>, first: u64, n: usize) {
-        page.clear();
-        for i in first..first + n as u64 {
-            page.push(self.row(i));
-        }
-    }
-
-    fn row(&self, i: u64) -> Row {
-        let mut r = Rng(i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-        let created = self.epoch + chrono::Duration::seconds((i * 37 + r.below(30)) as i64);
-        let cents = 100 + r.below(500_000);
-        let tax = cents / 5;
-        let ship = (r.below(4) != 0)
-            .then(|| created.date_naive() + chrono::Duration::days(1 + r.below(10) as i64));
-        let note = (r.below(5) == 0).then(|| NOTES[r.below(4) as usize]);
-        let mut row = vec![Value::Null; 12];
-        let values = [
-            Value::Str(format!("ORD-acme-{i:08}")),
-            Value::Ts(created),
-            Value::Str(format!("CUST-{:06}", r.below(50_000))),
-            Value::Str(if r.below(16) == 0 {
-                ODD_NAMES[r.below(ODD_NAMES.len() as u64) as usize].to_string()
-            } else {
-                format!(
-                    "{} {}",
-                    FIRST_NAMES[r.below(FIRST_NAMES.len() as u64) as usize],
-                    LAST_NAMES[r.below(LAST_NAMES.len() as u64) as usize]
-                )
-            }),
-            Value::Str(STATUSES[r.below(5) as usize].to_string()),
-            Value::Str(CURRENCIES[r.below(3) as usize].to_string()),
-            Value::Dec(format!("{}.{:02}", cents / 100, cents % 100)),
-            Value::Dec(format!("{}.{:02}", tax / 100, tax % 100)),
-            Value::Int(1 + r.below(20) as i64),
-            Value::Bool(r.below(2) == 0),
-            ship.map_or(Value::Null, Value::Date),
-            note.map_or(Value::Null, |n| Value::Str(n.to_string())),
-        ];
-        for (p, v) in self.positions.iter().zip(values) {
-            row[*p] = v;
-        }
-        row
-    }
-}
-
-/// xorshift64: fast and good enough for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
-fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn size(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
 }

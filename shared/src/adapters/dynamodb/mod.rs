@@ -10,7 +10,7 @@ pub mod metadata;
 pub mod source;
 
 pub use metadata::{MetaStore, META_IAM};
-pub use source::{to_value, DynamoSource, SOURCE_IAM};
+pub use source::{page_of, to_value, DynamoSource, SOURCE_IAM};
 
 type Item = HashMap<String, AttributeValue>;
 
