@@ -5,12 +5,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
-"$ROOT/infra/scripts/bootstrap.sh"
-
-MOTO_PID=""
-trap 'stop_group "$MOTO_PID" moto' EXIT
-mkdir -p "$RUN_DIR"
-start_moto 0 "$RUN_DIR/bench-moto.log"
-export_aws_env
+own_moto bench
 IFS=',' read -r -a rows <<<"${BENCH_ROWS:-1000000}"
 cargo bench -p shared --bench worker -- "${rows[@]}"

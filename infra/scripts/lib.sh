@@ -88,3 +88,18 @@ export_aws_env() {
   export AWS_DEFAULT_REGION=us-east-1
   export AWS_EC2_METADATA_DISABLED=true
 }
+
+# own_moto NAME : a moto on a free port for this script alone, stopped by PID however the script
+# ends (sets the EXIT/INT/TERM traps), with the SDK environment exported. Sets MOTO_LOG.
+own_moto() {
+  "$ROOT/infra/scripts/bootstrap.sh"
+  MOTO_PID=""
+  trap 'stop_group "$MOTO_PID" moto' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  mkdir -p "$RUN_DIR"
+  MOTO_LOG="$(mktemp "$RUN_DIR/moto-$1.XXXXXX.log")"
+  start_moto 0 "$MOTO_LOG"
+  export_aws_env
+  log "moto on $AWS_ENDPOINT_URL"
+}

@@ -5,18 +5,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-"$ROOT/infra/scripts/bootstrap.sh"
-
-MOTO_PID=""
-trap 'stop_group "$MOTO_PID" moto' EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-mkdir -p "$RUN_DIR"
-MOTO_LOG="$(mktemp "$RUN_DIR/moto-test.XXXXXX.log")"
-start_moto 0 "$MOTO_LOG"
-export_aws_env
-log "moto on $AWS_ENDPOINT_URL"
+own_moto test
 
 status=0
 log "cfn-lint template.yaml"

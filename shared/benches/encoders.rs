@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -23,7 +22,10 @@ use shared::domain::{ExportSpec, Format, Row};
 use shared::encode::{encoder_for, EncodeSettings, FileInfo};
 
 mod common;
-use common::{disk_write_bytes, group, peak_rss_kib, size, Orders, Res};
+use common::{
+    cases, disk_write_bytes, group, invocation, peak_rss_kib, run_case, size, Invocation, Orders,
+    Res,
+};
 
 const PAGE: usize = 1000;
 /// The worker's default part size.
@@ -32,50 +34,18 @@ const DEFAULT_ROWS: [u64; 2] = [100_000, 1_000_000];
 const DEFAULT_CASES: [&str; 4] = ["csv", "csv.gz", "xlsx@1", "xlsx@6"];
 
 fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    if let [flag, case, rows] = args.as_slice() {
-        if flag == "--case" {
-            return child(case, rows.parse()?);
-        }
-    }
-    let mut rows: Vec<u64> = args
-        .iter()
-        .filter_map(|a| a.replace('_', "").parse().ok())
-        .collect();
-    if rows.is_empty() {
-        rows = match std::env::var("BENCH_ROWS") {
-            Ok(v) => v
-                .split(',')
-                .map(|s| s.trim().replace('_', "").parse())
-                .collect::<Result<_, _>>()?,
-            Err(_) => DEFAULT_ROWS.to_vec(),
-        };
-    }
-    let cases: Vec<String> = match std::env::var("BENCH_CASES") {
-        Ok(v) => v.split(',').map(|s| s.trim().to_string()).collect(),
-        Err(_) => DEFAULT_CASES.iter().map(|s| s.to_string()).collect(),
+    let rows = match invocation(&DEFAULT_ROWS)? {
+        Invocation::Child { case, rows } => return child(&case, rows),
+        Invocation::Parent { rows } => rows,
     };
-    let exe = std::env::current_exe()?;
+    let cases = cases(&DEFAULT_CASES);
     println!(
         "| format | rows | seconds | rows/s | MB/s | output | peak RSS | of which finish | disk writes |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &rows {
         for case in &cases {
-            let out = Command::new(&exe)
-                .args(["--case", case, &n.to_string()])
-                .output()?;
-            if !out.status.success() {
-                return Err(format!(
-                    "case {case} with {n} rows failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-                .into());
-            }
-            let stdout = String::from_utf8(out.stdout)?;
+            let stdout = run_case(case, n)?;
             let m = Measurement::parse(&stdout)?;
             let secs = m.elapsed.as_secs_f64();
             println!(

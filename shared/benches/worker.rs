@@ -19,7 +19,6 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::config::BehaviorVersion;
@@ -35,7 +34,10 @@ use shared::services::process::source_query;
 
 #[allow(dead_code)]
 mod common;
-use common::{disk_write_bytes, group, peak_rss_kib, size, Orders, Res};
+use common::{
+    cases, disk_write_bytes, group, invocation, peak_rss_kib, run_case, size, Invocation, Orders,
+    Res,
+};
 
 /// Rows per canned page: 4,000 orders make about 1 MB of DynamoDB JSON, DynamoDB's page limit.
 const PAGE_ROWS: u64 = 4_000;
@@ -48,47 +50,22 @@ const DEFAULT_CASES: [&str; 2] = ["csv", "xlsx"];
 const PHASES: [&str; 4] = ["parse", "convert", "encode", "upload"];
 
 fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    if let [flag, case, rows] = args.as_slice() {
-        if flag == "--case" {
-            return child(case, rows.parse()?);
-        }
-    }
+    let rows = match invocation(&DEFAULT_ROWS)? {
+        Invocation::Child { case, rows } => return child(&case, rows),
+        Invocation::Parent { rows } => rows,
+    };
     if std::env::var_os("AWS_ENDPOINT_URL").is_none() {
         return Err("set AWS_ENDPOINT_URL to an S3 emulator (make bench-worker starts one)".into());
     }
-    let mut rows: Vec<u64> = args
-        .iter()
-        .filter_map(|a| a.replace('_', "").parse().ok())
-        .collect();
-    if rows.is_empty() {
-        rows = DEFAULT_ROWS.to_vec();
-    }
-    let cases: Vec<String> = match std::env::var("BENCH_CASES") {
-        Ok(v) => v.split(',').map(|s| s.trim().to_string()).collect(),
-        Err(_) => DEFAULT_CASES.iter().map(|s| s.to_string()).collect(),
-    };
-    let exe = std::env::current_exe()?;
+    let cases = cases(&DEFAULT_CASES);
     println!(
         "| format | rows | seconds | rows/s | CPU µs/row: parse | convert | encode | upload | output | parts | peak RSS | disk writes |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &rows {
         for case in &cases {
-            let out = Command::new(&exe)
-                .args(["--case", case, &n.to_string()])
-                .output()?;
-            if !out.status.success() {
-                return Err(format!(
-                    "case {case} with {n} rows failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-                .into());
-            }
-            let m = parse_measurement(&String::from_utf8(out.stdout)?)?;
+            let stdout = run_case(case, n)?;
+            let m = parse_measurement(&stdout)?;
             let secs = m["wall_ns"] as f64 / 1e9;
             let per_row = |phase: &str| m[&format!("{phase}_ns")] as f64 / 1e3 / n as f64;
             println!(

@@ -8,6 +8,68 @@ use shared::domain::{Column, Row, Value};
 
 pub type Res<T> = Result<T, Box<dyn Error>>;
 
+/// What this run of the bench is for.
+pub enum Invocation {
+    /// Measure one case (the bench re-executed by [`run_case`]).
+    Child { case: String, rows: u64 },
+    /// Run every case for each of these row counts: the arguments, else `BENCH_ROWS` (a comma
+    /// list), else the default.
+    Parent { rows: Vec<u64> },
+}
+
+pub fn invocation(default_rows: &[u64]) -> Res<Invocation> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if let [flag, case, rows] = args.as_slice() {
+        if flag == "--case" {
+            return Ok(Invocation::Child {
+                case: case.clone(),
+                rows: rows.parse()?,
+            });
+        }
+    }
+    let mut rows: Vec<u64> = args
+        .iter()
+        .filter_map(|a| a.replace('_', "").parse().ok())
+        .collect();
+    if rows.is_empty() {
+        rows = match std::env::var("BENCH_ROWS") {
+            Ok(v) => v
+                .split(',')
+                .map(|s| s.trim().replace('_', "").parse())
+                .collect::<Result<_, _>>()?,
+            Err(_) => default_rows.to_vec(),
+        };
+    }
+    Ok(Invocation::Parent { rows })
+}
+
+/// The cases `BENCH_CASES` names (a comma list), else `default`.
+pub fn cases(default: &[&str]) -> Vec<String> {
+    match std::env::var("BENCH_CASES") {
+        Ok(v) => v.split(',').map(|s| s.trim().to_string()).collect(),
+        Err(_) => default.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// Runs one case in a child process (this bench re-executed with `--case`), so its peak RSS is
+/// its own; returns what the child printed.
+pub fn run_case(case: &str, rows: u64) -> Res<String> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--case", case, &rows.to_string()])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "case {case} with {rows} rows failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 /// Bytes this process caused to be written to storage so far.
 pub fn disk_write_bytes() -> Res<u64> {
     proc_self_field("io", "write_bytes:")
