@@ -9,44 +9,12 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{Duration, TimeZone, Utc};
-use integration_tests::Stack;
+use integration_tests::{noisy_orders as rows, Stack};
 use shared::domain::identity::SCOPE_READ;
-use shared::domain::{Identity, JobMessage, JobStatus, MessageKind, RawExportRequest, Row, Value};
+use shared::domain::{Identity, JobMessage, JobStatus, MessageKind, RawExportRequest};
 use shared::services::export::{request_export, ExportAnswer};
 use shared::services::process::{process_job, Outcome};
 use shared::testing::{crash_points, CrashPlan, CrashingFiles, HookedJobs, MemorySource};
-
-/// Orders whose note is 300 characters of pseudo-random hex: text that compresses about 2:1, so
-/// every format makes more than one 5 MiB part from 40,000 rows.
-fn rows(n: usize) -> Vec<Row> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..n)
-        .map(|i| {
-            let note: String = (0..300)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    char::from_digit((x % 16) as u32, 16).unwrap()
-                })
-                .collect();
-            vec![
-                Value::Str(format!("ORD-{i:07}")),
-                Value::Ts(Utc.timestamp_opt(1_700_000_000 + i as i64 * 37, 0).unwrap()),
-                Value::Str(format!("C{}", i % 97)),
-                Value::Str(format!("Customer {}", i % 97)),
-                Value::Str("paid".into()),
-                Value::Str("EUR".into()),
-                Value::Dec(format!("{}.{:02}", i % 5000, i % 100)),
-                Value::Dec("1.10".into()),
-                Value::Int(i as i64 % 9),
-                Value::Bool(i % 2 == 0),
-                Value::Date(chrono::NaiveDate::from_ymd_opt(2024, 1, 1 + (i % 28) as u32).unwrap()),
-                Value::Str(note),
-            ]
-        })
-        .collect()
-}
 
 const ROWS: usize = 40_000;
 
@@ -73,6 +41,7 @@ async fn miss(stack: &Stack, tenant: &str, format: &str) -> JobMessage {
         ExportAnswer::Job { job, .. } => JobMessage {
             job_id: job.job_id,
             kind: MessageKind::Export,
+            segment: None,
         },
         other => panic!("expected a miss, got {other:?}"),
     }

@@ -56,6 +56,10 @@ pub struct Config {
     pub encode: EncodeSettings,
 }
 
+/// Ranges per worker, and segments per job: each of their ranges gets its block of S3's 10,000
+/// part numbers (32 x 32 ranges leave 9 parts, 72 MiB, each).
+pub const MAX_RANGES: u64 = 32;
+
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// Parts are cut at page boundaries once at least this many bytes are buffered (S3's minimum
@@ -73,6 +77,12 @@ pub struct WorkerSettings {
     pub max_running_per_tenant: u32,
     /// How long a job that found its tenant at the limit waits before it asks again.
     pub tenant_wait: Duration,
+    /// Key ranges one worker reads at once (1 = one sequential Query loop).
+    pub ranges: u32,
+    /// Jobs whose expected rows (from the previous file of the same rows) reach this are split
+    /// into `fan_out_segments` invocations; 0 = never.
+    pub fan_out_rows: u64,
+    pub fan_out_segments: u32,
 }
 
 impl Default for WorkerSettings {
@@ -86,6 +96,9 @@ impl Default for WorkerSettings {
             page_size: None,
             max_running_per_tenant: 3,
             tenant_wait: Duration::from_secs(30),
+            ranges: 1,
+            fan_out_rows: 2_000_000,
+            fan_out_segments: 4,
         }
     }
 }
@@ -269,6 +282,20 @@ impl Config {
                 message: "too large".into(),
             })?),
         };
+        let ranges = number("RANGES_PER_WORKER", defaults.ranges as u64)?;
+        let segments = number("FAN_OUT_SEGMENTS", defaults.fan_out_segments as u64)?;
+        for (name, value) in [
+            ("RANGES_PER_WORKER", ranges),
+            ("FAN_OUT_SEGMENTS", segments),
+        ] {
+            if !(1..=MAX_RANGES).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    name,
+                    value: value.to_string(),
+                    message: format!("must be between 1 and {MAX_RANGES}"),
+                });
+            }
+        }
         let rows_per_sheet = number("XLSX_ROWS_PER_SHEET", XLSX_MAX_ROWS_PER_SHEET as u64)?;
         if !(2..=XLSX_MAX_ROWS_PER_SHEET as u64).contains(&rows_per_sheet) {
             return Err(ConfigError::Invalid {
@@ -323,6 +350,9 @@ impl Config {
                     defaults.max_running_per_tenant,
                 )?,
                 tenant_wait,
+                ranges: ranges as u32,
+                fan_out_rows: number("FAN_OUT_ROWS", defaults.fan_out_rows)?,
+                fan_out_segments: segments as u32,
             },
             warmer: WarmerSettings {
                 interval: secs("WARM_INTERVAL_SECONDS", 900)?,

@@ -75,6 +75,9 @@ pub trait ObjectStore: Send + Sync {
     async fn put_object(&self, key: &str, body: Vec<u8>, content_type: &str) -> PortResult<()>;
     /// Size and hex SHA-256 of a stored object, read as a stream.
     async fn digest(&self, key: &str) -> PortResult<(u64, String)>;
+    /// A whole (small) object: the held-back pieces of a file read as key ranges.
+    async fn get_object(&self, key: &str) -> PortResult<Vec<u8>>;
+    async fn delete_object(&self, key: &str) -> PortResult<()>;
     /// A GET URL that downloads the object under `file_name`.
     async fn presign_get(&self, key: &str, file_name: &str, ttl: StdDuration)
         -> PortResult<String>;
@@ -260,7 +263,8 @@ pub struct SourceQuery {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RangeQuery {
-    pub index: String,
+    /// `None`: the table's own sort key (a key range of the file read in parallel).
+    pub index: Option<String>,
     pub attribute: String,
     pub from: Option<String>,
     pub to: Option<String>,
@@ -277,6 +281,14 @@ pub struct Page {
 #[async_trait]
 pub trait RowSource: Send + Sync {
     async fn read_page(&self, query: &SourceQuery, cursor: Option<&str>) -> PortResult<Page>;
+    /// The least and greatest value of `attribute`, the sort key the query reads in (the range
+    /// attribute when it has a range, else the table's), within its key condition; `None` when
+    /// the query matches nothing. Two one-item Queries, so a job can split its key space.
+    async fn key_bounds(
+        &self,
+        query: &SourceQuery,
+        attribute: &str,
+    ) -> PortResult<Option<(String, String)>>;
 }
 
 pub trait Clock: Send + Sync {

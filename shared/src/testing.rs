@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::domain::catalog::Catalog;
 use crate::domain::job::LiveBucket;
 use crate::domain::request::normalise;
+use crate::domain::Value;
 use crate::domain::{
     CacheEntry, CacheKey, Generation, Job, JobKind, JobMessage, Owner, RawExportRequest, Row,
     UploadedPart,
@@ -374,6 +375,18 @@ impl ObjectStore for MemoryFiles {
         Ok((body.len() as u64, hex::encode(Sha256::digest(body))))
     }
 
+    async fn get_object(&self, key: &str) -> PortResult<Vec<u8>> {
+        lock(&self.objects)
+            .get(key)
+            .cloned()
+            .ok_or_else(|| PortError::failed("read object", "no such object", false))
+    }
+
+    async fn delete_object(&self, key: &str) -> PortResult<()> {
+        lock(&self.objects).remove(key);
+        Ok(())
+    }
+
     async fn presign_get(
         &self,
         key: &str,
@@ -455,20 +468,70 @@ impl RowSource for MemorySource {
             }
         }
         *lock(&self.pages_read) += 1;
-        let all = {
-            let rows = lock(&self.rows);
-            rows.get(&format!("{}/{}", q.table, q.tenant))
-                .or_else(|| rows.get(&q.tenant))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let start: usize = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
-        let end = (start + self.page_rows.max(1)).min(all.len());
+        let rows = lock(&self.rows);
+        let all = Self::tenant_rows(&rows, q);
+        let (lo, hi) = Self::key_range(all, q)?;
+        let start = lo + cursor.and_then(|c| c.parse::<usize>().ok()).unwrap_or(0);
+        let end = (start + self.page_rows.max(1)).min(hi);
         Ok(Page {
-            rows: all[start..end].to_vec(),
-            next: (end < all.len()).then(|| end.to_string()),
+            rows: all[start.min(end)..end].to_vec(),
+            next: (end < hi).then(|| (end - lo).to_string()),
             read_capacity: 0.5,
         })
+    }
+
+    async fn key_bounds(
+        &self,
+        q: &SourceQuery,
+        attribute: &str,
+    ) -> PortResult<Option<(String, String)>> {
+        let Some(i) = q.columns.iter().position(|(a, _)| a == attribute) else {
+            return Ok(None);
+        };
+        let rows = lock(&self.rows);
+        let all = Self::tenant_rows(&rows, q);
+        let (lo, hi) = Self::key_range(all, q)?;
+        Ok((lo < hi).then(|| (key_text(&all[lo][i]), key_text(&all[hi - 1][i]))))
+    }
+}
+
+impl MemorySource {
+    fn tenant_rows<'a>(rows: &'a HashMap<String, Vec<Row>>, q: &SourceQuery) -> &'a [Row] {
+        rows.get(&format!("{}/{}", q.table, q.tenant))
+            .or_else(|| rows.get(&q.tenant))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Where the query's key range lies in rows stored in key order (as a Query returns them);
+    /// the range's attribute must be one of the query's columns.
+    fn key_range(all: &[Row], q: &SourceQuery) -> PortResult<(usize, usize)> {
+        let Some(r) = &q.range else {
+            return Ok((0, all.len()));
+        };
+        let i = q
+            .columns
+            .iter()
+            .position(|(a, _)| *a == r.attribute)
+            .ok_or_else(|| {
+                PortError::failed("source query", "the range attribute is not a column", false)
+            })?;
+        let lo = r
+            .from
+            .as_ref()
+            .map_or(0, |f| all.partition_point(|row| key_text(&row[i]) < *f));
+        let hi = r.to.as_ref().map_or(all.len(), |t| {
+            all.partition_point(|row| key_text(&row[i]) <= *t)
+        });
+        Ok((lo, hi.max(lo)))
+    }
+}
+
+/// A key cell as the source stores it.
+fn key_text(v: &Value) -> String {
+    match v {
+        Value::Str(s) | Value::Dec(s) => s.clone(),
+        Value::Ts(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        other => format!("{other:?}"),
     }
 }
 
@@ -687,6 +750,12 @@ impl ObjectStore for CrashingFiles {
     }
     async fn digest(&self, key: &str) -> PortResult<(u64, String)> {
         self.inner.digest(key).await
+    }
+    async fn get_object(&self, key: &str) -> PortResult<Vec<u8>> {
+        self.inner.get_object(key).await
+    }
+    async fn delete_object(&self, key: &str) -> PortResult<()> {
+        self.inner.delete_object(key).await
     }
     async fn presign_get(&self, key: &str, name: &str, ttl: StdDuration) -> PortResult<String> {
         self.inner.presign_get(key, name, ttl).await

@@ -25,6 +25,8 @@ pub const FILES_IAM: &[IamNeed] = &[
     IamNeed::new("files", "put_object", &["put_object"], &["s3:PutObject"], ExportObjects),
     IamNeed::new("files", "digest", &["get_object"], &["s3:GetObject"], ExportObjects),
     IamNeed::new("files", "presign_get", &["get_object"], &["s3:GetObject"], ExportObjects),
+    IamNeed::new("files", "get_object", &["get_object"], &["s3:GetObject"], ExportObjects),
+    IamNeed::new("files", "delete_object", &["delete_object"], &["s3:DeleteObject"], ExportObjects),
 ];
 
 #[derive(Clone)]
@@ -178,6 +180,34 @@ impl ObjectStore for S3Files {
             hasher.update(&chunk);
         }
         Ok((size, hex::encode(hasher.finalize())))
+    }
+
+    async fn get_object(&self, key: &str) -> PortResult<Vec<u8>> {
+        let resp = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| sdk_error("read object", e))?;
+        let bytes = resp
+            .body
+            .collect()
+            .await
+            .map_err(|e| PortError::failed("read object", e.to_string(), true))?;
+        Ok(bytes.into_bytes().to_vec())
+    }
+
+    async fn delete_object(&self, key: &str) -> PortResult<()> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| sdk_error("delete object", e))?;
+        Ok(())
     }
 
     async fn presign_get(&self, key: &str, file_name: &str, ttl: Duration) -> PortResult<String> {

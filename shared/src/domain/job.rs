@@ -202,6 +202,9 @@ pub struct Job {
     pub error: Option<JobError>,
     pub lease: Option<Lease>,
     pub checkpoint: Option<Checkpoint>,
+    /// Set when the file is read as several key ranges (see `plan`): their checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<super::plan::Plan>,
     pub object_key: Option<String>,
     pub sha256: Option<String>,
     /// Until when the finished file may be downloaded through this job.
@@ -259,6 +262,7 @@ impl Job {
             error: None,
             lease: None,
             checkpoint: None,
+            plan: None,
             object_key: None,
             sha256: None,
             download_until: None,
@@ -339,6 +343,7 @@ impl Job {
         self.finished_at = Some(now);
         self.lease = None;
         self.checkpoint = None;
+        self.plan = None;
         self.object_key = None;
     }
 
@@ -355,6 +360,7 @@ impl Job {
         self.error = None;
         self.lease = None;
         self.checkpoint = None;
+        self.plan = None;
     }
 
     /// 0..1, `None` while the total is unknown. Exact when finished; while running, measured
@@ -508,6 +514,9 @@ pub fn file_name(spec: &ExportSpec, at: DateTime<Utc>) -> String {
 pub struct JobMessage {
     pub job_id: String,
     pub kind: MessageKind,
+    /// For a job read as key ranges across invocations: the segment this message works on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -580,6 +589,7 @@ mod tests {
         let m = JobMessage {
             job_id: "abc".into(),
             kind: MessageKind::Continue,
+            segment: None,
         };
         assert_eq!(
             serde_json::to_string(&m).unwrap(),

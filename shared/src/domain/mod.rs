@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod identity;
 pub mod job;
 pub mod key;
+pub mod plan;
 pub mod request;
 pub mod value;
 

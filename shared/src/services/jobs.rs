@@ -122,6 +122,7 @@ async fn enqueue_or_fail(deps: &Deps, mut job: Job) -> Result<(), ServiceError> 
             JobKind::Export => MessageKind::Export,
             JobKind::Refresh => MessageKind::Refresh,
         },
+        segment: None,
     };
     let Err(e) = deps.queue.enqueue(&msg).await else {
         return Ok(());

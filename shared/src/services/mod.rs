@@ -13,6 +13,7 @@ pub mod cache_admin;
 pub mod export;
 pub mod jobs;
 pub mod process;
+pub mod runs;
 pub mod status;
 pub mod tenant_slots;
 pub mod warm;

@@ -51,6 +51,10 @@ pub enum Outcome {
     AlreadyFinished,
     /// The message names no job we know.
     UnknownJob,
+    /// This message's key ranges are done; other ranges of the job are still being read.
+    RangesDone {
+        rows: u64,
+    },
     /// Another worker took over the job while this one ran; it stops without touching it.
     LostLease,
     /// The tenant already runs as many jobs as it may: the job waits its turn (a new message,
@@ -96,14 +100,18 @@ impl Outcome {
 /// A job that cannot succeed. `message` is what callers see in the job status; `detail` (the
 /// underlying error, which may name AWS resources or hold row values) goes to the logs only.
 #[derive(Debug)]
-struct Failure {
-    code: &'static str,
+pub(super) struct Failure {
+    pub(super) code: &'static str,
     message: String,
     detail: String,
 }
 
 impl Failure {
-    fn new(code: &'static str, message: impl Into<String>, detail: impl ToString) -> Self {
+    pub(super) fn new(
+        code: &'static str,
+        message: impl Into<String>,
+        detail: impl ToString,
+    ) -> Self {
         Self {
             code,
             message: message.into(),
@@ -113,7 +121,7 @@ impl Failure {
 }
 
 /// Why a run stopped before the file was done.
-enum Stop {
+pub(super) enum Stop {
     /// Checkpointed before the deadline: a continuation goes on from there.
     Handover,
     Fatal(Failure),
@@ -162,6 +170,17 @@ pub async fn process_job(
         attempt,
         message: e.to_string(),
     };
+    if let Some(segment) = msg.segment {
+        return super::runs::run_segment(
+            deps,
+            &msg.job_id,
+            segment,
+            owner,
+            deadline,
+            last_delivery,
+        )
+        .await;
+    }
     let mut job = match deps.jobs.get_job(&msg.job_id).await {
         Ok(Some(j)) => j,
         Ok(None) => return Outcome::UnknownJob,
@@ -203,12 +222,26 @@ pub async fn process_job(
     tracing::info!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
         attempt = job.attempts, resumed = job.checkpoint.is_some(), "job leased");
 
+    if super::runs::wanted(deps, &job) {
+        match super::runs::plan(deps, &job).await {
+            Ok(Some(plan)) => {
+                job.object_key = Some(plan.object_key.clone());
+                job.plan = Some(plan);
+            }
+            Ok(None) => {}
+            Err(stop) => return settle(deps, job, Err(stop), last_delivery).await,
+        }
+    }
+    if job.plan.is_some() {
+        return super::runs::start(deps, job, owner, deadline, last_delivery).await;
+    }
+
     let end = run(deps, &mut job, deadline).await;
     settle(deps, job, end, last_delivery).await
 }
 
 /// Turns how the run ended into the job's next state and the message's fate.
-async fn settle(
+pub(super) async fn settle(
     deps: &Deps,
     mut job: Job,
     end: Result<Box<CacheEntry>, Stop>,
@@ -252,6 +285,7 @@ async fn settle(
             let cont = JobMessage {
                 job_id: job.job_id.clone(),
                 kind: MessageKind::Continue,
+                segment: None,
             };
             match deps.queue.enqueue(&cont).await {
                 Ok(()) => Outcome::Continued { rows },
@@ -303,11 +337,11 @@ async fn known_rows(deps: &Deps, job: &Job) -> Option<u64> {
     }
 }
 
-fn to_chrono(d: std::time::Duration) -> Duration {
+pub(super) fn to_chrono(d: std::time::Duration) -> Duration {
     Duration::from_std(d).unwrap_or(Duration::MAX)
 }
 
-async fn save(deps: &Deps, job: &mut Job) -> Result<(), PortError> {
+pub(super) async fn save(deps: &Deps, job: &mut Job) -> Result<(), PortError> {
     job.version += 1;
     job.updated_at = deps.clock.now();
     deps.jobs.put_job(job).await
@@ -327,7 +361,7 @@ pub fn source_query(
         }
         let iso = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
         Some(RangeQuery {
-            index: r.index.clone(),
+            index: Some(r.index.clone()),
             attribute: ds.columns[r.column].source.clone(),
             from: spec.from.map(iso),
             to: spec.to.map(iso),
@@ -357,7 +391,7 @@ pub fn source_query(
 }
 
 /// The file being written: its multipart upload, the parts so far, and where reading goes on.
-struct FileInProgress {
+pub(super) struct FileInProgress {
     key: String,
     upload_id: String,
     parts: Vec<UploadedPart>,
@@ -373,6 +407,28 @@ struct FileInProgress {
 }
 
 impl FileInProgress {
+    /// A file whose every part is uploaded, its hash to be read back from the object.
+    pub(super) fn completed(
+        key: String,
+        upload_id: String,
+        parts: Vec<UploadedPart>,
+        rows: u64,
+        pages: u64,
+        read_capacity: f64,
+    ) -> Self {
+        Self {
+            key,
+            upload_id,
+            parts,
+            hasher: None,
+            cursor: None,
+            exhausted: true,
+            rows,
+            pages,
+            read_capacity,
+        }
+    }
+
     async fn push(&mut self, deps: &Deps, bytes: Vec<u8>) -> Result<(), Stop> {
         if let Some(h) = self.hasher.as_mut() {
             h.update(&bytes);
@@ -594,7 +650,19 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<Box<
         job.checkpoint(file.checkpoint(state, true));
         save(deps, job).await?;
     }
-    let sha256 = complete(deps, &mut file).await?;
+    record(deps, job, &export, &mut file).await
+}
+
+/// Completes the upload of a file whose every part is uploaded, writes its manifest, and returns
+/// the entry to record.
+pub(super) async fn record(
+    deps: &Deps,
+    job: &mut Job,
+    export: &ResolvedExport,
+    file: &mut FileInProgress,
+) -> Result<Box<CacheEntry>, Stop> {
+    let ds = &export.dataset;
+    let sha256 = complete(deps, file).await?;
 
     let now = deps.clock.now();
     let fresh_until = now + Duration::seconds(ds.ttl_seconds as i64);
@@ -617,7 +685,7 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<Box<
         hits: 0,
         last_hit_at: None,
     };
-    write_manifest(deps, &export, job, &entry).await?;
+    write_manifest(deps, export, job, &entry).await?;
     Ok(Box::new(entry))
 }
 
@@ -787,11 +855,14 @@ async fn record_rows(deps: &Deps, job: &Job, rows: u64) {
     }
 }
 
-async fn fail_job(deps: &Deps, mut job: Job, failure: &Failure) {
+pub(super) async fn fail_job(deps: &Deps, mut job: Job, failure: &Failure) {
     tracing::warn!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
         code = failure.code, detail = %failure.detail, "job failed");
     if let Some(cp) = job.checkpoint.take() {
         abort_quietly(deps, &cp.object_key, &cp.upload_id).await;
+    }
+    if let Some(plan) = job.plan.take() {
+        abort_quietly(deps, &plan.object_key, &plan.upload_id).await;
     }
     job.fail(failure.code, &failure.message, deps.clock.now());
     if let Err(e) = save(deps, &mut job).await {

@@ -146,6 +146,7 @@ mod tests {
         let msg = JobMessage {
             job_id: "a2".into(),
             kind: MessageKind::Export,
+            segment: None,
         };
         defer(&f.deps, &msg, 33).await.unwrap();
         assert_eq!(*f.queue.delayed.lock().unwrap(), vec![(msg, 33)]);

@@ -280,7 +280,8 @@ async fn continuation_before_the_deadline_yields_the_identical_file() {
         cont,
         vec![JobMessage {
             job_id: job_id.clone(),
-            kind: MessageKind::Continue
+            kind: MessageKind::Continue,
+            segment: None,
         }]
     );
     let mut outcome = process_job(&f.deps, &cont[0], "w2", tight, false).await;

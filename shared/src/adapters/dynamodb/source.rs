@@ -21,6 +21,8 @@ use crate::ports::{Page, PortError, PortResult, RowSource, SourceQuery};
 pub const SOURCE_IAM: &[IamNeed] = &[
     IamNeed::new("source", "read_page", &["query"], &["dynamodb:Query"], SourceTables),
     IamNeed::new("source", "read_page", &["query"], &["dynamodb:Query"], SourceTableIndexes),
+    IamNeed::new("source", "key_bounds", &["query"], &["dynamodb:Query"], SourceTables),
+    IamNeed::new("source", "key_bounds", &["query"], &["dynamodb:Query"], SourceTableIndexes),
 ];
 
 /// Reads source rows with Query on the tenant partition (or the range index), never Scan.
@@ -37,6 +39,15 @@ impl DynamoSource {
     /// One Query, as the SDK parsed it. [`RowSource::read_page`] is this, then [`page_of`]; the
     /// worker bench times the two apart.
     pub async fn query(&self, q: &SourceQuery, cursor: Option<&str>) -> PortResult<QueryOutput> {
+        self.query_ordered(q, cursor, true).await
+    }
+
+    async fn query_ordered(
+        &self,
+        q: &SourceQuery,
+        cursor: Option<&str>,
+        forward: bool,
+    ) -> PortResult<QueryOutput> {
         let mut names: HashMap<String, String> = HashMap::new();
         let mut values: HashMap<String, AttributeValue> = HashMap::new();
         names.insert("#t".into(), q.tenant_attribute.clone());
@@ -44,7 +55,7 @@ impl DynamoSource {
         let mut key_cond = "#t = :t".to_string();
         let mut req = self.client.query().table_name(&q.table);
         if let Some(r) = &q.range {
-            req = req.index_name(&r.index);
+            req = req.set_index_name(r.index.clone());
             names.insert("#r".into(), r.attribute.clone());
             match (&r.from, &r.to) {
                 (Some(f), Some(t)) => {
@@ -87,6 +98,7 @@ impl DynamoSource {
             .set_expression_attribute_values(Some(values))
             .set_exclusive_start_key(cursor.map(decode_cursor).transpose()?)
             .set_limit(q.page_size)
+            .set_scan_index_forward((!forward).then_some(false))
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
@@ -98,6 +110,31 @@ impl DynamoSource {
 impl RowSource for DynamoSource {
     async fn read_page(&self, q: &SourceQuery, cursor: Option<&str>) -> PortResult<Page> {
         page_of(q, self.query(q, cursor).await?)
+    }
+
+    async fn key_bounds(
+        &self,
+        q: &SourceQuery,
+        attribute: &str,
+    ) -> PortResult<Option<(String, String)>> {
+        // Filters are left out: they can only narrow the range, and the bounds are a split guess.
+        let probe = SourceQuery {
+            filters: Vec::new(),
+            columns: vec![(attribute.to_string(), ColumnType::String)],
+            page_size: Some(1),
+            ..q.clone()
+        };
+        let mut ends = Vec::with_capacity(2);
+        for forward in [true, false] {
+            let resp = self.query_ordered(&probe, None, forward).await?;
+            let first = resp.items.unwrap_or_default().into_iter().next();
+            match first.and_then(|mut item| item.remove(attribute)) {
+                Some(AttributeValue::S(v)) => ends.push(v),
+                // Numbers or binary keys are not split; nothing found, nothing to split.
+                _ => return Ok(None),
+            }
+        }
+        Ok(ends.pop().zip(ends.pop()).map(|(max, min)| (min, max)))
     }
 }
 
@@ -329,7 +366,7 @@ mod tests {
         ]);
         let cursor = encode_cursor(&start).unwrap();
         let range = RangeQuery {
-            index: "by_created_at".into(),
+            index: Some("by_created_at".into()),
             attribute: "created_at".into(),
             from: Some("2024-01-01T00:00:00Z".into()),
             to: Some("2024-02-01T00:00:00Z".into()),
@@ -411,7 +448,7 @@ mod tests {
         ] {
             let http = answering(vec![ok(json!({ "Items": [] }))]);
             let range = RangeQuery {
-                index: "by_created_at".into(),
+                index: Some("by_created_at".into()),
                 attribute: "created_at".into(),
                 from: from.map(str::to_string),
                 to: to.map(str::to_string),
