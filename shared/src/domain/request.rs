@@ -22,16 +22,21 @@ pub enum Format {
     Xlsx,
     #[serde(rename = "csv.gz")]
     CsvGz,
+    #[serde(rename = "ndjson")]
+    Ndjson,
 }
 
 impl Format {
-    pub const ALLOWED: &'static str = "csv, csv.gz, xlsx";
+    /// Every format, in the order the API lists them.
+    pub const ALL: [Self; 4] = [Self::Csv, Self::CsvGz, Self::Xlsx, Self::Ndjson];
+    pub const ALLOWED: &'static str = "csv, csv.gz, xlsx, ndjson";
 
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "csv" => Some(Self::Csv),
             "xlsx" => Some(Self::Xlsx),
             "csv.gz" | "csvgz" | "csv-gz" => Some(Self::CsvGz),
+            "ndjson" => Some(Self::Ndjson),
             _ => None,
         }
     }
@@ -41,6 +46,7 @@ impl Format {
             Self::Csv => "csv",
             Self::Xlsx => "xlsx",
             Self::CsvGz => "csv.gz",
+            Self::Ndjson => "ndjson",
         }
     }
 
@@ -54,6 +60,7 @@ impl Format {
             Self::Csv => "text/csv; charset=utf-8",
             Self::Xlsx => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
             Self::CsvGz => "application/gzip",
+            Self::Ndjson => "application/x-ndjson",
         }
     }
 
@@ -909,6 +916,25 @@ mod tests {
     }
 
     #[test]
+    fn every_format_parses_from_its_name_and_the_allowed_list_names_them_all() {
+        let names: Vec<&str> = Format::ALL.iter().map(|f| f.as_str()).collect();
+        assert_eq!(names.join(", "), Format::ALLOWED);
+        for f in Format::ALL {
+            assert_eq!(Format::parse(f.as_str()), Some(f));
+            let stored = serde_json::to_value(f).unwrap();
+            assert_eq!(stored, f.as_str(), "stored as its name");
+        }
+        assert_eq!(Format::Ndjson.content_type(), "application/x-ndjson");
+        assert_eq!(Format::Ndjson.extension(), "ndjson");
+        // Options of CSV only are refused for NDJSON like for XLSX.
+        let fields: Vec<String> = errors(&[("format", "ndjson"), ("bom", "true")])
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, ["bom"]);
+    }
+
+    #[test]
     fn column_order_and_filter_order_do_not_change_the_key() {
         let a = key(&[
             ("columns", "amount,order_id"),
@@ -941,6 +967,7 @@ mod tests {
         for variant in [
             vec![("format", "xlsx")],
             vec![("format", "csv.gz")],
+            vec![("format", "ndjson")],
             vec![("columns", "order_id")],
             vec![("status", "paid")],
             vec![("from", "2024-01-01T00:00:00Z")],
