@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::catalog::{Catalog, Column, ColumnType, Dataset};
 use super::key::{CacheKey, Owner};
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Format {
     #[serde(rename = "csv")]
@@ -189,6 +190,7 @@ impl<'de> Deserialize<'de> for TimeZone {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldError {
     pub field: String,
@@ -276,6 +278,20 @@ pub enum RequestError {
     Invalid(Vec<FieldError>),
 }
 
+/// Fields of the JSON body of `POST /exports`.
+pub const JSON_FIELDS: [&str; 10] = [
+    "dataset",
+    "format",
+    "columns",
+    "filters",
+    "from",
+    "to",
+    "max_stale",
+    "tz",
+    "bom",
+    "delimiter",
+];
+
 /// What the caller sent, before any validation. Built from a query string or a JSON body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawExportRequest {
@@ -294,7 +310,8 @@ pub struct RawExportRequest {
     pub input_errors: Vec<FieldError>,
 }
 
-const QUERY_OPTIONS: [&str; 8] = [
+/// Query parameters of `GET /exports/{dataset}` that are options; every other one is a filter.
+pub const QUERY_OPTIONS: [&str; 8] = [
     "format",
     "columns",
     "from",
@@ -350,24 +367,12 @@ impl RawExportRequest {
             ));
             return raw;
         };
-        const KNOWN: [&str; 10] = [
-            "dataset",
-            "format",
-            "columns",
-            "filters",
-            "from",
-            "to",
-            "max_stale",
-            "tz",
-            "bom",
-            "delimiter",
-        ];
         let mut listed = false;
-        for key in obj.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
+        for key in obj.keys().filter(|k| !JSON_FIELDS.contains(&k.as_str())) {
             let message = if listed {
                 "unknown field".to_string()
             } else {
-                format!("unknown field; allowed: {}", KNOWN.join(", "))
+                format!("unknown field; allowed: {}", JSON_FIELDS.join(", "))
             };
             listed = true;
             raw.input_errors.push(FieldError::new(key, message));
