@@ -282,3 +282,116 @@ async fn range_export_reads_the_created_at_index() {
     assert_eq!(ids, expected);
     assert_eq!(manifest["range"]["column"], "created_at");
 }
+
+/// The number text of `key` in a raw NDJSON line, as written (serde_json would read it as f64).
+fn raw_number<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line.find(&format!("\"{key}\":")).unwrap() + key.len() + 3;
+    let rest = &line[start..];
+    &rest[..rest.find([',', '}']).unwrap()]
+}
+
+#[tokio::test]
+async fn ndjson_lines_are_typed_objects_of_the_source_rows() {
+    const ROWS: u64 = 80;
+    let stack = Stack::new(ROWS, &[]).await;
+    let uri = "/exports/orders?format=ndjson&tz=Europe/Paris";
+    let (file, name, status, manifest) = export(&stack, uri).await;
+    assert!(
+        name.starts_with("orders-") && name.ends_with(".ndjson"),
+        "{name}"
+    );
+    assert_eq!(status["format"], "ndjson");
+    assert_manifest_describes(&manifest, &file, ROWS, "ndjson");
+    let dl = stack
+        .get(
+            &format!(
+                "/exports/jobs/{}/download",
+                status["job_id"].as_str().unwrap()
+            ),
+            &stack.reader("acme"),
+        )
+        .await;
+    let (_, headers, _) = stack.fetch(dl.header("location")).await;
+    assert_eq!(headers["content-type"], "application/x-ndjson");
+
+    let text = std::str::from_utf8(&file).unwrap();
+    assert!(text.ends_with('\n'));
+    let paris = chrono_tz::Europe::Paris;
+    let (mut n, mut formula_starts) = (0u64, 0);
+    for (i, line) in text.lines().enumerate() {
+        let item = infra::seed::order_item("acme", i as u64);
+        let ctx = format!("row {i}: {line}");
+        let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap();
+        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        let columns = [
+            "order_id",
+            "created_at",
+            "customer_id",
+            "customer_name",
+            "status",
+            "currency",
+            "amount",
+            "tax",
+            "items",
+            "paid",
+            "ship_date",
+            "note",
+        ];
+        assert_eq!(
+            keys, columns,
+            "{ctx}: keys are column names in catalog order"
+        );
+        for k in ["order_id", "customer_id", "status", "currency"] {
+            assert_eq!(obj[k], s(&item, k).unwrap(), "{ctx}");
+        }
+        // Text is never neutralised: JSON is not a spreadsheet.
+        assert_eq!(
+            obj["customer_name"],
+            s(&item, "customer_name").unwrap(),
+            "{ctx}"
+        );
+        let created = DateTime::parse_from_rfc3339(s(&item, "created_at").unwrap())
+            .unwrap()
+            .with_timezone(&paris)
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        assert_eq!(
+            obj["created_at"], created,
+            "{ctx}: RFC 3339 in the requested zone"
+        );
+        for k in ["amount", "tax"] {
+            assert!(obj[k].is_number(), "{ctx}: decimals are numbers");
+            assert_eq!(
+                raw_number(line, k),
+                s(&item, k).unwrap(),
+                "{ctx}: exact text"
+            );
+        }
+        assert_eq!(
+            obj["items"].as_i64().map(|v| v.to_string()).as_deref(),
+            s(&item, "items")
+        );
+        let Some(AttributeValue::Bool(paid)) = item.get("paid") else {
+            panic!()
+        };
+        assert_eq!(obj["paid"], *paid, "{ctx}");
+        match s(&item, "ship_date") {
+            Some(d) => assert_eq!(obj["ship_date"], d, "{ctx}: ISO date"),
+            None => assert!(obj["ship_date"].is_null(), "{ctx}: empty -> null"),
+        }
+        match s(&item, "note") {
+            Some(t) => assert_eq!(obj["note"], t, "{ctx}"),
+            None => assert!(obj["note"].is_null(), "{ctx}"),
+        }
+        formula_starts += [&obj["customer_name"], &obj["note"]]
+            .iter()
+            .filter_map(|v| v.as_str())
+            .filter(|t| neutralised(t) != *t)
+            .count();
+        n += 1;
+    }
+    assert_eq!(n, ROWS);
+    assert!(
+        formula_starts > 0,
+        "the seed has formula starts to leave alone"
+    );
+}

@@ -99,7 +99,7 @@ async fn every_format_survives_a_worker_killed_at_each_step_with_the_identical_f
     });
 
     let mut tenant = tenants.iter();
-    for format in ["csv", "csv.gz", "xlsx"] {
+    for format in ["csv", "csv.gz", "xlsx", "ndjson"] {
         let reference = miss(&stack, tenant.next().unwrap(), format).await;
         let outcome = process_job(&stack.deps, &reference, "ref", far(&stack), false).await;
         assert!(

@@ -158,6 +158,35 @@ fn events_of_type<'a>(t: &'a Template, function: &str, ty: &str) -> Vec<(String,
         .unwrap_or_default()
 }
 
+/// API Gateway forwards only the routes the template declares: they must be the routes the API's
+/// OpenAPI document (and so its router) has, with the authorizer off exactly where the document
+/// asks for no identity.
+#[test]
+fn api_gateway_routes_are_the_openapi_routes_with_the_same_auth() {
+    let t = template();
+    let declared: BTreeSet<(String, String, bool)> = events_of_type(&t, "ApiFunction", "HttpApi")
+        .into_iter()
+        .map(|(name, props)| {
+            assert!(is_ref_to(&props["ApiId"], "ExportApi"), "{name}: {props:?}");
+            let open = props["Auth"]["Authorizer"].as_str() == Some("NONE");
+            (
+                props["Method"].as_str().unwrap().to_uppercase(),
+                props["Path"].as_str().unwrap().to_owned(),
+                !open,
+            )
+        })
+        .collect();
+    let doc = serde_json::to_value(api::openapi_document()).unwrap();
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
+            documented.insert((method.to_uppercase(), path.clone(), secured));
+        }
+    }
+    assert_eq!(declared, documented);
+}
+
 #[test]
 fn worker_reports_batch_item_failures() {
     let t = template();
@@ -662,7 +691,9 @@ fn every_contract_route_is_declared() {
         ("DELETE", "/exports/cache/{dataset}"),
         ("DELETE", "/exports/cache"),
         ("GET", "/exports/cache/stats"),
+        ("GET", "/exports/datasets"),
         ("GET", "/health"),
+        ("GET", "/openapi.json"),
     ]
     .into_iter()
     .map(|(m, p)| (m.to_owned(), p.to_owned()))
@@ -671,7 +702,7 @@ fn every_contract_route_is_declared() {
 }
 
 #[test]
-fn health_needs_no_authorizer() {
+fn health_and_the_openapi_document_need_no_authorizer() {
     let t = template();
     let auth = &t.properties("ExportApi").expect("ExportApi")["Auth"];
     let default = auth["DefaultAuthorizer"]
@@ -692,7 +723,7 @@ fn health_needs_no_authorizer() {
 
     for (name, props) in events_of_type(&t, "ApiFunction", "HttpApi") {
         let authorizer = props["Auth"]["Authorizer"].as_str();
-        if props["Path"].as_str() == Some("/health") {
+        if matches!(props["Path"].as_str(), Some("/health" | "/openapi.json")) {
             assert_eq!(authorizer, Some("NONE"), "{name}");
         } else {
             assert_eq!(authorizer, None, "{name} keeps the JWT authorizer");

@@ -9,19 +9,25 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use shared::domain::identity::{identity_from_claims, AuthError, BearerVerifier};
 use shared::domain::request::quoted;
-use shared::domain::{Identity, Job, RawExportRequest};
-use shared::services::cache_admin::{self, Scope};
+use shared::domain::{Identity, RawExportRequest};
+use shared::services::cache_admin::{self, CacheStats, Scope};
 use shared::services::export::{request_export, ExportAnswer};
 use shared::services::{status, Deps};
 
+mod openapi;
 mod problem;
+pub mod wire;
 pub use problem::ApiError;
+use wire::{
+    CachedFileBody, DatasetBody, DatasetList, ExportQuery, ExportRequest, HealthBody,
+    JobStatusBody, Problem, ScopeQuery,
+};
 
 /// Largest request body accepted (docs/contract.md, "Limits"); more is a 413 problem.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -33,10 +39,11 @@ const POLL_AFTER_SECONDS: u32 = 2;
 pub struct AppState {
     deps: Deps,
     verifier: Option<Arc<BearerVerifier>>,
+    openapi: Arc<utoipa::openapi::OpenApi>,
 }
 
 impl AppState {
-    pub fn new(deps: Deps) -> Self {
+    fn new(deps: Deps, openapi: utoipa::openapi::OpenApi) -> Self {
         let c = &deps.config;
         let verifier = c.local_jwt_secret.as_ref().map(|s| {
             Arc::new(BearerVerifier::hs256(
@@ -45,24 +52,48 @@ impl AppState {
                 c.local_jwt_audience.as_deref(),
             ))
         });
-        Self { deps, verifier }
+        Self {
+            deps,
+            verifier,
+            openapi: Arc::new(openapi),
+        }
     }
 }
 
+/// Every route, each registered with its OpenAPI path item in one call: the one place both the
+/// router and the document come from, so neither can list a route the other lacks.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(health))
+        .routes(routes!(openapi_json))
+        .routes(routes!(post_export))
+        .routes(routes!(datasets))
+        .routes(routes!(get_export))
+        .routes(routes!(job_status))
+        .routes(routes!(download))
+        .routes(routes!(invalidate_scope))
+        .routes(routes!(stats))
+        .routes(routes!(invalidate_entry))
+}
+
+fn split() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = routes().split_for_parts();
+    openapi::finish(&mut doc);
+    (router, doc)
+}
+
+/// The OpenAPI 3.1 document `GET /openapi.json` serves.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    split().1
+}
+
 pub fn router(deps: Deps) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/exports", post(post_export))
-        .route("/exports/{dataset}", get(get_export))
-        .route("/exports/jobs/{job_id}", get(job_status))
-        .route("/exports/jobs/{job_id}/download", get(download))
-        .route("/exports/cache", delete(invalidate_scope))
-        .route("/exports/cache/stats", get(stats))
-        .route("/exports/cache/{dataset}", delete(invalidate_entry))
+    let (router, doc) = split();
+    router
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(AppState::new(deps))
+        .with_state(AppState::new(deps, doc))
 }
 
 /// The verified caller. With a local key configured (no API Gateway in front), only a bearer
@@ -112,12 +143,43 @@ impl<S: Send + Sync> FromRequestParts<S> for Segment {
     }
 }
 
-async fn health(State(state): State<AppState>) -> Response {
-    Json(json!({
-        "status": "ok",
-        "datasets": state.deps.catalog.names(),
+/// Liveness: answers once the configuration loaded. No identity needed.
+#[utoipa::path(get, path = "/health", tag = "service",
+    responses((status = 200, description = "The function is up", body = HealthBody)))]
+async fn health(State(state): State<AppState>) -> Json<HealthBody> {
+    Json(HealthBody {
+        status: "ok",
+        datasets: state
+            .deps
+            .catalog
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    })
+}
+
+/// This document: the OpenAPI 3.1 description of every route. No identity needed.
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object,
+        content_type = "application/json")))]
+async fn openapi_json(State(state): State<AppState>) -> Response {
+    Json(state.openapi.as_ref()).into_response()
+}
+
+/// What the caller may export: per dataset its columns (name, label, type), filters, whether
+/// `from`/`to` is supported, formats and freshness. Catalog data, the same for every tenant.
+#[utoipa::path(get, path = "/exports/datasets", tag = "exports",
+    responses((status = 200, description = "The datasets", body = DatasetList)),
+    security(("bearer" = [])))]
+async fn datasets(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+) -> Result<Json<DatasetList>, ApiError> {
+    let datasets = shared::services::datasets::list(&state.deps, &who)?;
+    Ok(Json(DatasetList {
+        datasets: datasets.into_iter().map(DatasetBody::from).collect(),
     }))
-    .into_response()
 }
 
 fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
@@ -126,6 +188,35 @@ fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Export a dataset: a cached file, or a job that makes it.
+///
+/// A fresh file is a `303` to a presigned URL (`X-Export-Cache: hit`); a stale one within the
+/// dataset's window and the caller's `max_stale` too (`stale`, and a refresh starts). Otherwise
+/// `202` with the job (`miss`); identical requests while it runs get the same job.
+#[utoipa::path(get, path = "/exports/{dataset}", tag = "exports",
+    params(("dataset" = String, Path, description = "A dataset of `GET /exports/datasets`"),
+        ExportQuery),
+    responses(
+        (status = 303, description = "A cached file: `Location` is its presigned URL (at most 15 minutes)",
+            body = CachedFileBody, headers(
+                ("Location" = String, description = "Presigned URL of the file"),
+                ("X-Export-Cache" = String, description = "`hit` or `stale`"),
+                ("X-Export-Id" = String, description = "The job that made the file"),
+                ("Age" = u64, description = "Seconds since the file was made"),
+                ("ETag" = String, description = "The file's SHA-256, quoted"))),
+        (status = 202, description = "No file yet: a job makes it; poll `Location`",
+            body = JobStatusBody, headers(
+                ("Location" = String, description = "`/exports/jobs/{job_id}`"),
+                ("Retry-After" = u32, description = "Seconds before polling"),
+                ("X-Export-Cache" = String, description = "`miss`"),
+                ("X-Export-Id" = String, description = "The job id"))),
+        (status = 400, description = "Invalid request: `errors` names each field and what it allows",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown dataset", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 429, description = "Too many new exports this minute; see `Retry-After`",
+            body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 async fn get_export(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -136,6 +227,23 @@ async fn get_export(
     export(&state, &who, raw).await
 }
 
+/// The same request as `GET /exports/{dataset}`, as a JSON body.
+#[utoipa::path(post, path = "/exports", tag = "exports",
+    request_body(content = ExportRequest, description = "The export request"),
+    responses(
+        (status = 303, description = "A cached file, as for `GET /exports/{dataset}`",
+            body = CachedFileBody),
+        (status = 202, description = "No file yet: a job makes it, as for `GET /exports/{dataset}`",
+            body = JobStatusBody),
+        (status = 400, description = "Invalid request or body: `errors` names each field",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown dataset", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 429, description = "Too many new exports this minute; see `Retry-After`",
+            body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 async fn post_export(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -188,18 +296,18 @@ async fn export(
                 header::CACHE_CONTROL,
                 HeaderValue::from_static("private, no-store"),
             );
-            let body = json!({
-                "cache": result,
-                "stale": stale,
-                "export_id": entry.job_id,
-                "download_url": url,
-                "file_name": entry.file_name(),
-                "rows": entry.rows,
-                "bytes": entry.bytes,
-                "sha256": entry.sha256,
-                "created_at": entry.created_at,
-                "fresh_until": entry.fresh_until,
-            });
+            let body = CachedFileBody {
+                cache: result,
+                stale,
+                file_name: entry.file_name(),
+                export_id: entry.job_id,
+                download_url: url,
+                rows: entry.rows,
+                bytes: entry.bytes,
+                sha256: entry.sha256,
+                created_at: entry.created_at,
+                fresh_until: entry.fresh_until,
+            };
             Ok((StatusCode::SEE_OTHER, headers, Json(body)).into_response())
         }
         ExportAnswer::Job { job, joined } => {
@@ -214,7 +322,12 @@ async fn export(
             headers.insert("x-export-cache", HeaderValue::from_static(result));
             headers.insert("x-export-id", header_value(&job.job_id)?);
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            Ok((StatusCode::ACCEPTED, headers, Json(job_body(&job))).into_response())
+            Ok((
+                StatusCode::ACCEPTED,
+                headers,
+                Json(JobStatusBody::from(job.as_ref())),
+            )
+                .into_response())
         }
     }
 }
@@ -223,36 +336,14 @@ fn header_value(s: &str) -> Result<HeaderValue, ApiError> {
     HeaderValue::from_str(s).map_err(|e| ApiError::Internal(format!("header value {s:?}: {e}")))
 }
 
-/// The job status document of the contract.
-pub fn job_body(job: &Job) -> serde_json::Value {
-    let succeeded = job.status == shared::domain::JobStatus::Succeeded;
-    json!({
-        "job_id": job.job_id,
-        "dataset": job.spec.dataset,
-        "format": job.spec.format.as_str(),
-        "kind": job.kind.as_str(),
-        "status": job.status.as_str(),
-        "rows_written": job.rows_written,
-        "rows_total": job.rows_total,
-        "progress": job.progress(),
-        "rows_per_second": job.rows_per_second().map(|r| r.round()),
-        "eta_seconds": job.eta_seconds(),
-        "bytes_written": job.bytes_written,
-        "pages_read": job.pages_read,
-        "watermark": job.watermark,
-        "read_capacity": job.read_capacity,
-        "sheets": (job.sheets > 0).then_some(job.sheets),
-        "truncated_cells": job.truncated_cells,
-        "sha256": job.sha256,
-        "attempts": job.attempts,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "error": job.error.as_ref().map(status::public_error),
-        "download_url": succeeded.then(|| format!("/exports/jobs/{}/download", job.job_id)),
-    })
-}
-
+/// The status of a job of the caller's.
+#[utoipa::path(get, path = "/exports/jobs/{job_id}", tag = "exports",
+    params(("job_id" = String, Path, description = "From the `202` or its `Location`")),
+    responses(
+        (status = 200, description = "The job; `Retry-After` while it runs", body = JobStatusBody),
+        (status = 404, description = "No such job of the caller's", body = Problem,
+            content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 async fn job_status(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -264,9 +355,22 @@ async fn job_status(
     if !job.status.is_terminal() {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(POLL_AFTER_SECONDS));
     }
-    Ok((StatusCode::OK, headers, Json(job_body(&job))).into_response())
+    Ok((StatusCode::OK, headers, Json(JobStatusBody::from(&job))).into_response())
 }
 
+/// The job's file: a freshly signed URL each time, so the link outlives any one signature.
+#[utoipa::path(get, path = "/exports/jobs/{job_id}/download", tag = "exports",
+    params(("job_id" = String, Path, description = "A succeeded job of the caller's")),
+    responses(
+        (status = 303, description = "`Location` is a presigned URL of the file",
+            headers(("Location" = String, description = "Presigned URL of the file"))),
+        (status = 404, description = "No such job of the caller's", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 409, description = "Not ready yet, or the job failed", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 410, description = "The file is no longer served (expired, invalidated or replaced)",
+            body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 async fn download(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -284,6 +388,17 @@ async fn download(
         .into_response())
 }
 
+/// Stop serving the one cached file a `GET /exports/{dataset}` with this query would get.
+#[utoipa::path(delete, path = "/exports/cache/{dataset}", tag = "cache",
+    params(("dataset" = String, Path, description = "A dataset of `GET /exports/datasets`"),
+        ExportQuery),
+    responses(
+        (status = 204, description = "That entry is no longer served"),
+        (status = 400, description = "Invalid request: `errors` names each field",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown dataset", body = Problem,
+            content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 async fn invalidate_entry(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -296,6 +411,13 @@ async fn invalidate_entry(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Stop serving every cached file of the caller's tenant (`exports:admin`) or of the caller.
+#[utoipa::path(delete, path = "/exports/cache", tag = "cache", params(ScopeQuery),
+    responses(
+        (status = 204, description = "Those entries are no longer served"),
+        (status = 400, description = "`scope` missing or unknown", body = Problem,
+            content_type = "application/problem+json")),
+    security(("bearer" = [])))]
 async fn invalidate_scope(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -327,9 +449,15 @@ async fn invalidate_scope(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn stats(State(state): State<AppState>, Caller(who): Caller) -> Result<Response, ApiError> {
-    let stats = cache_admin::stats(&state.deps, &who).await?;
-    Ok(Json(stats).into_response())
+/// Hits, misses and live entries of the caller's tenant, in all and per dataset.
+#[utoipa::path(get, path = "/exports/cache/stats", tag = "cache",
+    responses((status = 200, description = "The tenant's cache statistics", body = CacheStats)),
+    security(("bearer" = [])))]
+async fn stats(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+) -> Result<Json<CacheStats>, ApiError> {
+    Ok(Json(cache_admin::stats(&state.deps, &who).await?))
 }
 
 #[cfg(test)]
@@ -337,6 +465,8 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use http::Request;
+    use serde_json::json;
+    use shared::domain::Job;
     use shared::testing::{fakes, test_config};
     use tower::ServiceExt;
 
@@ -374,7 +504,11 @@ mod tests {
     }
 
     fn token(secret: &str) -> String {
-        let claims = json!({"sub": "alice", "tenant_id": "acme", "scope": "exports:read",
+        token_for(secret, "acme", "exports:read")
+    }
+
+    fn token_for(secret: &str, tenant: &str, scope: &str) -> String {
+        let claims = json!({"sub": "alice", "tenant_id": tenant, "scope": scope,
             "exp": chrono::Utc::now().timestamp() + 600});
         let t = jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
@@ -383,6 +517,88 @@ mod tests {
         )
         .unwrap();
         format!("Bearer {t}")
+    }
+
+    #[tokio::test]
+    async fn datasets_list_the_catalog_the_same_for_every_tenant() {
+        let f = fakes(keyed(), 10);
+        let (status, _, acme) = call(
+            router(f.deps.clone()),
+            "/exports/datasets",
+            Some(&token(KEY)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let globex_token = token_for(KEY, "globex", "exports:read");
+        let (_, _, globex) = call(
+            router(f.deps.clone()),
+            "/exports/datasets",
+            Some(&globex_token),
+        )
+        .await;
+        assert_eq!(acme, globex, "catalog data only, nothing of the tenant");
+        let names: Vec<&str> = acme["datasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, f.deps.catalog.names());
+        let orders = acme["datasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "orders")
+            .unwrap();
+        assert_eq!(
+            orders["description"],
+            "Orders of the tenant, one row per order"
+        );
+        assert_eq!(orders["columns"].as_array().unwrap().len(), 12);
+        assert_eq!(
+            orders["columns"][6],
+            json!({"name": "amount", "label": "Amount", "type": "decimal"})
+        );
+        assert_eq!(orders["filters"], json!(["status", "currency", "paid"]));
+        assert_eq!(orders["range"], true);
+        assert_eq!(orders["range_column"], "created_at");
+        assert_eq!(
+            orders["formats"],
+            json!(["csv", "csv.gz", "xlsx", "ndjson"])
+        );
+        assert_eq!(orders["ttl"], 900);
+        assert_eq!(orders["stale"], 3600);
+        let contacts = acme["datasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "contacts")
+            .unwrap();
+        assert_eq!(contacts["range"], false);
+        assert!(contacts["range_column"].is_null());
+        assert_eq!(contacts["user_scoped"], true);
+        // Where the rows live stays inside: no table, tenant attribute or source attribute.
+        let text = acme.to_string();
+        for internal in [
+            "table",
+            "tenant_attribute",
+            "sort_attribute",
+            "source",
+            "tenant_id",
+        ] {
+            assert!(
+                !text.contains(&format!("\"{internal}\"")),
+                "{internal} in {text}"
+            );
+        }
+        // Auth as every other route: none is 401, no read scope 403.
+        let (status, _, _) = call(router(f.deps.clone()), "/exports/datasets", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let admin_only = token_for(KEY, "acme", "exports:admin");
+        let (status, headers, _) =
+            call(router(f.deps), "/exports/datasets", Some(&admin_only)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
     }
 
     #[tokio::test]

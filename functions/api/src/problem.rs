@@ -3,7 +3,8 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+use crate::wire::Problem;
 
 use shared::domain::identity::AuthError;
 use shared::domain::{FieldError, RequestError};
@@ -59,17 +60,18 @@ impl From<ServiceError> for ApiError {
 /// Longest `detail` sent; domain errors are bounded already, this is the last line of defence.
 const MAX_DETAIL_CHARS: usize = 2048;
 
-fn problem(status: StatusCode, slug: &str, title: &str, mut detail: String) -> serde_json::Value {
+fn problem(status: StatusCode, slug: &str, title: &str, mut detail: String) -> Problem {
     if let Some((cut, _)) = detail.char_indices().nth(MAX_DETAIL_CHARS) {
         detail.truncate(cut);
         detail.push('…');
     }
-    json!({
-        "type": format!("/problems/{slug}"),
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    })
+    Problem {
+        kind: format!("/problems/{slug}"),
+        title: title.to_string(),
+        status: status.as_u16(),
+        detail,
+        errors: None,
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -93,7 +95,7 @@ impl IntoResponse for ApiError {
                     "Invalid export request",
                     detail,
                 );
-                body["errors"] = json!(errors);
+                body.errors = Some(errors);
                 (StatusCode::BAD_REQUEST, body)
             }
             ApiError::UnknownDataset { name, allowed } => {
@@ -106,7 +108,10 @@ impl IntoResponse for ApiError {
                         allowed.join(", ")
                     ),
                 );
-                body["errors"] = json!([{"field": "dataset", "message": format!("allowed: {}", allowed.join(", "))}]);
+                body.errors = Some(vec![FieldError::new(
+                    "dataset",
+                    format!("allowed: {}", allowed.join(", ")),
+                )]);
                 (StatusCode::NOT_FOUND, body)
             }
             ApiError::Unauthorized(m) => (
@@ -170,7 +175,7 @@ impl IntoResponse for ApiError {
                     StatusCode::NOT_FOUND,
                     "no-route",
                     "No such endpoint",
-                    "see GET /exports/{dataset}, POST /exports, GET /exports/jobs/{job_id}".into(),
+                    "see GET /openapi.json for every route; GET /exports/datasets lists the datasets".into(),
                 ),
             ),
             ApiError::MethodNotAllowed => (

@@ -65,7 +65,7 @@ fn segment() -> impl Strategy<Value = String> {
 }
 
 fn path() -> impl Strategy<Value = String> {
-    let any_path = (0..10usize, segment(), segment()).prop_map(|(shape, a, b)| match shape {
+    let any_path = (0..12usize, segment(), segment()).prop_map(|(shape, a, b)| match shape {
         0 => format!("/exports/{a}"),
         1 => "/exports".to_string(),
         2 => format!("/exports/jobs/{a}"),
@@ -75,6 +75,8 @@ fn path() -> impl Strategy<Value = String> {
         6 => "/exports/cache/stats".to_string(),
         7 => "/health".to_string(),
         8 => format!("/{a}/{b}"),
+        9 => "/exports/datasets".to_string(),
+        10 => "/openapi.json".to_string(),
         _ => format!("/exports/{a}/{b}"),
     });
     // The export route most often: it is where the numbers and the cache paths are.

@@ -19,9 +19,14 @@ pub const BUILTIN_CATALOG: &str = include_str!("../../catalog.toml");
 /// windows must fit in it.
 pub const KEEP_RECORDS_FOR_DAYS: i64 = 7;
 
+/// Names a dataset cannot take: a fixed path of the API would hide it (`GET /exports/datasets`
+/// is the list, `/exports/cache/stats` the statistics).
+pub const RESERVED_NAMES: [&str; 2] = ["datasets", "stats"];
+
 /// Upper bound for a dataset's row limit: beyond this a single export is not the right tool.
 pub const MAX_ROW_LIMIT: u64 = 100_000_000;
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ColumnType {
@@ -322,6 +327,16 @@ fn validate_dataset(rd: RawDataset) -> Result<Dataset, CatalogError> {
             "must be 1-64 characters of a-z, 0-9 and _, starting with a letter".into(),
         ));
     }
+    if RESERVED_NAMES.contains(&rd.name.as_str()) {
+        return Err(err(
+            "name",
+            format!(
+                "`{}` is a path of the API; reserved: {}",
+                rd.name,
+                RESERVED_NAMES.join(", ")
+            ),
+        ));
+    }
     for (field, value) in [
         ("table", &rd.table),
         ("tenant_attribute", &rd.tenant_attribute),
@@ -584,6 +599,10 @@ columns = [
             CatalogError::Syntax(_)
         ));
         assert!(Catalog::from_toml("").is_err());
+        for reserved in RESERVED_NAMES {
+            let e = with(r#"name = "things""#, &format!("name = \"{reserved}\"")).unwrap_err();
+            assert_eq!(field_of(e), (reserved.to_string(), "name".to_string()));
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::catalog::{Catalog, Column, ColumnType, Dataset};
 use super::key::{CacheKey, Owner};
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Format {
     #[serde(rename = "csv")]
@@ -22,16 +23,21 @@ pub enum Format {
     Xlsx,
     #[serde(rename = "csv.gz")]
     CsvGz,
+    #[serde(rename = "ndjson")]
+    Ndjson,
 }
 
 impl Format {
-    pub const ALLOWED: &'static str = "csv, csv.gz, xlsx";
+    /// Every format, in the order the API lists them.
+    pub const ALL: [Self; 4] = [Self::Csv, Self::CsvGz, Self::Xlsx, Self::Ndjson];
+    pub const ALLOWED: &'static str = "csv, csv.gz, xlsx, ndjson";
 
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "csv" => Some(Self::Csv),
             "xlsx" => Some(Self::Xlsx),
             "csv.gz" | "csvgz" | "csv-gz" => Some(Self::CsvGz),
+            "ndjson" => Some(Self::Ndjson),
             _ => None,
         }
     }
@@ -41,6 +47,7 @@ impl Format {
             Self::Csv => "csv",
             Self::Xlsx => "xlsx",
             Self::CsvGz => "csv.gz",
+            Self::Ndjson => "ndjson",
         }
     }
 
@@ -54,6 +61,7 @@ impl Format {
             Self::Csv => "text/csv; charset=utf-8",
             Self::Xlsx => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
             Self::CsvGz => "application/gzip",
+            Self::Ndjson => "application/x-ndjson",
         }
     }
 
@@ -182,6 +190,7 @@ impl<'de> Deserialize<'de> for TimeZone {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldError {
     pub field: String,
@@ -269,6 +278,20 @@ pub enum RequestError {
     Invalid(Vec<FieldError>),
 }
 
+/// Fields of the JSON body of `POST /exports`.
+pub const JSON_FIELDS: [&str; 10] = [
+    "dataset",
+    "format",
+    "columns",
+    "filters",
+    "from",
+    "to",
+    "max_stale",
+    "tz",
+    "bom",
+    "delimiter",
+];
+
 /// What the caller sent, before any validation. Built from a query string or a JSON body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawExportRequest {
@@ -287,7 +310,8 @@ pub struct RawExportRequest {
     pub input_errors: Vec<FieldError>,
 }
 
-const QUERY_OPTIONS: [&str; 8] = [
+/// Query parameters of `GET /exports/{dataset}` that are options; every other one is a filter.
+pub const QUERY_OPTIONS: [&str; 8] = [
     "format",
     "columns",
     "from",
@@ -343,24 +367,12 @@ impl RawExportRequest {
             ));
             return raw;
         };
-        const KNOWN: [&str; 10] = [
-            "dataset",
-            "format",
-            "columns",
-            "filters",
-            "from",
-            "to",
-            "max_stale",
-            "tz",
-            "bom",
-            "delimiter",
-        ];
         let mut listed = false;
-        for key in obj.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
+        for key in obj.keys().filter(|k| !JSON_FIELDS.contains(&k.as_str())) {
             let message = if listed {
                 "unknown field".to_string()
             } else {
-                format!("unknown field; allowed: {}", KNOWN.join(", "))
+                format!("unknown field; allowed: {}", JSON_FIELDS.join(", "))
             };
             listed = true;
             raw.input_errors.push(FieldError::new(key, message));
@@ -909,6 +921,25 @@ mod tests {
     }
 
     #[test]
+    fn every_format_parses_from_its_name_and_the_allowed_list_names_them_all() {
+        let names: Vec<&str> = Format::ALL.iter().map(|f| f.as_str()).collect();
+        assert_eq!(names.join(", "), Format::ALLOWED);
+        for f in Format::ALL {
+            assert_eq!(Format::parse(f.as_str()), Some(f));
+            let stored = serde_json::to_value(f).unwrap();
+            assert_eq!(stored, f.as_str(), "stored as its name");
+        }
+        assert_eq!(Format::Ndjson.content_type(), "application/x-ndjson");
+        assert_eq!(Format::Ndjson.extension(), "ndjson");
+        // Options of CSV only are refused for NDJSON like for XLSX.
+        let fields: Vec<String> = errors(&[("format", "ndjson"), ("bom", "true")])
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, ["bom"]);
+    }
+
+    #[test]
     fn column_order_and_filter_order_do_not_change_the_key() {
         let a = key(&[
             ("columns", "amount,order_id"),
@@ -941,6 +972,7 @@ mod tests {
         for variant in [
             vec![("format", "xlsx")],
             vec![("format", "csv.gz")],
+            vec![("format", "ndjson")],
             vec![("columns", "order_id")],
             vec![("status", "paid")],
             vec![("from", "2024-01-01T00:00:00Z")],

@@ -1,4 +1,4 @@
-//! File encoders: rows in, bytes out, memory bounded by one page of rows plus one upload part.
+//! File encoders (CSV, csv.gz, XLSX, NDJSON): rows in, bytes out, memory bounded by one page of rows plus one upload part.
 //!
 //! The worker feeds rows page by page. Once enough bytes are buffered it asks the encoder to
 //! [`Encoder::cut`] a part: the encoder hands out every byte so far and the state a fresh encoder
@@ -14,6 +14,7 @@ use crate::domain::{EncoderState, ExportSpec, Format, Row};
 
 pub mod csv;
 pub mod deflate;
+pub mod ndjson;
 pub mod text;
 pub mod xlsx;
 pub mod zipstream;
@@ -126,6 +127,9 @@ pub fn encoder_for(
         (Format::Xlsx, None) => Box::new(xlsx::XlsxEncoder::new(file, columns, settings)?),
         (Format::Xlsx, Some(EncoderState::Xlsx(state))) => {
             Box::new(xlsx::XlsxEncoder::resume(file, columns, settings, state)?)
+        }
+        (Format::Ndjson, None | Some(EncoderState::Plain)) => {
+            Box::new(ndjson::NdjsonEncoder::new(&columns, opts.tz))
         }
         (_, Some(state)) => return Err(mismatch(state)),
     })

@@ -51,6 +51,7 @@ pub async fn invalidate_scope(
 }
 
 /// What `GET /exports/cache/stats` shows of one dataset.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct DatasetStats {
     pub hits: u64,
@@ -61,6 +62,7 @@ pub struct DatasetStats {
     pub rows: u64,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CacheStats {
     pub hits: u64,

@@ -10,6 +10,7 @@ use crate::ports::{
 };
 
 pub mod cache_admin;
+pub mod datasets;
 pub mod export;
 pub mod jobs;
 pub mod process;

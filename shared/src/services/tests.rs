@@ -454,7 +454,7 @@ async fn uninterrupted(rows: usize, page_rows: usize, part_size: usize, format: 
     file_of(&f, format)
 }
 
-const FORMATS: [&str; 3] = ["csv", "csv.gz", "xlsx"];
+const FORMATS: [&str; 4] = ["csv", "csv.gz", "xlsx", "ndjson"];
 
 /// A part size that cuts the file into about `parts` parts, and the uninterrupted file made with
 /// it.
