@@ -32,6 +32,8 @@ use wire::{
 /// Largest request body accepted (docs/contract.md, "Limits"); more is a 413 problem.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+const REPRESENTATION: &str = "return=representation";
+
 /// Seconds a client should wait before polling a job again.
 const POLL_AFTER_SECONDS: u32 = 2;
 
@@ -64,6 +66,7 @@ impl AppState {
 /// router and the document come from, so neither can list a route the other lacks.
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(page))
         .routes(routes!(health))
         .routes(routes!(openapi_json))
         .routes(routes!(post_export))
@@ -143,6 +146,31 @@ impl<S: Send + Sync> FromRequestParts<S> for Segment {
     }
 }
 
+/// The export page, compiled into the binary (no CDN, nothing fetched at runtime). No identity
+/// needed for the page itself: it calls the API with the bearer token the user gives it.
+const PAGE: &str = include_str!("../assets/index.html");
+
+/// The web page for people: pick dataset, columns, filters, range and format, watch the job,
+/// download the file, see the cache.
+#[utoipa::path(get, path = "/", tag = "service",
+    responses((status = 200, description = "The export page", body = String,
+        content_type = "text/html")))]
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // The page's script and style are inline; nothing else may load or frame it.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            ),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
 /// Liveness: answers once the configuration loaded. No identity needed.
 #[utoipa::path(get, path = "/health", tag = "service",
     responses((status = 200, description = "The function is up", body = HealthBody)))]
@@ -204,6 +232,9 @@ fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
                 ("X-Export-Id" = String, description = "The job that made the file"),
                 ("Age" = u64, description = "Seconds since the file was made"),
                 ("ETag" = String, description = "The file's SHA-256, quoted"))),
+        (status = 200, description = "A cached file as with `303`, when the request says `Prefer: return=representation`",
+            body = CachedFileBody, headers(
+                ("Preference-Applied" = String, description = "`return=representation`"))),
         (status = 202, description = "No file yet: a job makes it; poll `Location`",
             body = JobStatusBody, headers(
                 ("Location" = String, description = "`/exports/jobs/{job_id}`"),
@@ -222,9 +253,10 @@ async fn get_export(
     Caller(who): Caller,
     Segment(dataset): Segment,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let raw = RawExportRequest::from_query(&dataset, query_pairs(query));
-    export(&state, &who, raw).await
+    export(&state, &who, raw, &headers).await
 }
 
 /// The same request as `GET /exports/{dataset}`, as a JSON body.
@@ -232,6 +264,8 @@ async fn get_export(
     request_body(content = ExportRequest, description = "The export request"),
     responses(
         (status = 303, description = "A cached file, as for `GET /exports/{dataset}`",
+            body = CachedFileBody),
+        (status = 200, description = "A cached file as with `303`, when the request says `Prefer: return=representation`",
             body = CachedFileBody),
         (status = 202, description = "No file yet: a job makes it, as for `GET /exports/{dataset}`",
             body = JobStatusBody),
@@ -247,6 +281,7 @@ async fn get_export(
 async fn post_export(
     State(state): State<AppState>,
     Caller(who): Caller,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| {
@@ -264,13 +299,24 @@ async fn post_export(
             ),
         )
     })?;
-    export(&state, &who, RawExportRequest::from_json(&value)).await
+    export(&state, &who, RawExportRequest::from_json(&value), &headers).await
+}
+
+/// Whether the request's `Prefer` header (RFC 7240) holds `preference`.
+fn prefers(headers: &HeaderMap, preference: &str) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case(preference))
 }
 
 async fn export(
     state: &AppState,
     who: &Identity,
     raw: RawExportRequest,
+    request: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let answer = request_export(&state.deps, who, &raw).await?;
     let result = answer.cache_result().as_str();
@@ -308,7 +354,18 @@ async fn export(
                 created_at: entry.created_at,
                 fresh_until: entry.fresh_until,
             };
-            Ok((StatusCode::SEE_OTHER, headers, Json(body)).into_response())
+            // `Prefer: return=representation`: the file's description itself rather than a
+            // redirect, for a page whose script cannot see where a redirect went.
+            let status = if prefers(request, REPRESENTATION) {
+                headers.insert(
+                    "preference-applied",
+                    HeaderValue::from_static(REPRESENTATION),
+                );
+                StatusCode::OK
+            } else {
+                StatusCode::SEE_OTHER
+            };
+            Ok((status, headers, Json(body)).into_response())
         }
         ExportAnswer::Job { job, joined } => {
             tracing::info!(tenant = %who.tenant, dataset = %job.spec.dataset, cache = result,
@@ -842,6 +899,55 @@ mod tests {
             .await;
             assert_eq!(status, StatusCode::SEE_OTHER, "{v}");
             assert_eq!(headers["x-export-cache"], "stale");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hit_is_its_description_when_the_caller_prefers_a_representation() {
+        let f = fakes(keyed(), 10);
+        let body = r#"{"dataset":"orders","format":"csv"}"#;
+        assert_eq!(
+            send(router(f.deps.clone()), post(body)).await.0,
+            StatusCode::ACCEPTED
+        );
+        f.run_jobs().await;
+        let (status, headers, _) = send(router(f.deps.clone()), post(body)).await;
+        assert_eq!(
+            status,
+            StatusCode::SEE_OTHER,
+            "a plain request still redirects"
+        );
+        assert!(!headers.contains_key("preference-applied"));
+        let mut req = post(body);
+        req.headers_mut().insert(
+            "prefer",
+            HeaderValue::from_static("wait=3, Return=Representation"),
+        );
+        let (status, headers, bytes) = send(router(f.deps), req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["preference-applied"], "return=representation");
+        assert_eq!(headers["x-export-cache"], "hit");
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(doc["cache"], "hit");
+        assert!(doc["download_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("memory://"));
+    }
+
+    #[tokio::test]
+    async fn the_page_is_served_without_a_token_and_loads_nothing_from_elsewhere() {
+        let f = fakes(keyed(), 10);
+        let req = Request::builder().uri("/").body(Body::empty()).unwrap();
+        let (status, headers, bytes) = send(router(f.deps), req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
+        let page = String::from_utf8(bytes).unwrap();
+        assert!(page.contains("exports/datasets") && page.contains("<label for=\"token\">"));
+        for external in ["http://", "https://", "//cdn"] {
+            assert!(!page.contains(external), "the page names {external}");
         }
     }
 

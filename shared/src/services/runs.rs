@@ -39,7 +39,10 @@ pub(super) fn wanted(deps: &Deps, job: &Job) -> bool {
     let w = &deps.config.worker;
     job.checkpoint.is_none()
         && job.plan.is_none()
-        && matches!(job.spec.format, Format::Csv | Format::CsvGz)
+        && matches!(
+            job.spec.format,
+            Format::Csv | Format::CsvGz | Format::Ndjson
+        )
         && (w.ranges > 1 || segments_for(deps, job) > 1)
 }
 
