@@ -8,6 +8,18 @@ VENV_BIN="$ROOT/.local/venv/bin"
 RUN_DIR="${RUN_DIR:-$ROOT/.local/run}"
 export PATH="$VENV_BIN:$PATH"
 
+# need_package COMMAND PACKAGE: installs the Debian package when the command is missing (the
+# browser test's Chromium and chromedriver), with sudo when not root; fails saying what to install.
+need_package() {
+  command -v "$1" >/dev/null && return 0
+  command -v apt-get >/dev/null || { log "$1 is required (Debian package $2)"; return 1; }
+  local sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo=sudo
+  log "installing $2 (for $1)"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$2" >/dev/null
+  command -v "$1" >/dev/null || { log "$2 installed but $1 is still missing"; return 1; }
+}
+
 log() { printf '\033[1m[%s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # True while the process exists and is not a zombie.

@@ -6,6 +6,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 own_moto test
+# The browser test (tests/browser.rs) drives Debian's Chromium through chromedriver.
+need_package chromium chromium
+need_package chromedriver chromium-driver
 
 status=0
 log "cfn-lint template.yaml"

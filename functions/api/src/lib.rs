@@ -7,9 +7,10 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -421,6 +422,9 @@ async fn job_status(
     responses(
         (status = 303, description = "`Location` is a presigned URL of the file",
             headers(("Location" = String, description = "Presigned URL of the file"))),
+        (status = 200, description = "`{\"download_url\": ...}`, when the request says `Prefer: return=representation`",
+            body = Object, headers(
+                ("Preference-Applied" = String, description = "`return=representation`"))),
         (status = 404, description = "No such job of the caller's", body = Problem,
             content_type = "application/problem+json"),
         (status = 409, description = "Not ready yet, or the job failed", body = Problem,
@@ -432,9 +436,24 @@ async fn download(
     State(state): State<AppState>,
     Caller(who): Caller,
     Segment(job_id): Segment,
+    request: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = status::download_url(&state.deps, &who, &job_id).await?;
     tracing::info!(tenant = %who.tenant, job_id = %job_id, "download link signed");
+    if prefers(&request, REPRESENTATION) {
+        return Ok((
+            StatusCode::OK,
+            [
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+                (
+                    HeaderName::from_static("preference-applied"),
+                    HeaderValue::from_static(REPRESENTATION),
+                ),
+            ],
+            Json(json!({ "download_url": url })),
+        )
+            .into_response());
+    }
     Ok((
         StatusCode::SEE_OTHER,
         [
