@@ -198,18 +198,29 @@ fn documented_query_and_body_fields_are_the_ones_the_parsers_read() {
         assert_eq!(filters["style"], "form");
         assert_eq!(filters["explode"], true);
     }
-    let body: BTreeSet<&str> = doc["components"]["schemas"]["ExportRequest"]["properties"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(body, JSON_FIELDS.into_iter().collect());
+    let body = properties(&doc, &doc["components"]["schemas"]["ExportRequest"]);
+    assert_eq!(body, JSON_FIELDS.into_iter().map(String::from).collect());
     let formats = &doc["components"]["schemas"]["Format"]["enum"];
     assert_eq!(
         formats,
         &serde_json::json!(["csv", "xlsx", "csv.gz", "ndjson"])
     );
+}
+
+/// A schema's property names, through references and `allOf` (a flattened struct).
+fn properties(doc: &Value, schema: &Value) -> BTreeSet<String> {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.strip_prefix("#/components/schemas/").unwrap();
+        return properties(doc, &doc["components"]["schemas"][name]);
+    }
+    let mut out: BTreeSet<String> = schema["properties"]
+        .as_object()
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        out.extend(properties(doc, part));
+    }
+    out
 }
 
 /// The schema the document gives for this answer, references followed.
