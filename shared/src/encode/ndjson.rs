@@ -6,7 +6,7 @@
 //! digits, never through a float). serde_json reads the output back in the tests.
 //!
 //! No header, so a continuation is a fresh encoder: the bytes so far are a prefix of the file
-//! ([`EncoderState::Plain`]).
+//! ([`EncoderState::Plain`](crate::domain::EncoderState::Plain)).
 
 use chrono_tz::Tz;
 
