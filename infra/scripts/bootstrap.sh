@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the project's Python tools into .local/venv (gitignored): the AWS emulator (moto),
-# cargo-lambda and cfn-lint, at pinned versions. Idempotent; returns at once when the stamp
+# cargo-lambda and cfn-lint, and the readers CI checks files with, at pinned versions. Idempotent; returns at once when the stamp
 # matches the pins.
 set -euo pipefail
 
@@ -12,6 +12,7 @@ PINS=(
   "cargo-lambda==1.9.2"
   "cfn-lint==1.58.0"
   "openpyxl==3.1.5"
+  "openapi-spec-validator==0.9.0"
 )
 STAMP="$VENV/.bootstrap-stamp"
 WANT="uv==$UV_VERSION ${PINS[*]}"

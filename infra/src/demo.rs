@@ -735,10 +735,22 @@ pub fn print_summary(cfg: &DemoConfig, s: &DemoSummary) -> anyhow::Result<()> {
             cfg.export_url(format)
         );
     }
+    if !cfg.formats.iter().any(|f| f == "ndjson") {
+        // Not in the demo (its checks compare headers of labels), but a format to try.
+        println!(
+            "  curl -si -H \"Authorization: Bearer $TOKEN\" '{}'",
+            cfg.export_url("ndjson")
+        );
+    }
     println!(
         "  curl -s -H \"Authorization: Bearer $TOKEN\" '{}/exports/cache/stats'",
         cfg.api
     );
+    println!(
+        "  curl -s -H \"Authorization: Bearer $TOKEN\" '{}/exports/datasets'",
+        cfg.api
+    );
+    println!("  curl -s '{}/openapi.json'   # no token needed", cfg.api);
     Ok(())
 }
 

@@ -26,8 +26,8 @@ mod problem;
 pub mod wire;
 pub use problem::ApiError;
 use wire::{
-    CachedFileBody, DatasetBody, DatasetList, ExportQuery, ExportRequest, HealthBody,
-    JobStatusBody, Problem, ScopeQuery,
+    CachedFileBody, DatasetBody, DatasetList, ExportOptions, ExportQuery, ExportRequest,
+    HealthBody, JobStatusBody, Problem, ScopeQuery,
 };
 
 /// Largest request body accepted (docs/contract.md, "Limits"); more is a 413 problem.
@@ -224,7 +224,7 @@ fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
 /// `202` with the job (`miss`); identical requests while it runs get the same job.
 #[utoipa::path(get, path = "/exports/{dataset}", tag = "exports",
     params(("dataset" = String, Path, description = "A dataset of `GET /exports/datasets`"),
-        ExportQuery),
+        ExportQuery, ExportOptions),
     responses(
         (status = 303, description = "A cached file: `Location` is its presigned URL (at most 15 minutes)",
             body = CachedFileBody, headers(
@@ -467,7 +467,7 @@ async fn download(
 /// Stop serving the one cached file a `GET /exports/{dataset}` with this query would get.
 #[utoipa::path(delete, path = "/exports/cache/{dataset}", tag = "cache",
     params(("dataset" = String, Path, description = "A dataset of `GET /exports/datasets`"),
-        ExportQuery),
+        ExportQuery, ExportOptions),
     responses(
         (status = 204, description = "That entry is no longer served"),
         (status = 400, description = "Invalid request: `errors` names each field",

@@ -193,19 +193,13 @@ pub struct Problem {
     pub errors: Option<Vec<FieldError>>,
 }
 
-/// The JSON body of `POST /exports`. Documentation only: the handler reads the body field by
-/// field (`RawExportRequest::from_json`) so that each mistake is named; a test holds this type's
-/// fields to that parser's.
-#[derive(Debug, ToSchema)]
-pub struct ExportRequest {
-    /// A dataset of `GET /exports/datasets`.
-    pub dataset: String,
+/// What a request says besides its dataset, columns and filters: the same in a query string and
+/// in a JSON body.
+#[derive(Debug, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExportOptions {
     /// Default `csv`.
     pub format: Option<Format>,
-    /// Column names (an array, or a comma list); default all, always written in catalog order.
-    pub columns: Option<Vec<String>>,
-    /// Column -> value, for the dataset's filter columns (equality).
-    pub filters: Option<std::collections::BTreeMap<String, String>>,
     /// RFC 3339, inclusive; datasets with `range` only.
     pub from: Option<DateTime<Utc>>,
     /// RFC 3339, inclusive; datasets with `range` only.
@@ -220,28 +214,29 @@ pub struct ExportRequest {
     pub delimiter: Option<String>,
 }
 
-/// The query of `GET /exports/{dataset}` and `DELETE /exports/cache/{dataset}`: the options, and
-/// one more parameter per filter column of the dataset (`status=paid`). Documentation only, like
-/// [`ExportRequest`]: the handlers read the raw query.
+/// The JSON body of `POST /exports`. Documentation only: the handler reads the body field by
+/// field (`RawExportRequest::from_json`) so that each mistake is named; a test holds this type's
+/// fields to that parser's.
+#[derive(Debug, ToSchema)]
+pub struct ExportRequest {
+    /// A dataset of `GET /exports/datasets`.
+    pub dataset: String,
+    /// Column names (an array, or a comma list); default all, always written in catalog order.
+    pub columns: Option<Vec<String>>,
+    /// Column -> value, for the dataset's filter columns (equality).
+    pub filters: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(flatten)]
+    pub options: ExportOptions,
+}
+
+/// The query of `GET /exports/{dataset}` and `DELETE /exports/cache/{dataset}` besides
+/// [`ExportOptions`]: the columns, and one parameter per filter column of the dataset
+/// (`status=paid`). Documentation only, like [`ExportRequest`]: the handlers read the raw query.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ExportQuery {
-    /// Default `csv`.
-    pub format: Option<Format>,
     /// Comma list of column names; default all.
     pub columns: Option<String>,
-    /// RFC 3339, inclusive; datasets with `range` only.
-    pub from: Option<DateTime<Utc>>,
-    /// RFC 3339, inclusive; datasets with `range` only.
-    pub to: Option<DateTime<Utc>>,
-    /// Seconds past its fresh deadline a file may be (0 = must be fresh).
-    pub max_stale: Option<u64>,
-    /// IANA zone for timestamps in the file; default UTC.
-    pub tz: Option<String>,
-    /// CSV only: start with a UTF-8 byte order mark.
-    pub bom: Option<bool>,
-    /// CSV only: `comma` (default), `semicolon` or `tab`.
-    pub delimiter: Option<String>,
     /// Equality filters: `{column}={value}` for the dataset's filter columns.
     #[param(style = Form, explode)]
     pub filters: Option<std::collections::BTreeMap<String, String>>,

@@ -9,7 +9,7 @@ use chrono_tz::Tz;
 
 use super::deflate::Deflater;
 use super::text::{needs_neutralising, push_date, push_timestamp, NEUTRALISING_PREFIX};
-use super::{Cut, EncodeError, Encoder, Finished};
+use super::{Cut, EncodeError, Encoder, Finished, RowWriter, RowsEncoder};
 use crate::domain::Column;
 use crate::domain::{EncoderState, Row, Value};
 
@@ -33,36 +33,40 @@ impl Default for CsvOptions {
     }
 }
 
-pub struct CsvEncoder {
-    buf: Vec<u8>,
+/// CSV rows with their options; the encoder is [`CsvEncoder`].
+pub struct CsvRows {
     opts: CsvOptions,
     columns: usize,
 }
 
+/// Plain CSV: the bytes so far are a prefix of the file.
+pub type CsvEncoder = RowsEncoder<CsvRows>;
+
 impl CsvEncoder {
     pub fn new(columns: Vec<Column>, opts: CsvOptions, with_header: bool) -> Self {
-        let mut enc = Self {
-            buf: Vec::with_capacity(1 << 20),
-            opts,
-            columns: columns.len(),
-        };
+        let mut head = Vec::with_capacity(1 << 20);
         if with_header {
             if opts.bom {
-                enc.buf.extend_from_slice(BOM);
+                head.extend_from_slice(BOM);
             }
             for (i, c) in columns.iter().enumerate() {
                 if i > 0 {
-                    enc.buf.push(opts.delimiter);
+                    head.push(opts.delimiter);
                 }
-                push_text(&mut enc.buf, &c.label, opts.delimiter);
+                push_text(&mut head, &c.label, opts.delimiter);
             }
-            enc.buf.extend_from_slice(EOL);
+            head.extend_from_slice(EOL);
         }
-        enc
+        let rows = CsvRows {
+            opts,
+            columns: columns.len(),
+        };
+        RowsEncoder::with_head(rows, head)
     }
+}
 
-    /// Appends one row to `out`.
-    pub fn encode_row(&self, out: &mut Vec<u8>, row: &Row) {
+impl RowWriter for CsvRows {
+    fn write_row(&self, out: &mut Vec<u8>, row: &Row) {
         debug_assert_eq!(row.len(), self.columns);
         let d = self.opts.delimiter;
         for (i, v) in row.iter().enumerate() {
@@ -141,42 +145,6 @@ pub fn push_text(out: &mut Vec<u8>, s: &str, delimiter: u8) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
-}
-
-impl Encoder for CsvEncoder {
-    fn write_rows(&mut self, rows: &[Row]) -> Result<(), EncodeError> {
-        let mut buf = std::mem::take(&mut self.buf);
-        for r in rows {
-            self.encode_row(&mut buf, r);
-        }
-        self.buf = buf;
-        Ok(())
-    }
-
-    fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
-    fn cut(&mut self) -> Result<Cut, EncodeError> {
-        Ok(Cut {
-            bytes: self.take(),
-            state: EncoderState::Plain,
-        })
-    }
-
-    fn finish(self: Box<Self>) -> Result<Finished, EncodeError> {
-        Ok(Finished {
-            tail: self.buf,
-            sheets: 0,
-            truncated_cells: 0,
-        })
-    }
-}
-
-impl CsvEncoder {
-    fn take(&mut self) -> Vec<u8> {
-        std::mem::replace(&mut self.buf, Vec::with_capacity(1 << 20))
-    }
 }
 
 /// The fixed gzip member header (RFC 1952): deflate, no name, no time, unknown OS. Written by hand
@@ -277,19 +245,10 @@ impl Encoder for GzCsvEncoder {
 mod tests {
     use super::*;
     use crate::domain::{Catalog, ColumnType};
+    use crate::encode::testkit::col;
     use chrono::{DateTime, NaiveDate, Utc};
     use proptest::prelude::*;
     use std::io::Read;
-
-    fn col(name: &str, ty: ColumnType) -> Column {
-        Column {
-            name: name.into(),
-            ty,
-            label: format!("{name} label"),
-            source: name.into(),
-            money: false,
-        }
-    }
 
     fn encode(columns: Vec<Column>, rows: &[Row], opts: CsvOptions) -> Vec<u8> {
         let mut e: Box<dyn Encoder> = Box::new(CsvEncoder::new(columns, opts, true));

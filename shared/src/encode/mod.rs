@@ -84,6 +84,59 @@ pub trait Encoder: Send {
     fn finish(self: Box<Self>) -> Result<Finished, EncodeError>;
 }
 
+/// A format that writes each row on its own and nothing at the end, so the bytes so far are
+/// always a prefix of the file (CSV, NDJSON).
+pub trait RowWriter: Send {
+    fn write_row(&self, out: &mut Vec<u8>, row: &Row);
+}
+
+/// The encoder of a [`RowWriter`] format: rows into one buffer, cut between any two of them;
+/// a continuation is a fresh one without the head ([`EncoderState::Plain`]).
+pub struct RowsEncoder<W> {
+    buf: Vec<u8>,
+    rows: W,
+}
+
+impl<W: RowWriter> RowsEncoder<W> {
+    /// Starts the file with `head` (a header, or nothing).
+    pub fn with_head(rows: W, head: Vec<u8>) -> Self {
+        Self { buf: head, rows }
+    }
+
+    /// The bytes so far, leaving an empty buffer of the usual size.
+    pub(crate) fn take(&mut self) -> Vec<u8> {
+        std::mem::replace(&mut self.buf, Vec::with_capacity(1 << 20))
+    }
+}
+
+impl<W: RowWriter> Encoder for RowsEncoder<W> {
+    fn write_rows(&mut self, rows: &[Row]) -> Result<(), EncodeError> {
+        for r in rows {
+            self.rows.write_row(&mut self.buf, r);
+        }
+        Ok(())
+    }
+
+    fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn cut(&mut self) -> Result<Cut, EncodeError> {
+        Ok(Cut {
+            bytes: self.take(),
+            state: EncoderState::Plain,
+        })
+    }
+
+    fn finish(self: Box<Self>) -> Result<Finished, EncodeError> {
+        Ok(Finished {
+            tail: self.buf,
+            sheets: 0,
+            truncated_cells: 0,
+        })
+    }
+}
+
 /// What is fixed for the whole file, whichever invocation writes which part of it.
 #[derive(Debug, Clone, Copy)]
 pub struct FileInfo<'a> {
@@ -140,5 +193,22 @@ fn state_name(state: &EncoderState) -> &'static str {
         EncoderState::Plain => "plain text",
         EncoderState::Gzip { .. } => "gzip",
         EncoderState::Xlsx(_) => "xlsx",
+    }
+}
+
+/// Columns for the encoders' tests.
+#[cfg(test)]
+pub(crate) mod testkit {
+    use crate::domain::{Column, ColumnType};
+
+    /// A column named `name`, read from the attribute of that name, labelled `{name} label`.
+    pub fn col(name: &str, ty: ColumnType) -> Column {
+        Column {
+            name: name.into(),
+            ty,
+            label: format!("{name} label"),
+            source: name.into(),
+            money: false,
+        }
     }
 }

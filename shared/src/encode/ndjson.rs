@@ -6,22 +6,24 @@
 //! digits, never through a float). serde_json reads the output back in the tests.
 //!
 //! No header, so a continuation is a fresh encoder: the bytes so far are a prefix of the file
-//! ([`EncoderState::Plain`]).
+//! ([`EncoderState::Plain`](crate::domain::EncoderState::Plain)).
 
 use chrono_tz::Tz;
 
 use super::text::{push_date, push_timestamp};
-use super::{Cut, EncodeError, Encoder, Finished};
+use super::{RowWriter, RowsEncoder};
 use crate::domain::value::is_decimal_text;
 use crate::domain::Column;
-use crate::domain::{EncoderState, Row, Value};
+use crate::domain::{Row, Value};
 
-pub struct NdjsonEncoder {
-    buf: Vec<u8>,
+/// NDJSON rows: the keys and the zone for timestamps; the encoder is [`NdjsonEncoder`].
+pub struct NdjsonRows {
     /// `{"name":` for the first column, `,"name":` for the others: escaped once per file.
     keys: Vec<Vec<u8>>,
     tz: Tz,
 }
+
+pub type NdjsonEncoder = RowsEncoder<NdjsonRows>;
 
 impl NdjsonEncoder {
     /// A new file and the continuation of one are the same: there is no header.
@@ -36,15 +38,12 @@ impl NdjsonEncoder {
                 key
             })
             .collect();
-        Self {
-            buf: Vec::with_capacity(1 << 20),
-            keys,
-            tz,
-        }
+        RowsEncoder::with_head(NdjsonRows { keys, tz }, Vec::with_capacity(1 << 20))
     }
+}
 
-    /// Appends one row as a line to `out`.
-    pub fn encode_row(&self, out: &mut Vec<u8>, row: &Row) {
+impl RowWriter for NdjsonRows {
+    fn write_row(&self, out: &mut Vec<u8>, row: &Row) {
         debug_assert_eq!(row.len(), self.keys.len());
         if self.keys.is_empty() {
             out.push(b'{');
@@ -127,53 +126,16 @@ fn push_decimal(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(trimmed.as_bytes());
 }
 
-impl Encoder for NdjsonEncoder {
-    fn write_rows(&mut self, rows: &[Row]) -> Result<(), EncodeError> {
-        let mut buf = std::mem::take(&mut self.buf);
-        for r in rows {
-            self.encode_row(&mut buf, r);
-        }
-        self.buf = buf;
-        Ok(())
-    }
-
-    fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
-    fn cut(&mut self) -> Result<Cut, EncodeError> {
-        Ok(Cut {
-            bytes: std::mem::replace(&mut self.buf, Vec::with_capacity(1 << 20)),
-            state: EncoderState::Plain,
-        })
-    }
-
-    fn finish(self: Box<Self>) -> Result<Finished, EncodeError> {
-        Ok(Finished {
-            tail: self.buf,
-            sheets: 0,
-            truncated_cells: 0,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::ColumnType;
+    use crate::domain::EncoderState;
+    use crate::encode::testkit::col;
+    use crate::encode::Encoder;
     use chrono::{DateTime, NaiveDate, Utc};
     use proptest::prelude::*;
     use serde_json::{json, Value as Json};
-
-    fn col(name: &str, ty: ColumnType) -> Column {
-        Column {
-            name: name.into(),
-            ty,
-            label: format!("{name} label"),
-            source: name.into(),
-            money: false,
-        }
-    }
 
     fn encode(columns: &[Column], rows: &[Row], tz: Tz) -> Vec<u8> {
         let mut e: Box<dyn Encoder> = Box::new(NdjsonEncoder::new(columns, tz));
