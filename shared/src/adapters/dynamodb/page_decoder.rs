@@ -37,9 +37,8 @@ use http_body::{Body, Frame};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::source::{convert, encode_cursor, Wire, UNKNOWN_KIND};
-use crate::domain::catalog::ColumnType;
-use crate::domain::{Row, Value};
+use super::source::{encode_cursor, Cells, Columns, Wire, UNKNOWN_KIND};
+use crate::domain::Row;
 use crate::ports::{Page, PortError, PortResult, SourceQuery};
 
 /// What the SDK parses instead of the page: an answer with nothing in it.
@@ -182,42 +181,6 @@ pub fn decode_page(q: &SourceQuery, body: &[u8]) -> PortResult<Page> {
     })
 }
 
-/// The query's columns, and where an item's attribute goes.
-struct Columns<'q> {
-    columns: &'q [(String, ColumnType)],
-    /// The first column of each column's attribute: `page_of` takes an attribute out of the item
-    /// for its first column, so a repeated attribute leaves its later columns empty.
-    first: Vec<usize>,
-}
-
-impl<'q> Columns<'q> {
-    fn new(columns: &'q [(String, ColumnType)]) -> Self {
-        let first = columns
-            .iter()
-            .enumerate()
-            .map(|(i, (attr, _))| {
-                columns[..i]
-                    .iter()
-                    .position(|(a, _)| a == attr)
-                    .unwrap_or(i)
-            })
-            .collect();
-        Self { columns, first }
-    }
-
-    /// The column `name` fills, as (where it was found, the column), looking from `from` on:
-    /// items of one page mostly list their attributes in the same order, so the next one is
-    /// usually right there.
-    fn find(&self, name: &str, from: usize) -> Option<(usize, usize)> {
-        let n = self.columns.len();
-        let from = from.min(n);
-        (from..n)
-            .chain(0..from)
-            .find(|&i| self.columns[i].0 == name)
-            .map(|i| (i, self.first[i]))
-    }
-}
-
 /// What the answer holds once read.
 #[derive(Default)]
 struct Answer<'de> {
@@ -336,32 +299,16 @@ impl<'de> Visitor<'de> for ItemSeed<'_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let columns = self.0;
-        let mut row: Row = vec![Value::Null; columns.columns.len()];
-        let mut errors: Vec<(usize, PortError)> = Vec::new();
+        let mut cells = Cells::new(columns.len());
         let mut from = 0;
         while let Some(name) = map.next_key::<Text>()? {
             let value = map.next_value::<Attr>()?.0;
-            let Some((found, column)) = columns.find(&name.0, from) else {
-                continue;
-            };
-            from = found + 1;
-            // A repeated attribute keeps its last value, as the SDK's map does.
-            if !errors.is_empty() {
-                errors.retain(|(c, _)| *c != column);
-            }
-            let (attr, ty) = &columns.columns[column];
-            match convert(attr, *ty, value) {
-                Ok(cell) => row[column] = cell,
-                Err(e) => {
-                    row[column] = Value::Null;
-                    errors.push((column, e));
-                }
+            if let Some((found, column)) = columns.find(&name.0, from) {
+                from = found + 1;
+                cells.set(column, columns.convert(column, value));
             }
         }
-        Ok(match errors.into_iter().min_by_key(|(c, _)| *c) {
-            Some((_, e)) => Err(e),
-            None => Ok(row),
-        })
+        Ok(cells.finish())
     }
 }
 

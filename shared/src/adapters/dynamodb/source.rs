@@ -161,20 +161,105 @@ pub fn page_of(q: &SourceQuery, resp: QueryOutput) -> PortResult<Page> {
         Some(k) if !k.is_empty() => Some(encode_cursor(k.into_iter().map(|(k, v)| (k, v.into())))?),
         _ => None,
     };
+    let columns = Columns::new(&q.columns);
     let mut rows = Vec::with_capacity(resp.items.as_ref().map_or(0, Vec::len));
-    for mut item in resp.items.unwrap_or_default() {
-        let row: Row = q
-            .columns
-            .iter()
-            .map(|(attr, ty)| to_value(attr, *ty, item.remove(attr)))
-            .collect::<PortResult<_>>()?;
-        rows.push(row);
+    for item in resp.items.unwrap_or_default() {
+        // One pass over the item's attributes: cheaper than hashing every column's name into it.
+        let mut cells = Cells::new(columns.len());
+        for (name, value) in item {
+            if let Some((_, column)) = columns.find(&name, 0) {
+                cells.set(column, columns.convert(column, value.into()));
+            }
+        }
+        rows.push(cells.finish()?);
     }
     Ok(Page {
         rows,
         next,
         read_capacity,
     })
+}
+
+/// The query's columns, and which one an item's attribute fills.
+pub(super) struct Columns<'q> {
+    columns: &'q [(String, ColumnType)],
+    /// The first column of each column's attribute: an attribute fills its first column only,
+    /// so a repeated one leaves its later columns empty.
+    first: Vec<usize>,
+}
+
+impl<'q> Columns<'q> {
+    pub(super) fn new(columns: &'q [(String, ColumnType)]) -> Self {
+        let first = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (attr, _))| {
+                columns[..i]
+                    .iter()
+                    .position(|(a, _)| a == attr)
+                    .unwrap_or(i)
+            })
+            .collect();
+        Self { columns, first }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// The column `name` fills, as (where it was found, the column), looking from `from` on:
+    /// the items of one page mostly list their attributes in the same order, so a caller that
+    /// looks right after the last one found usually finds the next one there.
+    pub(super) fn find(&self, name: &str, from: usize) -> Option<(usize, usize)> {
+        let n = self.columns.len();
+        let from = from.min(n);
+        (from..n)
+            .chain(0..from)
+            .find(|&i| self.columns[i].0 == name)
+            .map(|i| (i, self.first[i]))
+    }
+
+    pub(super) fn convert(&self, column: usize, value: Wire<'_>) -> PortResult<Value> {
+        let (attr, ty) = &self.columns[column];
+        convert(attr, *ty, value)
+    }
+}
+
+/// One item's cells, filled as its attributes come: a repeated attribute keeps its last value
+/// (as the SDK's map keeps it), and the item's error is that of its first column that did not
+/// convert, as if read column by column.
+pub(super) struct Cells {
+    row: Row,
+    errors: Vec<(usize, PortError)>,
+}
+
+impl Cells {
+    pub(super) fn new(columns: usize) -> Self {
+        Self {
+            row: vec![Value::Null; columns],
+            errors: Vec::new(),
+        }
+    }
+
+    pub(super) fn set(&mut self, column: usize, cell: PortResult<Value>) {
+        if !self.errors.is_empty() {
+            self.errors.retain(|(c, _)| *c != column);
+        }
+        match cell {
+            Ok(v) => self.row[column] = v,
+            Err(e) => {
+                self.row[column] = Value::Null;
+                self.errors.push((column, e));
+            }
+        }
+    }
+
+    pub(super) fn finish(self) -> PortResult<Row> {
+        match self.errors.into_iter().min_by_key(|(c, _)| *c) {
+            Some((_, e)) => Err(e),
+            None => Ok(self.row),
+        }
+    }
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, the form most writers store (the seeder too), read without chrono's
