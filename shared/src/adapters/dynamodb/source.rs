@@ -158,7 +158,10 @@ pub fn page_of(q: &SourceQuery, resp: QueryOutput) -> PortResult<Page> {
         .and_then(|c| c.capacity_units)
         .unwrap_or(0.0);
     let next = match resp.last_evaluated_key {
-        Some(k) if !k.is_empty() => Some(encode_cursor(k.into_iter().map(|(k, v)| (k, v.into())))?),
+        Some(k) if !k.is_empty() => {
+            let key = k.into_iter().map(|(name, v)| (name, Wire::from(v)));
+            Some(encode_cursor(key)?)
+        }
         _ => None,
     };
     let columns = Columns::new(&q.columns);

@@ -12,11 +12,11 @@ use proptest::sample::select;
 use serde_json::json;
 
 use super::*;
-use crate::domain::catalog::ColumnType;
-use crate::domain::Value;
 use crate::adapters::dynamodb::DynamoSource;
 use crate::adapters::testkit::{answer, answering, dynamodb, error};
 use crate::config::SourceDecoder;
+use crate::domain::catalog::ColumnType;
+use crate::domain::Value;
 use crate::ports::RowSource;
 
 // ---------------------------------------------------------------------------------------------
