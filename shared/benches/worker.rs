@@ -1,10 +1,14 @@
-//! The worker's whole path at scale: DynamoDB Query pages in the wire format, parsed by the real
-//! SDK, converted to rows by the project's `DynamoSource`, encoded, and uploaded as multipart
-//! parts through the project's `S3Files` into the emulator's S3.
+//! The worker's whole path at scale: DynamoDB Query pages in the wire format, read through the
+//! real SDK by the project's `DynamoSource` with either source decoder (`sdk`: the SDK parses each
+//! page, then its items are converted to rows; `fast`: the SDK's call with its body kept, decoded
+//! straight into rows), encoded, and uploaded as multipart parts through the project's `S3Files`
+//! into the emulator's S3.
 //!
 //! `make bench-worker` (starts moto, then `cargo bench -p shared --bench worker -- 1000000`), or
 //! with `AWS_ENDPOINT_URL` set to a running emulator: `cargo bench -p shared --bench worker --
-//! [ROWS...]` (`BENCH_CASES=csv,xlsx` picks the formats).
+//! [ROWS...]`. `BENCH_CASES` picks the cases, `format/decoder` (default
+//! `csv/sdk,csv/fast,xlsx/sdk,xlsx/fast`, run in that order for each row count, so the two
+//! decoders of a format meet the same machine load); a case without a decoder is `fast`.
 //!
 //! The pages come from a canned endpoint on its own thread: 1 MB pages of 4,000 synthetic orders
 //! (the bench generator shared with the encoders bench, as DynamoDB JSON under the catalog's
@@ -14,7 +18,10 @@
 //! encoder and the uploads all run on the measured thread: CPU time per phase is that thread's
 //! (`/proc/thread-self/schedstat`), peak RSS is the child's `VmHWM`, and "disk writes" its
 //! `write_bytes`. Upload time is this process's side only (request signing, checksums, the
-//! copy to the socket); the emulator's work runs in its own process.
+//! copy to the socket); the emulator's work runs in its own process. "parse" is the Query call
+//! (HTTP, the SDK's orchestration and, for `sdk`, its parse of the page; for `fast` the SDK
+//! parses `{}`), "convert" what turns its answer into rows (`page_of`, or the fast decoder's
+//! whole read of the page's JSON).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -24,8 +31,9 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodb::config::BehaviorVersion;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value as Json};
-use shared::adapters::dynamodb::{page_of, DynamoSource};
+use shared::adapters::dynamodb::DynamoSource;
 use shared::adapters::s3::S3Files;
+use shared::config::SourceDecoder;
 use shared::domain::request::normalise;
 use shared::domain::{Catalog, Column, RawExportRequest, Row, UploadedPart, Value};
 use shared::encode::{encoder_for, EncodeSettings, FileInfo};
@@ -46,7 +54,7 @@ const DISTINCT_PAGES: u64 = 4;
 /// The worker's default part size.
 const PART_SIZE: usize = 8 << 20;
 const DEFAULT_ROWS: [u64; 1] = [1_000_000];
-const DEFAULT_CASES: [&str; 2] = ["csv", "xlsx"];
+const DEFAULT_CASES: [&str; 4] = ["csv/sdk", "csv/fast", "xlsx/sdk", "xlsx/fast"];
 const PHASES: [&str; 4] = ["parse", "convert", "encode", "upload"];
 
 fn main() -> Res<()> {
@@ -59,23 +67,33 @@ fn main() -> Res<()> {
     }
     let cases = cases(&DEFAULT_CASES);
     println!(
-        "| format | rows | seconds | rows/s | CPU µs/row: parse | convert | encode | upload | output | parts | peak RSS | disk writes |"
+        "| format | decoder | rows | seconds | rows/s | CPU µs/row: parse | convert | encode | upload | rows/s of CPU | output | parts | peak RSS | disk writes |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut cpu: Vec<(String, u64, f64)> = Vec::new();
     for &n in &rows {
         for case in &cases {
+            let (format, decoder) = split_case(case)?;
             let stdout = run_case(case, n)?;
             let m = parse_measurement(&stdout)?;
             let secs = m["wall_ns"] as f64 / 1e9;
             let per_row = |phase: &str| m[&format!("{phase}_ns")] as f64 / 1e3 / n as f64;
+            let cpu_s: f64 = PHASES
+                .iter()
+                .map(|p| m[&format!("{p}_ns")] as f64)
+                .sum::<f64>()
+                / 1e9;
+            cpu.push((case.clone(), n, cpu_s));
             println!(
-                "| {case} | {} | {secs:.2} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} MiB | {} B |",
+                "| {format} | {} | {} | {secs:.2} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.1} MiB | {} B |",
+                decoder_name(decoder),
                 group(n),
                 group((n as f64 / secs) as u64),
                 per_row("parse"),
                 per_row("convert"),
                 per_row("encode"),
                 per_row("upload"),
+                group((n as f64 / cpu_s) as u64),
                 size(m["bytes"]),
                 m["parts"],
                 m["peak_rss_kib"] as f64 / 1024.0,
@@ -83,7 +101,42 @@ fn main() -> Res<()> {
             );
         }
     }
+    // The machine is shared: compare decoders within one run, case against case.
+    for (case, n, fast) in &cpu {
+        let Some(format) = case.strip_suffix("/fast") else {
+            continue;
+        };
+        let sdk = cpu
+            .iter()
+            .find(|(c, m, _)| m == n && c == &format!("{format}/sdk"));
+        if let Some((_, _, sdk)) = sdk {
+            println!(
+                "{format}, {} rows: the fast decoder takes {:.2}x the CPU of the SDK's ({:.2}x as many rows/s of CPU)",
+                group(*n),
+                fast / sdk,
+                sdk / fast
+            );
+        }
+    }
     Ok(())
+}
+
+/// `csv/fast` -> ("csv", Fast); a case without a decoder is the default one.
+fn split_case(case: &str) -> Res<(&str, SourceDecoder)> {
+    let (format, decoder) = case.split_once('/').unwrap_or((case, "fast"));
+    let decoder = match decoder {
+        "fast" => SourceDecoder::Fast,
+        "sdk" => SourceDecoder::Sdk,
+        other => return Err(format!("unknown decoder {other} (fast or sdk)").into()),
+    };
+    Ok((format, decoder))
+}
+
+fn decoder_name(d: SourceDecoder) -> &'static str {
+    match d {
+        SourceDecoder::Fast => "fast",
+        SourceDecoder::Sdk => "sdk",
+    }
 }
 
 fn parse_measurement(s: &str) -> Res<BTreeMap<String, u64>> {
@@ -121,8 +174,9 @@ impl Phases {
     }
 }
 
-/// One measurement: `rows` orders through the worker's path in `format`.
-fn child(format: &str, rows: u64) -> Res<()> {
+/// One measurement: `rows` orders through the worker's path, as `case` says.
+fn child(case: &str, rows: u64) -> Res<()> {
+    let (format, decoder) = split_case(case)?;
     let catalog = Catalog::builtin()?;
     let export = normalise(
         &catalog,
@@ -148,7 +202,7 @@ fn child(format: &str, rows: u64) -> Res<()> {
         );
         let bucket = format!("bench-{}", std::process::id());
         s3.create_bucket().bucket(&bucket).send().await?;
-        let source = DynamoSource::new(ddb);
+        let source = DynamoSource::new(ddb, decoder);
         let files = S3Files::new(s3, &bucket);
         let key = format!(
             "exports/acme/orders/bench.{}",
@@ -171,10 +225,10 @@ fn child(format: &str, rows: u64) -> Res<()> {
         let mut read = 0u64;
         let mut cursor: Option<String> = None;
         loop {
-            let output = phases
-                .time(0, source.query(&query, cursor.as_deref()))
+            let answer = phases
+                .time(0, source.send(&query, cursor.as_deref()))
                 .await??;
-            let page = phases.time(1, async { page_of(&query, output) }).await??;
+            let page = phases.time(1, async { answer.into_page(&query) }).await??;
             read += page.rows.len() as u64;
             let cut = phases
                 .time(2, async {

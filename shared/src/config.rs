@@ -26,6 +26,18 @@ pub enum LogFormat {
     Text,
 }
 
+/// How the worker reads a source Query page. Either way the SDK builds, signs, sends, retries and
+/// times out the call and parses its errors; they differ in who parses a successful page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceDecoder {
+    /// The page's JSON is decoded straight into rows of the projected columns, without an
+    /// attribute map per item (`adapters::dynamodb::page_decoder`); about twice as fast.
+    #[default]
+    Fast,
+    /// The SDK parses the page into attribute maps, which are then converted.
+    Sdk,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub meta_table: String,
@@ -50,6 +62,7 @@ pub struct Config {
     pub sdk: SdkTimeouts,
     /// Bulk AWS calls: source table pages and file parts, which legitimately take longer.
     pub sdk_bulk: SdkTimeouts,
+    pub source_decoder: SourceDecoder,
     pub log_format: LogFormat,
     pub worker: WorkerSettings,
     pub warmer: WarmerSettings,
@@ -210,6 +223,17 @@ impl Config {
                 })
             }
         };
+        let source_decoder = match get("SOURCE_DECODER").as_deref() {
+            None | Some("fast") => SourceDecoder::Fast,
+            Some("sdk") => SourceDecoder::Sdk,
+            Some(v) => {
+                return Err(ConfigError::Invalid {
+                    name: "SOURCE_DECODER",
+                    value: v.into(),
+                    message: "expected fast or sdk".into(),
+                })
+            }
+        };
         let millis = |k: &'static str, default: u64| -> Result<Duration, ConfigError> {
             match number(k, default)? {
                 0 => Err(ConfigError::Invalid {
@@ -331,6 +355,7 @@ impl Config {
             s3_force_path_style: flag("S3_FORCE_PATH_STYLE")?,
             sdk,
             sdk_bulk,
+            source_decoder,
             log_format,
             worker: WorkerSettings {
                 part_size,
@@ -392,6 +417,7 @@ mod tests {
         assert_eq!(c.tenant_claim, "tenant_id");
         assert_eq!(c.presign_ttl, Duration::from_secs(300));
         assert!(c.local_jwt_secret.is_none());
+        assert_eq!(c.source_decoder, SourceDecoder::Fast);
         let mut env = base();
         env.remove("JOB_QUEUE_URL");
         assert_eq!(
@@ -420,6 +446,7 @@ mod tests {
             ("PART_SIZE_BYTES", "1000"),
             ("S3_FORCE_PATH_STYLE", "yes please"),
             ("LOG_FORMAT", "xml"),
+            ("SOURCE_DECODER", "simd"),
             ("XLSX_ROWS_PER_SHEET", "2000000"),
             ("TENANT_WAIT_SECONDS", "901"),
             ("SDK_CALL_TIMEOUT_MS", "0"),

@@ -135,7 +135,10 @@ pub fn deps_from_aws(sdk: &aws_config::SdkConfig, config: Config, catalog: Catal
         generations: meta.clone(),
         counters: meta.clone(),
         slots: meta,
-        source: Arc::new(dynamodb::DynamoSource::new(ddb(&config.sdk_bulk))),
+        source: Arc::new(dynamodb::DynamoSource::new(
+            ddb(&config.sdk_bulk),
+            config.source_decoder,
+        )),
         files: Arc::new(s3::S3Files::new(s3, &config.bucket)),
         queue: Arc::new(sqs::SqsQueue::new(sqs, &config.queue_url)),
         clock: Arc::new(SystemClock),

@@ -1,16 +1,19 @@
 //! DynamoDB, as two adapters: the metadata store (`metadata`: jobs, entries, markers,
 //! generations, counters, in one table) and the source reader (`source`: rows, read by Query on
-//! the tenant partition). Attribute helpers both use live here.
+//! the tenant partition; `page_decoder` reads its pages' JSON straight into rows). Attribute
+//! helpers both use live here.
 
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
 pub mod metadata;
+pub mod page_decoder;
 pub mod source;
 
 pub use metadata::{MetaStore, META_IAM};
-pub use source::{page_of, to_value, DynamoSource, SOURCE_IAM};
+pub use page_decoder::decode_page;
+pub use source::{page_of, to_value, DynamoSource, QueryAnswer, SOURCE_IAM};
 
 type Item = HashMap<String, AttributeValue>;
 
