@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make bench-worker: the worker bench (shared/benches/worker.rs) against a moto server of its own
 # on a free port, stopped by PID afterwards. BENCH_ROWS (1000000; a comma list) and BENCH_CASES
-# (csv,xlsx) pick the runs.
+# (format/decoder: csv/sdk,csv/fast,xlsx/sdk,xlsx/fast) pick the runs.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
