@@ -145,7 +145,7 @@ impl Stack {
             env.insert(k.to_string(), v.to_string());
         }
         let config = Config::from_map(&env).unwrap();
-        let mut deps = deps_from_aws(&sdk, config, Catalog::builtin().unwrap());
+        let mut deps = deps_from_aws(&sdk, config, Catalog::builtin().unwrap()).await;
         let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
         deps.clock = clock.clone();
         let queue_arn = aws_sdk_sqs::Client::new(&sdk)
