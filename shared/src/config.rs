@@ -73,6 +73,35 @@ pub struct SourceSettings {
 }
 
 impl SourceSettings {
+    /// The `SOURCE_*` variables of `env` (part of [`Config::from_map`]; the local tools that
+    /// write the source tables read them alone).
+    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |name: &'static str, valid: fn(&str) -> bool, expected: &str| {
+            env.get(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .map(|v| checked(name, v, valid, expected))
+                .transpose()
+        };
+        Ok(Self {
+            region: get(
+                "SOURCE_REGION",
+                is_region,
+                "an AWS region such as eu-west-1",
+            )?,
+            role_arn: get(
+                "SOURCE_ROLE_ARN",
+                is_role_arn,
+                "an IAM role ARN such as arn:aws:iam::123456789012:role/export-reader",
+            )?,
+            endpoint_url: get(
+                "SOURCE_ENDPOINT_URL",
+                is_endpoint_url,
+                "an http:// or https:// URL such as http://127.0.0.1:4567",
+            )?,
+        })
+    }
+
     /// True when the source is read through the same client as the metadata table.
     pub fn is_shared(&self) -> bool {
         self == &Self::default()
@@ -326,38 +355,7 @@ impl Config {
                 message: format!("must be between 1 and {MAX_LAMBDA_TIMEOUT} (Lambda's limit)"),
             });
         }
-        let source = SourceSettings {
-            region: get("SOURCE_REGION")
-                .map(|v| {
-                    checked(
-                        "SOURCE_REGION",
-                        v,
-                        is_region,
-                        "an AWS region such as eu-west-1",
-                    )
-                })
-                .transpose()?,
-            role_arn: get("SOURCE_ROLE_ARN")
-                .map(|v| {
-                    checked(
-                        "SOURCE_ROLE_ARN",
-                        v,
-                        is_role_arn,
-                        "an IAM role ARN such as arn:aws:iam::123456789012:role/export-reader",
-                    )
-                })
-                .transpose()?,
-            endpoint_url: get("SOURCE_ENDPOINT_URL")
-                .map(|v| {
-                    checked(
-                        "SOURCE_ENDPOINT_URL",
-                        v,
-                        is_endpoint_url,
-                        "an http:// or https:// URL such as http://127.0.0.1:4567",
-                    )
-                })
-                .transpose()?,
-        };
+        let source = SourceSettings::from_map(env)?;
 
         Ok(Self {
             meta_table: required("META_TABLE")?,

@@ -11,6 +11,7 @@ use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::config::SharedCredentialsProvider;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_async::time::SystemTimeSource;
+use aws_types::origin::Origin;
 
 use crate::config::{Config, LogFormat, SdkTimeouts, SourceSettings};
 use crate::domain::catalog::{Catalog, CatalogError};
@@ -138,6 +139,9 @@ pub async fn source_sdk_config(sdk: &SdkConfig, source: &SourceSettings) -> SdkC
     }
     if let Some(url) = &source.endpoint_url {
         builder.set_endpoint_url(Some(url.clone()));
+        // Set in code, so it outranks AWS_ENDPOINT_URL, which a client built from this config
+        // would otherwise read from the environment again and prefer.
+        builder.insert_origin("endpoint_url", Origin::shared_config());
     }
     if let Some(role) = &source.role_arn {
         // The provider reads the time for its session names and expiry; a config made by hand
@@ -262,10 +266,34 @@ mod tests {
     use crate::domain::catalog::ColumnType;
     use crate::ports::SourceQuery;
 
+    /// `AWS_ENDPOINT_URL` as `aws_config::load_defaults` hands it to every client (not only
+    /// through `SdkConfig::endpoint_url`): each client reads it again at build time.
+    #[derive(Debug)]
+    struct EndpointFromEnvironment(Option<&'static str>);
+
+    impl aws_types::service_config::LoadServiceConfig for EndpointFromEnvironment {
+        fn load_config(
+            &self,
+            key: aws_types::service_config::ServiceConfigKey<'_>,
+        ) -> Option<String> {
+            (key.env() == "AWS_ENDPOINT_URL").then_some(self.0?.to_owned())
+        }
+    }
+
     /// The function's own config: its region, its role's credentials, every call through `http`.
     /// No time source, as in a config made by hand.
     fn function_sdk(http: &StaticReplayClient) -> SdkConfig {
-        SdkConfig::builder()
+        function_sdk_with(http, None)
+    }
+
+    fn function_sdk_with(http: &StaticReplayClient, endpoint: Option<&'static str>) -> SdkConfig {
+        let mut builder = SdkConfig::builder();
+        if let Some(url) = endpoint {
+            builder.set_endpoint_url(Some(url.to_owned()));
+            builder.insert_origin("endpoint_url", Origin::shared_environment_variable());
+        }
+        builder
+            .service_config(EndpointFromEnvironment(endpoint))
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
             .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
@@ -281,6 +309,10 @@ mod tests {
     }
 
     async fn deps(http: &StaticReplayClient, source: &[(&str, &str)]) -> Deps {
+        deps_on(function_sdk(http), source).await
+    }
+
+    async fn deps_on(sdk: SdkConfig, source: &[(&str, &str)]) -> Deps {
         let mut env: HashMap<String, String> = [
             ("META_TABLE", "stack-meta"),
             ("EXPORT_BUCKET", "b"),
@@ -292,7 +324,7 @@ mod tests {
         .collect();
         env.insert("SOURCE_TABLE_PREFIX".into(), "stack-".into());
         let config = Config::from_map(&env).unwrap();
-        deps_from_aws(&function_sdk(http), config, Catalog::builtin().unwrap()).await
+        deps_from_aws(&sdk, config, Catalog::builtin().unwrap()).await
     }
 
     fn orders_of(tenant: &str) -> SourceQuery {
@@ -334,7 +366,9 @@ mod tests {
     #[tokio::test]
     async fn a_source_endpoint_moves_only_the_source_reads() {
         let http = answering(vec![one_order(), ok(serde_json::json!({}))]);
-        let deps = deps(&http, &[("SOURCE_ENDPOINT_URL", "http://127.0.0.1:4567")]).await;
+        // Locally AWS_ENDPOINT_URL names the metadata's emulator, and it must not win.
+        let sdk = function_sdk_with(&http, Some("http://127.0.0.1:4566"));
+        let deps = deps_on(sdk, &[("SOURCE_ENDPOINT_URL", "http://127.0.0.1:4567")]).await;
         deps.source
             .read_page(&orders_of("acme"), None)
             .await
@@ -344,7 +378,7 @@ mod tests {
         let sent: Vec<_> = http.actual_requests().collect();
         assert_eq!(sent.len(), 2);
         assert_eq!(sent[0].uri(), "http://127.0.0.1:4567/");
-        assert_eq!(sent[1].uri(), "https://dynamodb.us-east-1.amazonaws.com/");
+        assert_eq!(sent[1].uri(), "http://127.0.0.1:4566/");
     }
 
     #[tokio::test]
