@@ -5,7 +5,8 @@
 # export through the API, printing rows/s of each phase. Then keeps running until Ctrl-C; with
 # UP_EXIT=1 it stops after the demo (CI). Everything it started is stopped by PID.
 #
-# Knobs: ROWS (orders per tenant, 20000), TENANTS (acme,globex), STACK (export-cache),
+# Knobs: ROWS (orders per tenant, 20000), TENANTS (acme,globex), FORMATS (the demo's,
+# csv,xlsx,csv.gz; csv first when given, the others are compared with it), STACK (export-cache),
 # MOTO_PORT (4566; a free port when taken), DYNALITE_PORT (4567; the next free one when taken),
 # SOURCE_EMULATOR (dynalite; moto puts the source tables on moto too, as before: ~700 rows/s),
 # DYNALITE_HEAP_MB (node's heap for dynalite, 8192), SCHEDULE_SECS (warmer period, 900),
@@ -165,7 +166,7 @@ until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 900 "$API/health" 
 done
 log "API is up"
 
-if ! "$DEVSTACK" demo --api "$API"; then
+if ! "$DEVSTACK" demo --api "$API" --format "${FORMATS:-csv,xlsx,csv.gz}"; then
   log "the demo failed"
   show_logs
   exit 1
