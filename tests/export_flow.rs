@@ -190,6 +190,45 @@ async fn miss_then_hit_serves_byte_identical_seeded_rows_without_reading_the_sou
     assert_eq!(stats["bytes"], first.len() as u64);
 }
 
+/// Source tables apart from the stack (`SOURCE_REGION`; moto keeps regions apart): the export
+/// reads them there, while jobs, entries and files stay in the stack's region, where no source
+/// table exists at all.
+#[tokio::test]
+async fn an_export_reads_source_tables_in_their_own_region() {
+    let stack = Stack::with_source_region(40, "eu-west-1", &[]).await;
+    let token = stack.reader("acme");
+    let here = aws_sdk_dynamodb::Client::new(&stack.sdk);
+    let missing = here
+        .describe_table()
+        .table_name(&stack.p.names.orders_table)
+        .send()
+        .await;
+    assert!(
+        missing.is_err_and(|e| e
+            .as_service_error()
+            .is_some_and(|e| e.is_resource_not_found_exception())),
+        "no source table in the stack's region"
+    );
+
+    let job_id = stack
+        .export_through_worker("/exports/orders?format=csv", &token)
+        .await;
+    let download = stack
+        .get(&format!("/exports/jobs/{job_id}/download"), &token)
+        .await;
+    assert_eq!(download.status, StatusCode::SEE_OTHER);
+    let (status, _, body) = stack.fetch(download.header("location")).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    let rows = parse_csv(&body);
+    assert_eq!(
+        rows.len(),
+        41,
+        "header and the 40 orders seeded in eu-west-1"
+    );
+    let expected = expected_order_cells(&infra::seed::order_item("acme", 0));
+    assert_eq!(rows[1], expected);
+}
+
 #[tokio::test]
 async fn concurrent_identical_misses_create_one_job() {
     let stack = Stack::new(200, &[]).await;

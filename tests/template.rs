@@ -15,7 +15,7 @@ use serde_yaml::Value;
 use shared::adapters::dynamodb::{META_IAM, SOURCE_IAM};
 use shared::adapters::s3::FILES_IAM;
 use shared::adapters::sqs::QUEUE_IAM;
-use shared::adapters::{IamNeed, IamResource};
+use shared::adapters::{IamNeed, IamResource, SOURCE_ROLE_IAM};
 
 const STACK: &str = "export-cache";
 const FUNCTIONS: [(&str, &str); 3] = [
@@ -109,7 +109,40 @@ fn strings(v: &Value) -> Vec<String> {
 
 /// The IAM statements of a function's `Policies`, failing on anything that is not an explicit
 /// policy document (SAM policy templates and managed policy names grant more than we audit).
+/// A statement granted only under a condition (`!If [Cond, statement, !Ref AWS::NoValue]`) is
+/// in the list as the statement it grants; [`conditional_statements`] tells which they are.
 fn statements(t: &Template, function: &str) -> Vec<Value> {
+    all_statements(t, function)
+        .into_iter()
+        .map(|(_, statement)| statement)
+        .collect()
+}
+
+/// The statements granted only under a condition, with the condition's name.
+fn conditional_statements(t: &Template, function: &str) -> Vec<(String, Value)> {
+    all_statements(t, function)
+        .into_iter()
+        .filter_map(|(condition, statement)| Some((condition?, statement)))
+        .collect()
+}
+
+/// `!If [Cond, statement, !Ref AWS::NoValue]` as (Cond, statement); any other `!If` fails.
+fn conditional(statement: &Value) -> Option<(String, Value)> {
+    let (name, arg) = intrinsic(statement)?;
+    if name != "If" {
+        return None;
+    }
+    let parts = arg.as_sequence().expect("!If takes a list");
+    assert_eq!(parts.len(), 3, "!If [condition, then, else]: {statement:?}");
+    assert!(
+        is_ref_to(&parts[2], "AWS::NoValue"),
+        "a conditional statement grants nothing otherwise: {statement:?}"
+    );
+    let condition = parts[0].as_str().expect("a condition name").to_owned();
+    Some((condition, parts[1].clone()))
+}
+
+fn all_statements(t: &Template, function: &str) -> Vec<(Option<String>, Value)> {
     let policies = t
         .properties(function)
         .and_then(|p| p.get("Policies"))
@@ -125,6 +158,10 @@ fn statements(t: &Template, function: &str) -> Vec<Value> {
                 .as_sequence()
                 .cloned()
                 .unwrap_or_else(|| vec![statement.clone()])
+        })
+        .map(|statement| match conditional(&statement) {
+            Some((condition, granted)) => (Some(condition), granted),
+            None => (None, statement),
         })
         .collect()
 }
@@ -424,6 +461,142 @@ fn worker_reads_source_tables_only_by_query() {
     assert_eq!(covered.len(), 2, "the worker can query both source tables");
 }
 
+/// `!Not [!Equals [!Ref Parameter, ""]]`: true when the parameter is given.
+fn is_set_condition(v: &Value, parameter: &str) -> bool {
+    let Some(("Not", arg)) = intrinsic(v).as_ref().map(|(n, a)| (n.as_str(), *a)) else {
+        return false;
+    };
+    let Some(equals) = arg.as_sequence().and_then(|s| s.first()) else {
+        return false;
+    };
+    match intrinsic(equals) {
+        Some((name, Value::Sequence(sides))) if name == "Equals" => {
+            sides.len() == 2 && is_ref_to(&sides[0], parameter) && sides[1].as_str() == Some("")
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn the_source_role_is_assumed_only_by_the_worker_and_only_when_configured() {
+    let t = template();
+    let root = t.root();
+    for parameter in ["SourceRoleArn", "SourceRegion"] {
+        let p = &root["Parameters"][parameter];
+        assert_eq!(p["Type"].as_str(), Some("String"), "{parameter}");
+        assert_eq!(p["Default"].as_str(), Some(""), "{parameter} is optional");
+    }
+    assert!(
+        is_set_condition(&root["Conditions"]["HasSourceRole"], "SourceRoleArn"),
+        "HasSourceRole is true exactly when SourceRoleArn is given"
+    );
+    assert!(is_set_condition(
+        &root["Conditions"]["HasSourceRegion"],
+        "SourceRegion"
+    ));
+
+    let assume: Vec<(String, Value)> = conditional_statements(&t, "WorkerFunction")
+        .into_iter()
+        .filter(|(_, s)| actions(s).iter().any(|a| a.starts_with("sts:")))
+        .collect();
+    let [(condition, statement)] = assume.as_slice() else {
+        panic!("the worker has one sts statement, and it is conditional: {assume:?}")
+    };
+    assert_eq!(condition, "HasSourceRole");
+    assert_eq!(actions(statement), vec!["sts:AssumeRole"]);
+    assert!(
+        is_ref_to(&statement["Resource"], "SourceRoleArn"),
+        "only the configured role: {statement:?}"
+    );
+    assert!(
+        statements(&t, "WorkerFunction")
+            .iter()
+            .filter(|s| actions(s).iter().any(|a| a.starts_with("sts:")))
+            .count()
+            == 1,
+        "no unconditional sts grant"
+    );
+    for id in ["ApiFunction", "WarmerFunction"] {
+        for s in statements(&t, id) {
+            assert!(
+                !actions(&s).iter().any(|a| a.starts_with("sts:")),
+                "{id} never reads the source, so it assumes no role: {s:?}"
+            );
+        }
+        let env = t.function_environment(id);
+        assert!(
+            !env.contains_key("SOURCE_ROLE_ARN") && !env.contains_key("SOURCE_REGION"),
+            "{id} is not told where the source is"
+        );
+    }
+    let env = t.function_environment("WorkerFunction");
+    assert!(is_ref_to(&env["SOURCE_ROLE_ARN"], "SourceRoleArn"));
+    assert!(is_ref_to(&env["SOURCE_REGION"], "SourceRegion"));
+}
+
+#[test]
+fn source_tables_in_another_region_of_the_account_are_queried_only_there() {
+    let t = template();
+    let conditions = &t.root()["Conditions"];
+    let Some((name, Value::Sequence(parts))) = intrinsic(&conditions["ReadsSourceInOtherRegion"])
+    else {
+        panic!("ReadsSourceInOtherRegion is an !And")
+    };
+    assert_eq!(name, "And");
+    let named = |v: &Value| match intrinsic(v) {
+        Some((n, Value::String(c))) if n == "Condition" => Some(c.clone()),
+        _ => None,
+    };
+    assert_eq!(named(&parts[0]).as_deref(), Some("HasSourceRegion"));
+    assert!(
+        matches!(intrinsic(&parts[1]), Some((n, Value::Sequence(inner))) if n == "Not"
+            && named(&inner[0]).as_deref() == Some("HasSourceRole")),
+        "with a role, the role's own policy governs: {parts:?}"
+    );
+    let regional: Vec<Value> = conditional_statements(&t, "WorkerFunction")
+        .into_iter()
+        .filter(|(c, _)| c == "ReadsSourceInOtherRegion")
+        .map(|(_, s)| s)
+        .collect();
+    let [statement] = regional.as_slice() else {
+        panic!("one statement for source tables in another region: {regional:?}")
+    };
+    assert_eq!(actions(statement), vec!["dynamodb:Query"]);
+    let resources: Vec<String> = resource_values(statement)
+        .into_iter()
+        .map(|v| match intrinsic(v) {
+            Some((n, Value::String(s))) if n == "Sub" => s.clone(),
+            other => panic!("a !Sub ARN, got {other:?}"),
+        })
+        .collect();
+    let table = |name: &str| {
+        format!("arn:${{AWS::Partition}}:dynamodb:${{SourceRegion}}:${{AWS::AccountId}}:table/${{AWS::StackName}}-{name}")
+    };
+    assert_eq!(
+        resources,
+        vec![
+            table("orders"),
+            format!("{}/index/*", table("orders")),
+            table("customers"),
+            format!("{}/index/*", table("customers")),
+        ]
+    );
+}
+
+#[test]
+fn the_workers_planned_deadline_is_its_timeout() {
+    let t = template();
+    let timeout = t
+        .function_property("WorkerFunction", "Timeout")
+        .and_then(Value::as_u64)
+        .expect("worker declares a timeout");
+    let env = t.function_environment("WorkerFunction");
+    assert_eq!(
+        env["WORKER_TIMEOUT_SECONDS"].as_str(),
+        Some(timeout.to_string().as_str())
+    );
+}
+
 #[test]
 fn function_policies_name_their_resources() {
     let t = template();
@@ -465,7 +638,7 @@ fn every_function_can_enqueue_only_on_the_job_queue() {
 
 /// Every adapter's IAM list (kept next to its code), by port.
 fn iam_lists() -> Vec<IamNeed> {
-    [META_IAM, SOURCE_IAM, FILES_IAM, QUEUE_IAM]
+    [META_IAM, SOURCE_IAM, SOURCE_ROLE_IAM, FILES_IAM, QUEUE_IAM]
         .concat()
         .to_vec()
 }
@@ -567,6 +740,7 @@ fn granted_on(resource: IamResource) -> Vec<(&'static str, &'static str)> {
         ],
         IamResource::ExportObjects => vec![("Sub", "${ExportBucket.Arn}/exports/*")],
         IamResource::JobQueue => vec![("GetAtt", "JobQueue")],
+        IamResource::SourceRole => vec![("Ref", "SourceRoleArn")],
     }
 }
 
@@ -582,6 +756,7 @@ fn grants(t: &Template, function: &str, action: &str, (kind, target): (&str, &st
         actions(statement).iter().any(|a| a == action)
             && resource_values(statement).iter().any(|v| match kind {
                 "GetAtt" => is_arn_of(v, target),
+                "Ref" => is_ref_to(v, target),
                 _ => matches!(intrinsic(v), Some((name, Value::String(s))) if name == "Sub" && s == target),
             })
     })

@@ -1,10 +1,43 @@
 #!/usr/bin/env bash
-# Installs the project's Python tools into .local/venv (gitignored): the AWS emulator (moto),
-# cargo-lambda and cfn-lint, and the readers CI checks files with, at pinned versions. Idempotent; returns at once when the stamp
-# matches the pins.
+# Installs the project's tools into .local (gitignored), at pinned versions: the Python tools
+# into .local/venv (the AWS emulator moto, cargo-lambda, cfn-lint, and the readers CI checks files
+# with) and dynalite, the source tables' emulator, into .local/node (npm ci from infra/dynalite's
+# lockfile). Idempotent; returns at once when both stamps match the pins.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+# dynalite (pure JavaScript, in memory through memory-level): every package version is pinned by
+# infra/dynalite/package-lock.json. --ignore-scripts skips the native build of the LevelDB
+# backend, which only an on-disk store (--path) would load.
+NODE_DIR="$ROOT/.local/node"
+NODE_STAMP="$NODE_DIR/.bootstrap-stamp"
+DYNALITE_SPEC="$ROOT/infra/dynalite"
+install_dynalite() {
+  local want
+  want="$(cat "$DYNALITE_SPEC/package.json" "$DYNALITE_SPEC/package-lock.json" | cksum)"
+  if [[ -f "$NODE_STAMP" && "$(cat "$NODE_STAMP")" == "$want" && -f "$NODE_DIR/node_modules/dynalite/cli.js" ]]; then
+    return 0
+  fi
+  command -v node >/dev/null && command -v npm >/dev/null || {
+    echo "bootstrap: node and npm are required for dynalite, the local source tables' emulator (Debian: apt-get install nodejs npm)" >&2
+    exit 1
+  }
+  local major
+  major="$(node -p 'process.versions.node.split(".")[0]')"
+  if ((major < 20)); then
+    echo "bootstrap: dynalite needs Node.js 20 or newer, found $(node --version)" >&2
+    exit 1
+  fi
+  echo "bootstrap: installing dynalite into $NODE_DIR" >&2
+  mkdir -p "$NODE_DIR"
+  cp "$DYNALITE_SPEC/package.json" "$DYNALITE_SPEC/package-lock.json" "$NODE_DIR/"
+  npm ci --prefix "$NODE_DIR" --ignore-scripts --no-audit --no-fund --loglevel=error >&2
+  [[ -f "$NODE_DIR/node_modules/dynalite/cli.js" ]] || { echo "bootstrap: dynalite missing after install" >&2; exit 1; }
+  printf '%s' "$want" > "$NODE_STAMP"
+}
+install_dynalite
+
 VENV="$ROOT/.local/venv"
 UV_VERSION="0.13.9"
 PINS=(

@@ -91,6 +91,47 @@ start_moto() {
   return 1
 }
 
+# free_port FROM : the first port from FROM on (100 tried) that nothing on 127.0.0.1 answers.
+free_port() {
+  local port
+  for port in $(seq "$1" $(($1 + 99))); do
+    if ! port_in_use "$port"; then
+      echo "$port"
+      return 0
+    fi
+  done
+  log "no free port in $1..$(($1 + 99))"
+  return 1
+}
+
+# start_dynalite PORT LOGFILE : dynalite, in memory, for the source tables (see the README: why
+# dynalite for the source and moto for the metadata). Tables are ACTIVE at once. Sets
+# DYNALITE_PID once it answers. DYNALITE_HEAP_MB (8192) bounds node's heap: dynalite holds about
+# 2.6 KB per seeded item (the item and its by_created_at copy; 2.8 GB resident for ROWS=1000000
+# TENANTS=acme, 1.1M items), so two tenants of a million orders need about 6 GB.
+start_dynalite() {
+  local port="$1" logfile="$2" i
+  start_bg dynalite "$logfile" node "--max-old-space-size=${DYNALITE_HEAP_MB:-8192}" \
+    "$ROOT/.local/node/node_modules/dynalite/cli.js" --host 127.0.0.1 --port "$port" \
+    --createTableMs 0 --deleteTableMs 0 --updateTableMs 0
+  DYNALITE_PID=$BG_PID
+  for i in $(seq 1 300); do
+    if ! alive "$DYNALITE_PID"; then
+      log "dynalite exited during start-up:"
+      cat "$logfile" >&2
+      return 1
+    fi
+    # Any answer will do: an unsigned request gets a 400 naming the missing signature.
+    if [[ "$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$port/" || true)" != 000 ]]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "dynalite did not answer within 30 s:"
+  cat "$logfile" >&2
+  return 1
+}
+
 # Environment for the SDKs against the emulator on MOTO_PORT.
 export_aws_env() {
   export AWS_ENDPOINT_URL="http://127.0.0.1:$MOTO_PORT"

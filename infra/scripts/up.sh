@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# make up: the quick start. Installs the tools, builds, starts the AWS emulator, provisions the
-# stack from template.yaml, seeds demo data, serves the functions with `cargo lambda watch`, runs
-# the bridge (SQS trigger + schedule) and a real export through the API. Then keeps running until
-# Ctrl-C; with UP_EXIT=1 it stops after the demo (CI). Everything it started is stopped by PID.
+# make up: the quick start. Installs the tools, builds, starts the AWS emulator (moto) and the
+# source tables' own (dynalite), provisions the stack from template.yaml, seeds demo data, serves
+# the functions with `cargo lambda watch`, runs the bridge (SQS trigger + schedule) and a real
+# export through the API, printing rows/s of each phase. Then keeps running until Ctrl-C; with
+# UP_EXIT=1 it stops after the demo (CI). Everything it started is stopped by PID.
 #
-# Knobs: ROWS (orders per tenant, 20000), TENANTS (acme,globex), STACK (export-cache),
-# MOTO_PORT (4566; a free port when taken), SCHEDULE_SECS (warmer period, 900),
+# Knobs: ROWS (orders per tenant, 20000), TENANTS (acme,globex), FORMATS (the demo's,
+# csv,xlsx,csv.gz; csv first when given, the others are compared with it), STACK (export-cache),
+# MOTO_PORT (4566; a free port when taken), DYNALITE_PORT (4567; the next free one when taken),
+# SOURCE_EMULATOR (dynalite; moto puts the source tables on moto too, as before: ~700 rows/s),
+# DYNALITE_HEAP_MB (node's heap for dynalite, 8192), SCHEDULE_SECS (warmer period, 900),
 # LOCAL_JWT_SECRET (dev secret), WATCH_TIMEOUT (seconds to wait for the functions, 1200),
 # WATCH_PORT (the API's cargo lambda watch, 9000), WORKER_WATCH_PORT (the worker's own watch,
 # run and restarted by the bridge, WATCH_PORT+1). Distinct ports, STACK names and RUN_DIRs (logs
 # and env.sh, .local/run) let several local stacks run side by side.
 # WATCH_RELOAD (1; 0 when UP_EXIT=1): whether the watches rebuild and restart the functions when
 # files change. A run that only demonstrates (CI) does not want a restart mid-export.
-# KILL_WORKER_CHECK=csv,xlsx,csv.gz: after the demo, export those formats again, kill -9 the
-# worker mid-export and check each job still finishes with the same file (about a minute each:
-# the killed run's job lease has to expire).
+# KILL_WORKER_CHECK=csv,xlsx,csv.gz: after the demo, export those formats for a tenant of the
+# check's own (CRASH_ROWS orders, 100000: enough to still be running when killed), then again,
+# kill -9 the worker mid-export and check each job still finishes with the same file (about a
+# minute each: the killed run's job lease has to expire).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -32,15 +37,16 @@ API="$WATCH_URL/lambda-url/export-api"
 export LOCAL_JWT_SECRET="${LOCAL_JWT_SECRET:-export-cache-local-dev-secret-not-for-production}"
 DEVSTACK="$ROOT/target/debug/devstack"
 
-MOTO_PID="" WATCH_PID="" BRIDGE_PID=""
+MOTO_PID="" DYNALITE_PID="" WATCH_PID="" BRIDGE_PID=""
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
-  if [[ -n "$BRIDGE_PID$WATCH_PID$MOTO_PID" ]]; then
+  if [[ -n "$BRIDGE_PID$WATCH_PID$MOTO_PID$DYNALITE_PID" ]]; then
     log "stopping the local stack"
   fi
   stop_group "$BRIDGE_PID" bridge
   stop_group "$WATCH_PID" "cargo lambda watch"
+  stop_group "$DYNALITE_PID" dynalite
   stop_group "$MOTO_PID" moto
   exit "$status"
 }
@@ -50,7 +56,7 @@ trap 'exit 143' TERM
 
 show_logs() {
   local f
-  for f in "$RUN_DIR"/watch.log "$RUN_DIR"/worker-watch.log "$RUN_DIR"/bridge.log; do
+  for f in "$RUN_DIR"/watch.log "$RUN_DIR"/worker-watch.log "$RUN_DIR"/bridge.log "$RUN_DIR"/dynalite.log; do
     [[ -s "$f" ]] || continue
     printf '\n--- last lines of %s ---\n' "${f#"$ROOT"/}" >&2
     tail -n 30 "$f" >&2
@@ -80,6 +86,31 @@ start_moto "$moto_port" "$RUN_DIR/moto.log"
 export_aws_env
 log "AWS emulator on $AWS_ENDPOINT_URL"
 
+# The source tables are read-heavy and need no transactions, TTL or streams: dynalite serves
+# their Queries some 20 times faster than moto (README, "why dynalite for the source").
+SOURCE_EMULATOR="${SOURCE_EMULATOR:-dynalite}"
+case "$SOURCE_EMULATOR" in
+  dynalite)
+    dynalite_port="${DYNALITE_PORT:-4567}"
+    if port_in_use "$dynalite_port"; then
+      dynalite_port="$(free_port $((dynalite_port + 1)))"
+      log "port ${DYNALITE_PORT:-4567} is taken; dynalite takes $dynalite_port"
+    fi
+    : >"$RUN_DIR/dynalite.log"
+    start_dynalite "$dynalite_port" "$RUN_DIR/dynalite.log"
+    export SOURCE_ENDPOINT_URL="http://127.0.0.1:$dynalite_port"
+    log "source tables' emulator (dynalite) on $SOURCE_ENDPOINT_URL"
+    ;;
+  moto)
+    unset SOURCE_ENDPOINT_URL
+    log "source tables on moto as well (SOURCE_EMULATOR=moto)"
+    ;;
+  *)
+    log "SOURCE_EMULATOR is dynalite or moto, not $SOURCE_EMULATOR"
+    exit 1
+    ;;
+esac
+
 log "provisioning stack $STACK from template.yaml"
 "$DEVSTACK" provision --stack "$STACK"
 "$DEVSTACK" env --stack "$STACK" --schedule-secs "$SCHEDULE_SECS" >"$RUN_DIR/env.sh"
@@ -87,7 +118,17 @@ log "provisioning stack $STACK from template.yaml"
 source "$RUN_DIR/env.sh"
 
 log "seeding $ROWS orders per tenant ($TENANTS)"
-"$DEVSTACK" seed --stack "$STACK" --rows "$ROWS" --tenants "$TENANTS"
+"$DEVSTACK" seed --stack "$STACK" --rows "$ROWS" --tenants "$TENANTS" | tee "$RUN_DIR/seed.txt"
+
+# The crash check must find its job still running: from the fast source a few thousand rows are
+# exported in well under a second, so it exports a tenant of its own with more rows.
+CRASH_TENANT=crashcheck
+CRASH_ROWS="${CRASH_ROWS:-100000}"
+CRASH_DIR="$ROOT/target/demo/crash-check"
+if [[ -n "${KILL_WORKER_CHECK:-}" ]]; then
+  log "seeding $CRASH_ROWS orders for tenant $CRASH_TENANT (the crash check's own)"
+  "$DEVSTACK" seed --stack "$STACK" --rows "$CRASH_ROWS" --tenants "$CRASH_TENANT"
+fi
 
 if [[ "${WATCH_RELOAD:-$([[ "$UP_EXIT" == 1 ]] && echo 0 || echo 1)}" == 1 ]]; then
   reload_flags=() worker_reload=true
@@ -125,15 +166,25 @@ until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 900 "$API/health" 
 done
 log "API is up"
 
-if ! "$DEVSTACK" demo --api "$API"; then
+if ! "$DEVSTACK" demo --api "$API" --format "${FORMATS:-csv,xlsx,csv.gz}"; then
   log "the demo failed"
   show_logs
   exit 1
 fi
+# The seed's rate next to the demo's table (export and download rows/s per format).
+printf '  seed    %s (source tables on %s)\n\n' "$(tail -n 1 "$RUN_DIR/seed.txt")" "$SOURCE_EMULATOR"
 
 if [[ -n "${KILL_WORKER_CHECK:-}" ]]; then
+  log "exporting tenant $CRASH_TENANT's $CRASH_ROWS orders uninterrupted: the files a killed export must end with"
+  if ! "$DEVSTACK" demo --api "$API" --tenant "$CRASH_TENANT" --format "$KILL_WORKER_CHECK" --out-dir "$CRASH_DIR" >"$RUN_DIR/crash-reference.log"; then
+    log "the crash check's reference export failed ($RUN_DIR/crash-reference.log)"
+    tail -n 30 "$RUN_DIR/crash-reference.log" >&2
+    show_logs
+    exit 1
+  fi
   log "killing the worker mid-export ($KILL_WORKER_CHECK); the bridge restarts it and the jobs go on"
-  if ! "$DEVSTACK" crash-check --api "$API" --worker-port "$WORKER_WATCH_PORT" --format "$KILL_WORKER_CHECK"; then
+  if ! "$DEVSTACK" crash-check --api "$API" --worker-port "$WORKER_WATCH_PORT" --format "$KILL_WORKER_CHECK" \
+    --tenant "$CRASH_TENANT" --out-dir "$CRASH_DIR"; then
     log "a job did not survive its worker being killed"
     show_logs
     exit 1
@@ -151,14 +202,15 @@ cat >&2 <<INFO
 The local stack is running:
   API        $API
   emulator   $AWS_ENDPOINT_URL   (stack $STACK)
+  source     ${SOURCE_ENDPOINT_URL:-$AWS_ENDPOINT_URL}   (orders and customers, on $SOURCE_EMULATOR)
   worker     http://127.0.0.1:$WORKER_WATCH_PORT (the bridge's own watch, restarted if the worker dies)
-  logs       $RUN_REL/watch.log  $RUN_REL/worker-watch.log  $RUN_REL/bridge.log  $RUN_REL/moto.log
+  logs       $RUN_REL/watch.log  $RUN_REL/worker-watch.log  $RUN_REL/bridge.log  $RUN_REL/moto.log  $RUN_REL/dynalite.log
   shell      source $RUN_REL/env.sh && target/debug/devstack token
 Press Ctrl-C to stop everything.
 INFO
 
 status=0
-wait -n "$MOTO_PID" "$WATCH_PID" "$BRIDGE_PID" || status=$?
+wait -n "$MOTO_PID" $DYNALITE_PID "$WATCH_PID" "$BRIDGE_PID" || status=$?
 log "a component exited (status $status); stopping"
 show_logs
 exit 1

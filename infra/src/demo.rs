@@ -102,6 +102,12 @@ impl FormatRun {
         let secs = self.job_worker.unwrap_or(self.job_observed).as_secs_f64();
         (secs > 0.0).then(|| rows / secs)
     }
+
+    /// Rows of the file per second of its first download (the presigned GET, start to end).
+    pub fn download_rows_per_sec(&self) -> Option<f64> {
+        let secs = self.download_ms as f64 / 1000.0;
+        (self.download_ms > 0).then(|| self.check.rows as f64 / secs)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -693,31 +699,30 @@ pub fn print_summary(cfg: &DemoConfig, s: &DemoSummary) -> anyhow::Result<()> {
         cfg.dataset, cfg.tenant
     );
     println!(
-        "  {:<7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>9}  file",
-        "format", "miss", "job", "rows", "rows/s", "size", "hit"
+        "  {:<7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>9} {:>10} {:>9}  file",
+        "format", "miss", "job", "rows", "rows/s", "size", "download", "rows/s", "hit"
     );
     for r in &s.runs {
         let job = match r.job_worker {
             Some(w) => format!("{:.1} s", w.as_secs_f64()),
             None => format!("~{:.1} s", r.job_observed.as_secs_f64()),
         };
-        let rate = r
-            .rows_per_sec()
-            .map(|v| format!("{v:.0}"))
-            .unwrap_or_else(|| "-".to_owned());
+        let rate = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
         println!(
-            "  {:<7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>9}  {}",
+            "  {:<7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>9} {:>10} {:>9}  {}",
             r.format,
             format!("{} ms", r.miss_ms),
             job,
             r.check.rows,
-            rate,
+            rate(r.rows_per_sec()),
             human_bytes(r.bytes),
+            format!("{} ms", r.download_ms),
+            rate(r.download_rows_per_sec()),
             format!("{} ms", r.hit_ms),
             r.path.display()
         );
     }
-    println!("  (miss: 202 answered; job: worker start to finish; hit: 303 answered, same bytes downloaded)");
+    println!("  (miss: 202 answered; job: worker start to finish, its rows/s the export's; download: the job's file through its presigned URL; hit: 303 answered, same bytes downloaded)");
     for line in &s.agreement {
         println!("  checked: {line}");
     }

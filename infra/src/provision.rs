@@ -45,9 +45,25 @@ pub fn template_path() -> PathBuf {
         .join("template.yaml")
 }
 
+/// The template's metadata table; every other table of the template is a source table (the
+/// catalog's demo data), which may be provisioned elsewhere.
+pub const META_TABLE_ID: &str = "MetaTable";
+
 /// Creates every table, queue and the bucket of the template for `stack`. Resources that already
 /// exist are kept, so running it twice is harmless.
 pub async fn provision(sdk: &SdkConfig, template_path: &Path, stack: &str) -> Result<Provisioned> {
+    provision_with_source(sdk, sdk, template_path, stack).await
+}
+
+/// [`provision`], with the source tables created through `source` instead: another endpoint
+/// (locally a faster emulator for them) or another region, as the functions' `SOURCE_*`
+/// settings point their source reads.
+pub async fn provision_with_source(
+    sdk: &SdkConfig,
+    source: &SdkConfig,
+    template_path: &Path,
+    stack: &str,
+) -> Result<Provisioned> {
     let region = sdk
         .region()
         .map(|r| r.to_string())
@@ -68,7 +84,16 @@ pub async fn provision(sdk: &SdkConfig, template_path: &Path, stack: &str) -> Re
     };
 
     let dynamo = aws_sdk_dynamodb::Client::new(sdk);
-    futures::future::try_join_all(specs.tables.iter().map(|t| ensure_table(&dynamo, t))).await?;
+    let source_dynamo = aws_sdk_dynamodb::Client::new(source);
+    futures::future::try_join_all(specs.tables.iter().map(|t| {
+        let client = if t.logical_id == META_TABLE_ID {
+            &dynamo
+        } else {
+            &source_dynamo
+        };
+        ensure_table(client, t)
+    }))
+    .await?;
 
     let sqs = aws_sdk_sqs::Client::new(sdk);
     let queues = ensure_queues(&sqs, &specs.queues).await?;
@@ -92,17 +117,27 @@ pub async fn provision(sdk: &SdkConfig, template_path: &Path, stack: &str) -> Re
 /// multipart upload in it, and both queues. Missing resources are not an error; every step is
 /// attempted even when an earlier one fails.
 pub async fn teardown(sdk: &SdkConfig, p: &Provisioned) -> Result<()> {
+    teardown_with_source(sdk, sdk, p).await
+}
+
+/// [`teardown`] of a stack made by [`provision_with_source`] with the same `source`.
+pub async fn teardown_with_source(
+    sdk: &SdkConfig,
+    source: &SdkConfig,
+    p: &Provisioned,
+) -> Result<()> {
     let dynamo = aws_sdk_dynamodb::Client::new(sdk);
+    let source_dynamo = aws_sdk_dynamodb::Client::new(source);
     let sqs = aws_sdk_sqs::Client::new(sdk);
     let s3 = s3_client(sdk);
 
     let mut failures = Vec::new();
-    for table in [
-        &p.names.meta_table,
-        &p.names.orders_table,
-        &p.names.customers_table,
+    for (client, table) in [
+        (&dynamo, &p.names.meta_table),
+        (&source_dynamo, &p.names.orders_table),
+        (&source_dynamo, &p.names.customers_table),
     ] {
-        if let Err(e) = delete_table(&dynamo, table).await {
+        if let Err(e) = delete_table(client, table).await {
             failures.push(format!("{e:#}"));
         }
     }

@@ -64,6 +64,8 @@ pub struct Config {
     pub sdk_bulk: SdkTimeouts,
     pub source_decoder: SourceDecoder,
     pub log_format: LogFormat,
+    /// Where the source tables are read; all unset = the same client as everything else.
+    pub source: SourceSettings,
     pub worker: WorkerSettings,
     pub warmer: WarmerSettings,
     pub encode: EncodeSettings,
@@ -73,8 +75,61 @@ pub struct Config {
 /// part numbers (32 x 32 ranges leave 9 parts, 72 MiB, each).
 pub const MAX_RANGES: u64 = 32;
 
+/// The source tables may live apart from the stack: in another region, in another account
+/// (reached through a role the worker assumes), or locally in another emulator. Each field
+/// unset means "as the rest of the stack".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceSettings {
+    /// `SOURCE_REGION`: the region of the source tables.
+    pub region: Option<String>,
+    /// `SOURCE_ROLE_ARN`: an IAM role assumed (STS AssumeRole, in the function's own region)
+    /// for every source read; its account's tables are read.
+    pub role_arn: Option<String>,
+    /// `SOURCE_ENDPOINT_URL`: a DynamoDB endpoint for the source tables only (local emulators).
+    pub endpoint_url: Option<String>,
+}
+
+impl SourceSettings {
+    /// The `SOURCE_*` variables of `env` (part of [`Config::from_map`]; the local tools that
+    /// write the source tables read them alone).
+    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |name: &'static str, valid: fn(&str) -> bool, expected: &str| {
+            env.get(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .map(|v| checked(name, v, valid, expected))
+                .transpose()
+        };
+        Ok(Self {
+            region: get(
+                "SOURCE_REGION",
+                is_region,
+                "an AWS region such as eu-west-1",
+            )?,
+            role_arn: get(
+                "SOURCE_ROLE_ARN",
+                is_role_arn,
+                "an IAM role ARN such as arn:aws:iam::123456789012:role/export-reader",
+            )?,
+            endpoint_url: get(
+                "SOURCE_ENDPOINT_URL",
+                is_endpoint_url,
+                "an http:// or https:// URL such as http://127.0.0.1:4567",
+            )?,
+        })
+    }
+
+    /// True when the source is read through the same client as the metadata table.
+    pub fn is_shared(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
+    /// The worker function's timeout (the template's `Timeout`): the deadline assumed when the
+    /// runtime gives none that makes sense (cargo-lambda's local one lies in 1970).
+    pub timeout: Duration,
     /// Parts are cut at page boundaries once at least this many bytes are buffered (S3's minimum
     /// for every part but the last is 5 MiB).
     pub part_size: usize,
@@ -101,6 +156,7 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
+            timeout: Duration::from_secs(MAX_LAMBDA_TIMEOUT),
             part_size: 8 * 1024 * 1024,
             lease: Duration::from_secs(960),
             progress_interval: Duration::from_secs(3),
@@ -146,6 +202,8 @@ pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 /// An HS256 key shorter than its hash output can be brute-forced from one token (RFC 7518 3.2).
 pub const MIN_LOCAL_JWT_SECRET_BYTES: usize = 32;
 pub const MAX_PRESIGN_TTL: u64 = 900;
+/// Lambda's longest function timeout, in seconds.
+pub const MAX_LAMBDA_TIMEOUT: u64 = 900;
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -340,6 +398,16 @@ impl Config {
             });
         }
 
+        let timeout = secs("WORKER_TIMEOUT_SECONDS", defaults.timeout.as_secs())?;
+        if !(1..=MAX_LAMBDA_TIMEOUT).contains(&timeout.as_secs()) {
+            return Err(ConfigError::Invalid {
+                name: "WORKER_TIMEOUT_SECONDS",
+                value: timeout.as_secs().to_string(),
+                message: format!("must be between 1 and {MAX_LAMBDA_TIMEOUT} (Lambda's limit)"),
+            });
+        }
+        let source = SourceSettings::from_map(env)?;
+
         Ok(Self {
             meta_table: required("META_TABLE")?,
             bucket: required("EXPORT_BUCKET")?,
@@ -357,7 +425,9 @@ impl Config {
             sdk_bulk,
             source_decoder,
             log_format,
+            source,
             worker: WorkerSettings {
+                timeout,
                 part_size,
                 lease: secs("LEASE_SECONDS", defaults.lease.as_secs())?,
                 progress_interval: secs(
@@ -394,6 +464,68 @@ impl Config {
             },
         })
     }
+}
+
+/// `value` when `valid` holds for it, else an error naming the variable and what it expects.
+fn checked(
+    name: &'static str,
+    value: String,
+    valid: fn(&str) -> bool,
+    expected: &str,
+) -> Result<String, ConfigError> {
+    if valid(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Invalid {
+            name,
+            value: value.chars().take(80).collect(),
+            message: format!("expected {expected}"),
+        })
+    }
+}
+
+/// `us-east-1`, `eu-central-2`, `us-gov-west-1`: lower-case words joined by `-`, ending in a number.
+fn is_region(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    parts.len() >= 3
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit())
+        && !parts[parts.len() - 1].is_empty()
+}
+
+/// `arn:{partition}:iam::{12-digit account}:role/{optional path/}{name}`.
+fn is_role_arn(v: &str) -> bool {
+    let parts: Vec<&str> = v.splitn(6, ':').collect();
+    let [arn, partition, service, region, account, resource] = parts.as_slice() else {
+        return false;
+    };
+    let name_ok = resource.strip_prefix("role/").is_some_and(|name| {
+        !name.is_empty()
+            && !name.ends_with('/')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b))
+    });
+    *arn == "arn"
+        && partition.starts_with("aws")
+        && *service == "iam"
+        && region.is_empty()
+        && account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && name_ok
+}
+
+/// An absolute http(s) URL with a host, nothing the SDK's endpoint parser would trip on.
+fn is_endpoint_url(v: &str) -> bool {
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"));
+    rest.is_some_and(|r| {
+        let host = r.split(['/', '?', '#']).next().unwrap_or_default();
+        !host.is_empty() && !host.starts_with(':') && r.bytes().all(|b| b.is_ascii_graphic())
+    })
 }
 
 #[cfg(test)]
@@ -458,6 +590,99 @@ mod tests {
             assert!(
                 matches!(Config::from_map(&env), Err(ConfigError::Invalid { name, .. }) if name == k),
                 "{k}={v}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_source_is_shared_unless_configured() {
+        let c = Config::from_map(&base()).unwrap();
+        assert!(c.source.is_shared());
+        assert_eq!(c.worker.timeout, Duration::from_secs(900));
+        let mut env = base();
+        for (k, v) in [
+            ("SOURCE_REGION", "eu-west-1"),
+            (
+                "SOURCE_ROLE_ARN",
+                "arn:aws:iam::111122223333:role/data/export-reader",
+            ),
+            ("SOURCE_ENDPOINT_URL", "http://127.0.0.1:4567"),
+            ("WORKER_TIMEOUT_SECONDS", "600"),
+        ] {
+            env.insert(k.into(), v.into());
+        }
+        let c = Config::from_map(&env).unwrap();
+        assert_eq!(
+            c.source,
+            SourceSettings {
+                region: Some("eu-west-1".into()),
+                role_arn: Some("arn:aws:iam::111122223333:role/data/export-reader".into()),
+                endpoint_url: Some("http://127.0.0.1:4567".into()),
+            }
+        );
+        assert!(!c.source.is_shared());
+        assert_eq!(c.worker.timeout, Duration::from_secs(600));
+        // Blank is unset, as for every variable (CloudFormation passes empty parameters).
+        env.insert("SOURCE_ROLE_ARN".into(), "  ".into());
+        assert_eq!(Config::from_map(&env).unwrap().source.role_arn, None);
+        for ok in ["us-gov-west-1", "ap-southeast-2", "cn-north-1"] {
+            env.insert("SOURCE_REGION".into(), ok.into());
+            assert!(Config::from_map(&env).is_ok(), "{ok}");
+        }
+        env.insert(
+            "SOURCE_ROLE_ARN".into(),
+            "arn:aws-cn:iam::111122223333:role/r".into(),
+        );
+        assert!(Config::from_map(&env).is_ok());
+    }
+
+    #[test]
+    fn bad_source_settings_name_the_variable_and_what_it_expects() {
+        for (k, v, expects) in [
+            ("SOURCE_REGION", "EU-WEST-1", "AWS region"),
+            ("SOURCE_REGION", "eu-west", "AWS region"),
+            ("SOURCE_REGION", "eu--1", "AWS region"),
+            (
+                "SOURCE_REGION",
+                "https://dynamodb.eu-west-1.amazonaws.com",
+                "AWS region",
+            ),
+            ("SOURCE_ROLE_ARN", "export-reader", "role ARN"),
+            ("SOURCE_ROLE_ARN", "arn:aws:iam::1234:role/r", "role ARN"),
+            (
+                "SOURCE_ROLE_ARN",
+                "arn:aws:iam::111122223333:user/bob",
+                "role ARN",
+            ),
+            (
+                "SOURCE_ROLE_ARN",
+                "arn:aws:iam::111122223333:role/",
+                "role ARN",
+            ),
+            (
+                "SOURCE_ROLE_ARN",
+                "arn:aws:s3:eu-west-1:111122223333:role/r",
+                "role ARN",
+            ),
+            ("SOURCE_ENDPOINT_URL", "127.0.0.1:4567", "URL"),
+            ("SOURCE_ENDPOINT_URL", "http://", "URL"),
+            ("SOURCE_ENDPOINT_URL", "http://:4567", "URL"),
+            ("SOURCE_ENDPOINT_URL", "http://local host", "URL"),
+            ("WORKER_TIMEOUT_SECONDS", "0", "between 1 and 900"),
+            ("WORKER_TIMEOUT_SECONDS", "901", "between 1 and 900"),
+            ("WORKER_TIMEOUT_SECONDS", "15m", "seconds"),
+        ] {
+            let mut env = base();
+            env.insert(k.into(), v.into());
+            let err = Config::from_map(&env).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { name, .. } if *name == k),
+                "{k}={v}: {err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(k) && text.contains(expects),
+                "{k}={v}: {text}"
             );
         }
     }

@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use infra::provision::{provision, teardown, template_path, Provisioned};
+use infra::provision::{provision_with_source, teardown_with_source, template_path, Provisioned};
 use shared::adapters::deps_from_aws;
 use shared::config::Config;
 use shared::domain::catalog::Catalog;
@@ -51,19 +51,22 @@ const TEARDOWN_WITHIN: std::time::Duration = std::time::Duration::from_secs(120)
 /// with its own runtime, through SDK clients built there.
 struct Teardown {
     sdk: SdkConfig,
+    /// Where the source tables are (the same as `sdk` unless a test moves them).
+    source: SdkConfig,
     p: Provisioned,
 }
 
 impl Drop for Teardown {
     fn drop(&mut self) {
-        let (sdk, p) = (self.sdk.clone(), self.p.clone());
+        let (sdk, source, p) = (self.sdk.clone(), self.source.clone(), self.p.clone());
         let done = std::thread::spawn(move || -> Result<(), String> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
             runtime.block_on(async {
-                match tokio::time::timeout(TEARDOWN_WITHIN, teardown(&sdk, &p)).await {
+                let torn_down = teardown_with_source(&sdk, &source, &p);
+                match tokio::time::timeout(TEARDOWN_WITHIN, torn_down).await {
                     Ok(result) => result.map_err(|e| format!("{e:#}")),
                     Err(_) => Err(format!("not done within {TEARDOWN_WITHIN:?}")),
                 }
@@ -112,15 +115,43 @@ impl Stack {
 
     /// The same, in the emulator `sdk` points at.
     pub async fn on(sdk: SdkConfig, rows: u64, extra: &[(&str, &str)]) -> Self {
+        Self::with_source(sdk.clone(), sdk, rows, extra).await
+    }
+
+    /// A stack whose source tables are in `region` of the emulator (moto keeps regions apart),
+    /// and whose functions are told so through `SOURCE_REGION`.
+    pub async fn with_source_region(rows: u64, region: &str, extra: &[(&str, &str)]) -> Self {
+        let sdk = sdk().await;
+        let source = sdk
+            .to_builder()
+            .region(aws_config::Region::new(region.to_owned()))
+            .build();
+        let extra: Vec<(&str, &str)> = [("SOURCE_REGION", region)]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        Self::with_source(sdk, source, rows, &extra).await
+    }
+
+    /// A stack with its source tables provisioned and seeded through `source`.
+    async fn with_source(
+        sdk: SdkConfig,
+        source: SdkConfig,
+        rows: u64,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let stack = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let p = provision(&sdk, &template_path(), &stack).await.unwrap();
+        let p = provision_with_source(&sdk, &source, &template_path(), &stack)
+            .await
+            .unwrap();
         let torn_down = Teardown {
             sdk: sdk.clone(),
+            source: source.clone(),
             p: p.clone(),
         };
         if rows > 0 {
             infra::seed::seed(
-                &sdk,
+                &source,
                 &p.names.orders_table,
                 &p.names.customers_table,
                 &["acme", "globex"],
@@ -145,7 +176,7 @@ impl Stack {
             env.insert(k.to_string(), v.to_string());
         }
         let config = Config::from_map(&env).unwrap();
-        let mut deps = deps_from_aws(&sdk, config, Catalog::builtin().unwrap());
+        let mut deps = deps_from_aws(&sdk, config, Catalog::builtin().unwrap()).await;
         let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
         deps.clock = clock.clone();
         let queue_arn = aws_sdk_sqs::Client::new(&sdk)

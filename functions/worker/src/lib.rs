@@ -2,9 +2,12 @@
 //! (`ReportBatchItemFailures`) so only those come back.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use std::time::Duration;
+
 use chrono::{DateTime, TimeZone, Utc};
 use tracing::Instrument;
 
+use shared::config::MAX_LAMBDA_TIMEOUT;
 use shared::domain::JobMessage;
 use shared::services::process::{process_job, Fate, Outcome};
 use shared::services::Deps;
@@ -88,9 +91,74 @@ async fn handle_message(
     .await
 }
 
-/// The invocation deadline from the Lambda context (milliseconds since the epoch).
-pub fn deadline_of(ctx: &lambda_runtime::Context) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ctx.deadline as i64)
-        .single()
-        .unwrap_or_else(|| Utc::now() + chrono::Duration::minutes(15))
+/// How far ahead a deadline may lie before it is not believed: Lambda's longest timeout, plus
+/// a minute for clocks that disagree.
+const LATEST_BELIEVABLE_DEADLINE: Duration = Duration::from_secs(MAX_LAMBDA_TIMEOUT + 60);
+
+/// The invocation's deadline from the Lambda context (`deadline_ms`, milliseconds since the
+/// epoch), as seen at `now`. A deadline already past when the invocation starts, or further off
+/// than any Lambda timeout, is none the runtime meant: cargo-lambda's local runtime sends 600000
+/// (ten minutes after 1970), which would make the worker hand over after every page. Then the
+/// invocation gets `timeout` (the function's configured timeout) from now, as Lambda would.
+pub fn deadline_of(deadline_ms: u64, now: DateTime<Utc>, timeout: Duration) -> DateTime<Utc> {
+    let assumed = now + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+    let latest = now
+        + chrono::Duration::from_std(LATEST_BELIEVABLE_DEADLINE).unwrap_or(chrono::Duration::MAX);
+    match i64::try_from(deadline_ms)
+        .ok()
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+    {
+        Some(deadline) if deadline > now && deadline <= latest => deadline,
+        _ => assumed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap()
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(900);
+
+    #[test]
+    fn a_deadline_the_runtime_gives_is_kept() {
+        let in_five_minutes = now() + chrono::Duration::minutes(5);
+        let ms = in_five_minutes.timestamp_millis() as u64;
+        assert_eq!(deadline_of(ms, now(), TIMEOUT), in_five_minutes);
+        let at_the_limit = now() + chrono::Duration::seconds(960);
+        let ms = at_the_limit.timestamp_millis() as u64;
+        assert_eq!(deadline_of(ms, now(), TIMEOUT), at_the_limit);
+    }
+
+    #[test]
+    fn cargo_lambdas_deadline_in_1970_becomes_the_functions_timeout_from_now() {
+        // What cargo-lambda 1.9.2's local runtime sends: 600000 ms after the epoch.
+        assert_eq!(
+            deadline_of(600_000, now(), TIMEOUT),
+            now() + chrono::Duration::seconds(900)
+        );
+        assert_eq!(
+            deadline_of(600_000, now(), Duration::from_secs(120)),
+            now() + chrono::Duration::seconds(120)
+        );
+    }
+
+    #[test]
+    fn deadlines_past_or_absurdly_far_become_the_functions_timeout_from_now() {
+        let expected = now() + chrono::Duration::seconds(900);
+        let just_past = (now() - chrono::Duration::milliseconds(1)).timestamp_millis() as u64;
+        let tomorrow = (now() + chrono::Duration::days(1)).timestamp_millis() as u64;
+        for ms in [
+            0,
+            just_past,
+            now().timestamp_millis() as u64,
+            tomorrow,
+            u64::MAX,
+        ] {
+            assert_eq!(deadline_of(ms, now(), TIMEOUT), expected, "{ms}");
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! `devstack`: the local stack's command line (provision, env, seed, bridge, demo, token).
-//! It talks to the AWS emulator named by `AWS_ENDPOINT_URL`.
+//! It talks to the AWS emulator named by `AWS_ENDPOINT_URL`, and to the source tables' own one at
+//! `SOURCE_ENDPOINT_URL` when that is set.
 
 use anyhow::{anyhow, bail, Context};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -9,6 +10,7 @@ use infra::provision::{self, Provisioned};
 use infra::supervise::WatchSpec;
 use infra::template::{Template, LOCAL_ACCOUNT_ID};
 use infra::{seed, token};
+use shared::config::SourceSettings;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -60,6 +62,8 @@ USAGE: devstack <command> [--flag value]...
   token     [--tenant acme] [--user alice] [--scopes 'exports:read exports:admin'] [--ttl 43200]
         print a dev token signed with LOCAL_JWT_SECRET
 
+With SOURCE_ENDPOINT_URL set (make up points it at dynalite), provision creates the source
+tables (orders, customers) there, seed writes them there and env passes it on to the functions.
 LOCAL_JWT_SECRET defaults to the dev secret `make up` uses.";
 
 struct Flags {
@@ -150,6 +154,14 @@ async fn sdk() -> anyhow::Result<SdkConfig> {
     Ok(loader.load().await)
 }
 
+/// The config the source tables are written and provisioned through: the functions' own
+/// (`SOURCE_ENDPOINT_URL`, `SOURCE_REGION`, as in `env.sh`), else the emulator's.
+async fn source_sdk(sdk: &SdkConfig) -> anyhow::Result<SdkConfig> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let source = SourceSettings::from_map(&env)?;
+    Ok(shared::adapters::source_sdk_config(sdk, &source).await)
+}
+
 fn region(sdk: &SdkConfig) -> String {
     sdk.region()
         .map(|r| r.to_string())
@@ -180,6 +192,11 @@ fn env_lines(p: &Provisioned, sdk: &SdkConfig, schedule_secs: u64) -> Vec<(Strin
         // its message is seen again, so no two workers ever hold a job together, and a short
         // lease lets a killed export go on within about a minute, as the issue asks.
         ("LEASE_SECONDS", LOCAL_LEASE_SECONDS.to_string()),
+        // The source tables' own emulator, when `make up` runs one (see README, "why dynalite").
+        (
+            "SOURCE_ENDPOINT_URL",
+            env_nonempty("SOURCE_ENDPOINT_URL").unwrap_or_default(),
+        ),
         ("AWS_ENDPOINT_URL", endpoint),
         ("AWS_REGION", region(sdk)),
         ("AWS_ACCESS_KEY_ID", access_key),
@@ -194,7 +211,7 @@ async fn provision_cmd(flags: &Flags) -> anyhow::Result<Provisioned> {
     let sdk = sdk().await?;
     let stack = flags.or("stack", DEFAULT_STACK);
     let template = flags.template();
-    provision::provision(&sdk, &template, &stack)
+    provision::provision_with_source(&sdk, &source_sdk(&sdk).await?, &template, &stack)
         .await
         .with_context(|| format!("provisioning stack {stack} from {}", template.display()))
 }
@@ -252,7 +269,14 @@ async fn cmd_seed(flags: Flags) -> anyhow::Result<()> {
         seed::customer_count(rows),
         tenants.join(", ")
     );
-    let report = seed::seed(&sdk, &orders, &customers, &tenants, rows).await?;
+    let report = seed::seed(
+        &source_sdk(&sdk).await?,
+        &orders,
+        &customers,
+        &tenants,
+        rows,
+    )
+    .await?;
     println!(
         "seeded {} orders and {} customers in {:.1} s ({:.0} items/s, {} requests, {} items retried)",
         report.orders,
