@@ -139,6 +139,7 @@ pub fn deps_from_aws(sdk: &aws_config::SdkConfig, config: Config, catalog: Catal
         files: Arc::new(s3::S3Files::new(s3, &config.bucket)),
         queue: Arc::new(sqs::SqsQueue::new(sqs, &config.queue_url)),
         clock: Arc::new(SystemClock),
+        metrics: crate::telemetry::Metrics::stdout(),
         catalog: Arc::new(catalog),
         config: Arc::new(config),
     }

@@ -33,6 +33,22 @@ impl ExportAnswer {
             Self::Job { .. } => HitKind::Miss,
         }
     }
+
+    /// What the answer's file holds (or will hold).
+    pub fn spec(&self) -> &ExportSpec {
+        match self {
+            Self::File { entry, .. } => &entry.spec,
+            Self::Job { job, .. } => &job.spec,
+        }
+    }
+
+    /// The job behind the answer: the one that wrote the file, or the one to poll.
+    pub fn export_id(&self) -> &str {
+        match self {
+            Self::File { entry, .. } => &entry.job_id,
+            Self::Job { job, .. } => &job.job_id,
+        }
+    }
 }
 
 pub async fn request_export(
