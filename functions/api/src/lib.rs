@@ -19,7 +19,6 @@ use shared::domain::{Identity, RawExportRequest};
 use shared::services::cache_admin::{self, CacheStats, Scope};
 use shared::services::export::{request_export, ExportAnswer};
 use shared::services::{status, Deps};
-use shared::telemetry::ExportMetric;
 
 mod openapi;
 mod problem;
@@ -322,14 +321,7 @@ async fn export(
     let started = std::time::Instant::now();
     let answer = request_export(&state.deps, who, &raw).await?;
     let result = answer.cache_result().as_str();
-    let metric = ExportMetric {
-        dataset: &answer.spec().dataset,
-        format: answer.spec().format.as_str(),
-        result: answer.cache_result(),
-        latency: started.elapsed(),
-        tenant: &who.tenant,
-        export_id: answer.export_id(),
-    };
+    let metric = answer.metric(&who.tenant, started.elapsed());
     state
         .deps
         .metrics

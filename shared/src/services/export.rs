@@ -11,6 +11,7 @@ use crate::domain::{
 };
 use crate::encode::ENCODER_VERSION;
 use crate::ports::Lookup;
+use crate::telemetry::ExportMetric;
 
 #[derive(Debug)]
 pub enum ExportAnswer {
@@ -34,19 +35,19 @@ impl ExportAnswer {
         }
     }
 
-    /// What the answer's file holds (or will hold).
-    pub fn spec(&self) -> &ExportSpec {
-        match self {
-            Self::File { entry, .. } => &entry.spec,
-            Self::Job { job, .. } => &job.spec,
-        }
-    }
-
-    /// The job behind the answer: the one that wrote the file, or the one to poll.
-    pub fn export_id(&self) -> &str {
-        match self {
-            Self::File { entry, .. } => &entry.job_id,
-            Self::Job { job, .. } => &job.job_id,
+    /// The answer as a metric: what was asked for, how it was answered, the job behind it.
+    pub fn metric<'a>(&'a self, tenant: &'a str, latency: std::time::Duration) -> ExportMetric<'a> {
+        let (spec, export_id) = match self {
+            Self::File { entry, .. } => (&entry.spec, &entry.job_id),
+            Self::Job { job, .. } => (&job.spec, &job.job_id),
+        };
+        ExportMetric {
+            dataset: &spec.dataset,
+            format: spec.format.as_str(),
+            result: self.cache_result(),
+            latency,
+            tenant,
+            export_id,
         }
     }
 }
