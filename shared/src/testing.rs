@@ -27,6 +27,7 @@ use crate::ports::{
 };
 use crate::services::process::{Fate, Outcome};
 use crate::services::Deps;
+use crate::telemetry::{Metrics, MetricsBuffer};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -574,6 +575,8 @@ pub struct Fakes {
     pub queue: Arc<MemoryQueue>,
     pub source: Arc<MemorySource>,
     pub clock: Arc<ManualClock>,
+    /// The EMF lines the use cases wrote through `deps.metrics`.
+    pub metrics: MetricsBuffer,
     pub deps: Deps,
 }
 
@@ -614,6 +617,7 @@ pub fn fakes(config: Config, page_rows: usize) -> Fakes {
         Ok(c) => c,
         Err(e) => panic!("builtin catalog: {e}"),
     };
+    let (emitter, metrics) = Metrics::buffered();
     let deps = Deps {
         config: Arc::new(config),
         catalog: Arc::new(catalog),
@@ -626,6 +630,7 @@ pub fn fakes(config: Config, page_rows: usize) -> Fakes {
         queue: queue.clone(),
         source: source.clone(),
         clock: clock.clone(),
+        metrics: emitter,
     };
     Fakes {
         meta,
@@ -633,6 +638,7 @@ pub fn fakes(config: Config, page_rows: usize) -> Fakes {
         queue,
         source,
         clock,
+        metrics,
         deps,
     }
 }
@@ -905,4 +911,128 @@ pub fn crash_points() -> Vec<CrashAt> {
         at("complete_upload", 1, true),
         at("complete_job", 1, false),
     ]
+}
+
+/// Parses one line as a CloudWatch EMF document and checks it against the specification: a JSON
+/// object whose `_aws.Timestamp` is integer milliseconds, whose directives name a namespace,
+/// dimension sets of keys present at the top level as strings (at most 30 per set), and metrics
+/// whose values are numbers (or arrays of numbers) at the top level, with a known unit. None of
+/// `forbidden` (tenant ids, job ids) may be a dimension value, nor may a dimension key name a
+/// tenant, user or job. Returns the document.
+pub fn parse_emf(line: &str, forbidden: &[&str]) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    const UNITS: [&str; 27] = [
+        "Seconds",
+        "Microseconds",
+        "Milliseconds",
+        "Bytes",
+        "Kilobytes",
+        "Megabytes",
+        "Gigabytes",
+        "Terabytes",
+        "Bits",
+        "Kilobits",
+        "Megabits",
+        "Gigabits",
+        "Terabits",
+        "Percent",
+        "Count",
+        "Bytes/Second",
+        "Kilobytes/Second",
+        "Megabytes/Second",
+        "Gigabytes/Second",
+        "Terabytes/Second",
+        "Bits/Second",
+        "Kilobits/Second",
+        "Megabits/Second",
+        "Gigabits/Second",
+        "Terabits/Second",
+        "Count/Second",
+        "None",
+    ];
+    let doc: J = serde_json::from_str(line).map_err(|e| format!("not JSON ({e}): {line}"))?;
+    let root = doc.as_object().ok_or("the root is not an object")?;
+    let aws = root
+        .get("_aws")
+        .and_then(J::as_object)
+        .ok_or("no `_aws` object")?;
+    let ts = aws
+        .get("Timestamp")
+        .and_then(J::as_i64)
+        .ok_or("`_aws.Timestamp` is not an integer")?;
+    // Milliseconds since the epoch: after 2001 in ms, which seconds would never reach.
+    if ts < 1_000_000_000_000 {
+        return Err(format!("`_aws.Timestamp` {ts} is not in milliseconds"));
+    }
+    let directives = aws
+        .get("CloudWatchMetrics")
+        .and_then(J::as_array)
+        .filter(|d| !d.is_empty())
+        .ok_or("`_aws.CloudWatchMetrics` is not a non-empty array")?;
+    for d in directives {
+        if d.get("Namespace")
+            .and_then(J::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err("a directive without a Namespace".into());
+        }
+        let sets = d
+            .get("Dimensions")
+            .and_then(J::as_array)
+            .ok_or("a directive without Dimensions")?;
+        for set in sets {
+            let keys = set.as_array().ok_or("a dimension set is not an array")?;
+            if keys.len() > 30 {
+                return Err("a dimension set of more than 30 keys".into());
+            }
+            for key in keys {
+                let key = key.as_str().ok_or("a dimension key is not a string")?;
+                let value = root
+                    .get(key)
+                    .and_then(J::as_str)
+                    .ok_or(format!("dimension `{key}` has no string value at the top"))?;
+                let lower = key.to_ascii_lowercase();
+                if ["tenant", "user", "job"].iter().any(|w| lower.contains(w)) {
+                    return Err(format!("`{key}` is a high-cardinality dimension"));
+                }
+                if forbidden.contains(&value) {
+                    return Err(format!("dimension `{key}` holds the id {value:?}"));
+                }
+            }
+        }
+        let metrics = d
+            .get("Metrics")
+            .and_then(J::as_array)
+            .filter(|m| !m.is_empty())
+            .ok_or("a directive without Metrics")?;
+        for m in metrics {
+            let name = m
+                .get("Name")
+                .and_then(J::as_str)
+                .ok_or("a metric without a Name")?;
+            if let Some(unit) = m.get("Unit") {
+                if !unit.as_str().is_some_and(|u| UNITS.contains(&u)) {
+                    return Err(format!("metric `{name}` has the unknown unit {unit}"));
+                }
+            }
+            let numeric = match root.get(name) {
+                Some(J::Number(_)) => true,
+                Some(J::Array(values)) => values.iter().all(J::is_number),
+                _ => false,
+            };
+            if !numeric {
+                return Err(format!("metric `{name}` has no numeric value at the top"));
+            }
+        }
+    }
+    Ok(doc)
+}
+
+/// Every line of `buffer` parsed with [`parse_emf`]; panics naming the first invalid one.
+pub fn emf_documents(buffer: &MetricsBuffer, forbidden: &[&str]) -> Vec<serde_json::Value> {
+    buffer
+        .lines()
+        .iter()
+        .map(|l| parse_emf(l, forbidden).unwrap_or_else(|e| panic!("not EMF: {e}\n{l}")))
+        .collect()
 }

@@ -319,8 +319,14 @@ async fn export(
     raw: RawExportRequest,
     request: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
     let answer = request_export(&state.deps, who, &raw).await?;
     let result = answer.cache_result().as_str();
+    let metric = answer.metric(&who.tenant, started.elapsed());
+    state
+        .deps
+        .metrics
+        .export_request(state.deps.clock.now(), metric);
     match answer {
         ExportAnswer::File {
             entry,
@@ -997,5 +1003,39 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn every_export_request_emits_its_cache_result_as_emf() {
+        let f = fakes(keyed(), 10);
+        let uri = "/exports/orders?format=xlsx&columns=order_id";
+        let (status, _, job) = call(router(f.deps.clone()), uri, Some(&token(KEY))).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        f.run_jobs().await;
+        let (status, _, _) = call(router(f.deps.clone()), uri, Some(&token(KEY))).await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        // A refused request has no cache result, so no metric.
+        let (status, _, _) = call(router(f.deps.clone()), "/exports/nope", Some(&token(KEY))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        let job_id = job["job_id"].as_str().unwrap();
+        let docs = shared::testing::emf_documents(&f.metrics, &["acme", "alice", job_id]);
+        let requests: Vec<_> = docs
+            .iter()
+            .filter(|d| d.get("ExportRequests").is_some())
+            .collect();
+        assert_eq!(requests.len(), 2, "{docs:?}");
+        for (doc, result) in requests.iter().zip(["miss", "hit"]) {
+            assert_eq!(doc["result"], result);
+            assert_eq!(
+                (&doc["dataset"], &doc["format"]),
+                (&json!("orders"), &json!("xlsx"))
+            );
+            assert!(doc["ExportLatency"].as_f64().unwrap() >= 0.0);
+            assert_eq!(
+                (&doc["tenant"], &doc["export_id"]),
+                (&json!("acme"), &json!(job_id))
+            );
+        }
     }
 }

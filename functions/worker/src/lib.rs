@@ -162,3 +162,48 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use shared::domain::identity::SCOPE_READ;
+    use shared::domain::{Identity, RawExportRequest};
+    use shared::services::export::{request_export, ExportAnswer};
+    use shared::testing::{emf_documents, fakes, test_config};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_finished_job_emits_its_outcome_as_emf() {
+        let f = fakes(test_config(), 10);
+        let who = Identity {
+            tenant: "acme".into(),
+            user: "alice".into(),
+            scopes: BTreeSet::from([SCOPE_READ.to_string()]),
+        };
+        let raw = RawExportRequest::from_query("customers", vec![("format".into(), "xlsx".into())]);
+        let ExportAnswer::Job { job, .. } = request_export(&f.deps, &who, &raw).await.unwrap()
+        else {
+            panic!("expected a miss");
+        };
+        let mut event: SqsEvent =
+            serde_json::from_str(include_str!("../events/sqs-job.json")).unwrap();
+        let msg = f.queue.drain().pop().unwrap();
+        event.records[0].body = Some(serde_json::to_string(&msg).unwrap());
+        let deadline = f.deps.clock.now() + chrono::Duration::minutes(15);
+        let response = handle_batch(&f.deps, event, "w1", deadline).await;
+        assert!(response.batch_item_failures.is_empty());
+
+        let docs = emf_documents(&f.metrics, &["acme", "alice", &job.job_id]);
+        let jobs: Vec<_> = docs
+            .iter()
+            .filter(|d| d.get("JobDuration").is_some())
+            .collect();
+        assert_eq!(jobs.len(), 1, "{docs:?}");
+        assert_eq!(jobs[0]["outcome"], "succeeded");
+        assert_eq!(jobs[0]["dataset"], "customers");
+        assert_eq!(jobs[0]["format"], "xlsx");
+        assert_eq!(jobs[0]["job_id"], job.job_id.as_str());
+    }
+}

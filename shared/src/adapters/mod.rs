@@ -202,6 +202,7 @@ pub async fn deps_from_aws(sdk: &SdkConfig, config: Config, catalog: Catalog) ->
         files: Arc::new(s3::S3Files::new(s3, &config.bucket)),
         queue: Arc::new(sqs::SqsQueue::new(sqs, &config.queue_url)),
         clock: Arc::new(SystemClock),
+        metrics: crate::telemetry::Metrics::stdout(),
         catalog: Arc::new(catalog),
         config: Arc::new(config),
     }

@@ -11,6 +11,7 @@ use crate::domain::{
 };
 use crate::encode::ENCODER_VERSION;
 use crate::ports::Lookup;
+use crate::telemetry::ExportMetric;
 
 #[derive(Debug)]
 pub enum ExportAnswer {
@@ -31,6 +32,22 @@ impl ExportAnswer {
             Self::File { stale: false, .. } => HitKind::Hit,
             Self::File { stale: true, .. } => HitKind::Stale,
             Self::Job { .. } => HitKind::Miss,
+        }
+    }
+
+    /// The answer as a metric: what was asked for, how it was answered, the job behind it.
+    pub fn metric<'a>(&'a self, tenant: &'a str, latency: std::time::Duration) -> ExportMetric<'a> {
+        let (spec, export_id) = match self {
+            Self::File { entry, .. } => (&entry.spec, &entry.job_id),
+            Self::Job { job, .. } => (&job.spec, &job.job_id),
+        };
+        ExportMetric {
+            dataset: &spec.dataset,
+            format: spec.format.as_str(),
+            result: self.cache_result(),
+            latency,
+            tenant,
+            export_id,
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct Deps {
     pub queue: Arc<dyn JobQueue>,
     pub source: Arc<dyn RowSource>,
     pub clock: Arc<dyn Clock>,
+    /// EMF metrics: stdout in the functions, a buffer in tests.
+    pub metrics: crate::telemetry::Metrics,
 }
 
 pub use crate::domain::catalog::KEEP_RECORDS_FOR_DAYS;
@@ -96,3 +98,5 @@ mod tests;
 mod tests_entries;
 #[cfg(test)]
 mod tests_hardening;
+#[cfg(test)]
+mod tests_metrics;

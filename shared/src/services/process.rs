@@ -837,6 +837,7 @@ async fn finish_success(deps: &Deps, mut job: Job, entry: CacheEntry) -> Result<
     tracing::info!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
         rows = entry.rows, bytes = entry.bytes, pages = job.pages_read,
         read_capacity = job.read_capacity, "job succeeded");
+    deps.metrics.job_finished(now, &job);
     Ok(())
 }
 
@@ -865,6 +866,7 @@ pub(super) async fn fail_job(deps: &Deps, mut job: Job, failure: &Failure) {
         abort_quietly(deps, &plan.object_key, &plan.upload_id).await;
     }
     job.fail(failure.code, &failure.message, deps.clock.now());
+    deps.metrics.job_finished(deps.clock.now(), &job);
     if let Err(e) = save(deps, &mut job).await {
         tracing::error!(job_id = %job.job_id, error = %e, "could not record the failure");
     }
