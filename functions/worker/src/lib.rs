@@ -164,7 +164,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod tests {
+mod metric_tests {
     use std::collections::BTreeSet;
 
     use shared::domain::identity::SCOPE_READ;
