@@ -197,9 +197,12 @@ if [[ "$UP_EXIT" == 1 ]]; then
 fi
 
 RUN_REL="${RUN_DIR#"$ROOT"/}"
+# The page reads the token from the URL's fragment, which the browser never sends to a server.
+PAGE_TOKEN=$("$DEVSTACK" token --tenant "${TENANTS%%,*}")
 cat >&2 <<INFO
 
 The local stack is running:
+  page       $API/#token=$PAGE_TOKEN
   API        $API
   emulator   $AWS_ENDPOINT_URL   (stack $STACK)
   source     ${SOURCE_ENDPOINT_URL:-$AWS_ENDPOINT_URL}   (orders and customers, on $SOURCE_EMULATOR)
