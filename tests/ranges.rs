@@ -5,15 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
 use std::io::Read;
 use std::sync::Arc;
 
 use chrono::{Duration, TimeZone, Utc};
-use integration_tests::{noisy_orders, Stack};
-use shared::domain::identity::SCOPE_READ;
-use shared::domain::{Identity, JobMessage, JobStatus, MessageKind, RawExportRequest};
-use shared::services::export::{request_export, ExportAnswer};
+use integration_tests::{noisy_orders, start_export, Stack};
+use shared::domain::{JobMessage, JobStatus};
 use shared::services::process::{process_job, Outcome};
 use shared::testing::{CrashAt, CrashPlan, CrashingFiles, MemorySource};
 
@@ -21,28 +18,9 @@ use shared::testing::{CrashAt, CrashPlan, CrashingFiles, MemorySource};
 /// file has held heads and tails on both sides of every range boundary.
 const ROWS: usize = 100_000;
 
-fn who(tenant: &str) -> Identity {
-    Identity {
-        tenant: tenant.into(),
-        user: "alice".into(),
-        scopes: BTreeSet::from([SCOPE_READ.to_string()]),
-    }
-}
-
 async fn miss(stack: &Stack, tenant: &str, format: &str) -> JobMessage {
     *stack.clock.0.lock().unwrap() = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
-    let req = RawExportRequest::from_query("orders", vec![("format".into(), format.into())]);
-    match request_export(&stack.deps, &who(tenant), &req)
-        .await
-        .unwrap()
-    {
-        ExportAnswer::Job { job, .. } => JobMessage {
-            job_id: job.job_id,
-            kind: MessageKind::Export,
-            segment: None,
-        },
-        other => panic!("expected a miss, got {other:?}"),
-    }
+    start_export(stack, tenant, &[("format", format)]).await
 }
 
 fn configure(stack: &mut Stack, ranges: u32, fan_out_rows: u64, segments: u32) {
@@ -307,7 +285,7 @@ async fn the_dynamodb_source_reads_ranges_exactly() {
         .enumerate()
     {
         configure(&mut stack, 1, 0, 1);
-        let msg = request_for(&stack, "acme", query).await;
+        let msg = start_export(&stack, "acme", query).await;
         let sequential = export_rows(&stack, &msg, far, done, i).await;
         configure(&mut stack, 4, 0, 1);
         // A new generation: the same request misses again.
@@ -317,7 +295,7 @@ async fn the_dynamodb_source_reads_ranges_exactly() {
             .bump_generation("acme", None)
             .await
             .unwrap();
-        let msg = request_for(&stack, "acme", query).await;
+        let msg = start_export(&stack, "acme", query).await;
         let ranges = export_rows(&stack, &msg, far, done, i).await;
         assert!(
             ranges == sequential,
@@ -325,25 +303,6 @@ async fn the_dynamodb_source_reads_ranges_exactly() {
             ranges.len(),
             sequential.len()
         );
-    }
-}
-
-async fn request_for(stack: &Stack, tenant: &str, query: &[(&str, &str)]) -> JobMessage {
-    let pairs = query
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let req = RawExportRequest::from_query("orders", pairs);
-    match request_export(&stack.deps, &who(tenant), &req)
-        .await
-        .unwrap()
-    {
-        ExportAnswer::Job { job, .. } => JobMessage {
-            job_id: job.job_id,
-            kind: MessageKind::Export,
-            segment: None,
-        },
-        other => panic!("expected a miss, got {other:?}"),
     }
 }
 

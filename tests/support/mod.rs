@@ -549,3 +549,40 @@ pub fn noisy_orders(n: usize) -> Vec<shared::domain::Row> {
         })
         .collect()
 }
+
+/// A reader of `tenant` (user alice), as the API's identity check would make them.
+pub fn reader_identity(tenant: &str) -> shared::domain::Identity {
+    shared::domain::Identity {
+        tenant: tenant.into(),
+        user: "alice".into(),
+        scopes: std::collections::BTreeSet::from(
+            [shared::domain::identity::SCOPE_READ.to_string()],
+        ),
+    }
+}
+
+/// Starts an export of `orders` with `query` for a reader of `tenant`; it must be a miss. Returns
+/// the job's message, as the API would queue it.
+pub async fn start_export(
+    stack: &Stack,
+    tenant: &str,
+    query: &[(&str, &str)],
+) -> shared::domain::JobMessage {
+    use shared::services::export::{request_export, ExportAnswer};
+    let pairs = query
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let req = shared::domain::RawExportRequest::from_query("orders", pairs);
+    match request_export(&stack.deps, &reader_identity(tenant), &req)
+        .await
+        .unwrap()
+    {
+        ExportAnswer::Job { job, .. } => shared::domain::JobMessage {
+            job_id: job.job_id,
+            kind: shared::domain::MessageKind::Export,
+            segment: None,
+        },
+        other => panic!("expected a miss, got {other:?}"),
+    }
+}
