@@ -867,6 +867,7 @@ fn every_contract_route_is_declared() {
         ("DELETE", "/exports/cache"),
         ("GET", "/exports/cache/stats"),
         ("GET", "/exports/datasets"),
+        ("GET", "/"),
         ("GET", "/health"),
         ("GET", "/openapi.json"),
     ]
@@ -877,7 +878,7 @@ fn every_contract_route_is_declared() {
 }
 
 #[test]
-fn health_and_the_openapi_document_need_no_authorizer() {
+fn the_page_health_and_the_openapi_document_need_no_authorizer() {
     let t = template();
     let auth = &t.properties("ExportApi").expect("ExportApi")["Auth"];
     let default = auth["DefaultAuthorizer"]
@@ -898,7 +899,7 @@ fn health_and_the_openapi_document_need_no_authorizer() {
 
     for (name, props) in events_of_type(&t, "ApiFunction", "HttpApi") {
         let authorizer = props["Auth"]["Authorizer"].as_str();
-        if matches!(props["Path"].as_str(), Some("/health" | "/openapi.json")) {
+        if matches!(props["Path"].as_str(), Some("/" | "/health" | "/openapi.json")) {
             assert_eq!(authorizer, Some("NONE"), "{name}");
         } else {
             assert_eq!(authorizer, None, "{name} keeps the JWT authorizer");
