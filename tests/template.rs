@@ -899,7 +899,10 @@ fn the_page_health_and_the_openapi_document_need_no_authorizer() {
 
     for (name, props) in events_of_type(&t, "ApiFunction", "HttpApi") {
         let authorizer = props["Auth"]["Authorizer"].as_str();
-        if matches!(props["Path"].as_str(), Some("/" | "/health" | "/openapi.json")) {
+        if matches!(
+            props["Path"].as_str(),
+            Some("/" | "/health" | "/openapi.json")
+        ) {
             assert_eq!(authorizer, Some("NONE"), "{name}");
         } else {
             assert_eq!(authorizer, None, "{name} keeps the JWT authorizer");
