@@ -13,6 +13,7 @@ use infra::template::{
 };
 use serde_yaml::Value;
 use shared::adapters::dynamodb::{META_IAM, SOURCE_IAM};
+use shared::adapters::events::EVENTS_IAM;
 use shared::adapters::s3::FILES_IAM;
 use shared::adapters::sqs::QUEUE_IAM;
 use shared::adapters::{IamNeed, IamResource, SOURCE_ROLE_IAM};
@@ -636,11 +637,52 @@ fn every_function_can_enqueue_only_on_the_job_queue() {
     }
 }
 
+#[test]
+fn only_the_worker_publishes_events_and_only_on_the_default_bus() {
+    let t = template();
+    let bus = "arn:${AWS::Partition}:events:${AWS::Region}:${AWS::AccountId}:event-bus/default";
+    for (id, _) in FUNCTIONS {
+        let publishes: Vec<_> = all_statements(&t, id)
+            .into_iter()
+            .filter(|(_, s)| actions(s).iter().any(|a| a.starts_with("events:")))
+            .collect();
+        if id != "WorkerFunction" {
+            assert!(publishes.is_empty(), "{id}: {publishes:?}");
+            assert!(
+                !t.function_environment(id).contains_key("EVENT_BUS_NAME"),
+                "{id}"
+            );
+            continue;
+        }
+        let [(None, statement)] = publishes.as_slice() else {
+            panic!("the worker has one unconditional events statement: {publishes:?}")
+        };
+        assert_eq!(actions(statement), vec!["events:PutEvents"]);
+        let resources = resource_values(statement);
+        assert!(
+            matches!(resources.as_slice(), [v] if matches!(intrinsic(v), Some((name, Value::String(s))) if name == "Sub" && s == bus)),
+            "the default bus only: {statement:?}"
+        );
+        // The adapter sends to the bus this names: the one the grant is for.
+        assert_eq!(
+            t.function_environment(id)["EVENT_BUS_NAME"].as_str(),
+            Some("default")
+        );
+    }
+}
+
 /// Every adapter's IAM list (kept next to its code), by port.
 fn iam_lists() -> Vec<IamNeed> {
-    [META_IAM, SOURCE_IAM, SOURCE_ROLE_IAM, FILES_IAM, QUEUE_IAM]
-        .concat()
-        .to_vec()
+    [
+        META_IAM,
+        SOURCE_IAM,
+        SOURCE_ROLE_IAM,
+        FILES_IAM,
+        QUEUE_IAM,
+        EVENTS_IAM,
+    ]
+    .concat()
+    .to_vec()
 }
 
 fn workspace_file(path: &str) -> String {
@@ -741,6 +783,10 @@ fn granted_on(resource: IamResource) -> Vec<(&'static str, &'static str)> {
         IamResource::ExportObjects => vec![("Sub", "${ExportBucket.Arn}/exports/*")],
         IamResource::JobQueue => vec![("GetAtt", "JobQueue")],
         IamResource::SourceRole => vec![("Ref", "SourceRoleArn")],
+        IamResource::DefaultEventBus => vec![(
+            "Sub",
+            "arn:${AWS::Partition}:events:${AWS::Region}:${AWS::AccountId}:event-bus/default",
+        )],
     }
 }
 
@@ -776,6 +822,7 @@ fn every_sdk_call_of_an_adapter_is_in_its_iam_list() {
         ),
         ("shared/src/adapters/s3.rs", FILES_IAM.to_vec()),
         ("shared/src/adapters/sqs.rs", QUEUE_IAM.to_vec()),
+        ("shared/src/adapters/events.rs", EVENTS_IAM.to_vec()),
     ] {
         let listed: BTreeSet<&str> = lists.iter().flat_map(|n| n.calls.iter().copied()).collect();
         let called = calls_after(&code_of(file), ".client.");

@@ -66,6 +66,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where the source tables are read; all unset = the same client as everything else.
     pub source: SourceSettings,
+    /// `EVENT_BUS_NAME`: the EventBridge bus completion events go to (name or ARN; unset =
+    /// `default`, the account's default bus); `off` sends none.
+    pub event_bus: Option<String>,
     pub worker: WorkerSettings,
     pub warmer: WarmerSettings,
     pub encode: EncodeSettings,
@@ -202,6 +205,10 @@ pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 /// An HS256 key shorter than its hash output can be brute-forced from one token (RFC 7518 3.2).
 pub const MIN_LOCAL_JWT_SECRET_BYTES: usize = 32;
 pub const MAX_PRESIGN_TTL: u64 = 900;
+/// The bus completion events go to when `EVENT_BUS_NAME` is unset.
+pub const DEFAULT_EVENT_BUS: &str = "default";
+/// The `EVENT_BUS_NAME` that turns completion events off.
+pub const EVENTS_OFF: &str = "off";
 /// Lambda's longest function timeout, in seconds.
 pub const MAX_LAMBDA_TIMEOUT: u64 = 900;
 
@@ -407,6 +414,16 @@ impl Config {
             });
         }
         let source = SourceSettings::from_map(env)?;
+        let event_bus = match get("EVENT_BUS_NAME") {
+            None => Some(DEFAULT_EVENT_BUS.to_string()),
+            Some(v) if v == EVENTS_OFF => None,
+            Some(v) => Some(checked(
+                "EVENT_BUS_NAME",
+                v,
+                is_event_bus,
+                "an EventBridge bus name or ARN, or `off`",
+            )?),
+        };
 
         Ok(Self {
             meta_table: required("META_TABLE")?,
@@ -426,6 +443,7 @@ impl Config {
             source_decoder,
             log_format,
             source,
+            event_bus,
             worker: WorkerSettings {
                 timeout,
                 part_size,
@@ -482,6 +500,13 @@ fn checked(
             message: format!("expected {expected}"),
         })
     }
+}
+
+/// EventBridge's pattern for an `EventBusName`: a name, or the ARN of a bus.
+fn is_event_bus(v: &str) -> bool {
+    (1..=1600).contains(&v.len())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:".contains(c))
 }
 
 /// `us-east-1`, `eu-central-2`, `us-gov-west-1`: lower-case words joined by `-`, ending in a number.
@@ -584,6 +609,7 @@ mod tests {
             ("SDK_CALL_TIMEOUT_MS", "0"),
             ("SDK_ATTEMPT_TIMEOUT_MS", "9000"),
             ("TENANT_MAX_RUNNING_JOBS", "5000000000"),
+            ("EVENT_BUS_NAME", "my bus"),
         ] {
             let mut env = base();
             env.insert(k.into(), v.into());
@@ -592,6 +618,20 @@ mod tests {
                 "{k}={v}"
             );
         }
+    }
+
+    #[test]
+    fn events_go_to_the_default_bus_unless_named_or_turned_off() {
+        let c = Config::from_map(&base()).unwrap();
+        assert_eq!(c.event_bus.as_deref(), Some("default"));
+        let mut env = base();
+        env.insert("EVENT_BUS_NAME".into(), "exports".into());
+        assert_eq!(
+            Config::from_map(&env).unwrap().event_bus.as_deref(),
+            Some("exports")
+        );
+        env.insert("EVENT_BUS_NAME".into(), "off".into());
+        assert_eq!(Config::from_map(&env).unwrap().event_bus, None);
     }
 
     #[test]

@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::catalog::ColumnType;
 use crate::domain::job::LiveBucket;
-use crate::domain::{CacheEntry, CacheKey, Generation, Job, JobMessage, Row, UploadedPart};
+use crate::domain::{
+    CacheEntry, CacheKey, Generation, Job, JobEvent, JobMessage, Row, UploadedPart,
+};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PortError {
@@ -244,6 +246,13 @@ pub trait JobQueue: Send + Sync {
     async fn enqueue_delayed(&self, msg: &JobMessage, seconds: u32) -> PortResult<()>;
     /// Make a received message visible again after `seconds` (retry with backoff).
     async fn retry_after(&self, receipt_handle: &str, seconds: i32) -> PortResult<()>;
+}
+
+/// Completion events, for owners who notify people with a rule of their own.
+#[async_trait]
+pub trait JobEvents: Send + Sync {
+    /// Publishes one finished job's event; `Ok` only once the bus accepted it.
+    async fn job_finished(&self, event: &JobEvent) -> PortResult<()>;
 }
 
 /// One Query of a tenant partition, in the catalog's terms.

@@ -17,13 +17,13 @@ use crate::domain::job::LiveBucket;
 use crate::domain::request::normalise;
 use crate::domain::Value;
 use crate::domain::{
-    CacheEntry, CacheKey, Generation, Job, JobKind, JobMessage, Owner, RawExportRequest, Row,
-    UploadedPart,
+    CacheEntry, CacheKey, Generation, Job, JobEvent, JobKind, JobMessage, Owner, RawExportRequest,
+    Row, UploadedPart,
 };
 use crate::ports::{
-    Clock, Counters, Created, EntryStore, EntryTotals, Generations, HitCounts, HitKind, JobQueue,
-    JobStore, Lookup, NewJob, ObjectStore, Page, PortError, PortResult, RowSource, SourceQuery,
-    Tallies, TenantSlots,
+    Clock, Counters, Created, EntryStore, EntryTotals, Generations, HitCounts, HitKind, JobEvents,
+    JobQueue, JobStore, Lookup, NewJob, ObjectStore, Page, PortError, PortResult, RowSource,
+    SourceQuery, Tallies, TenantSlots,
 };
 use crate::services::process::{Fate, Outcome};
 use crate::services::Deps;
@@ -438,6 +438,37 @@ impl JobQueue for MemoryQueue {
     }
 }
 
+/// Records the completion events published; `refuse` makes the next that many calls fail, as a
+/// bus that is down or throttling would.
+#[derive(Default)]
+pub struct MemoryEvents {
+    pub sent: Mutex<Vec<JobEvent>>,
+    pub refuse: Mutex<u32>,
+}
+
+impl MemoryEvents {
+    pub fn sent(&self) -> Vec<JobEvent> {
+        lock(&self.sent).clone()
+    }
+}
+
+#[async_trait]
+impl JobEvents for MemoryEvents {
+    async fn job_finished(&self, event: &JobEvent) -> PortResult<()> {
+        let mut refuse = lock(&self.refuse);
+        if *refuse > 0 {
+            *refuse -= 1;
+            return Err(PortError::failed(
+                "publish the completion event",
+                "InternalFailure: bus down",
+                true,
+            ));
+        }
+        lock(&self.sent).push(event.clone());
+        Ok(())
+    }
+}
+
 /// Rows per `"{table}/{tenant}"` (or just per tenant, for any table), served in pages of
 /// `page_rows`; counts pages read.
 #[derive(Default)]
@@ -573,6 +604,7 @@ pub struct Fakes {
     pub meta: Arc<MemoryMeta>,
     pub files: Arc<MemoryFiles>,
     pub queue: Arc<MemoryQueue>,
+    pub events: Arc<MemoryEvents>,
     pub source: Arc<MemorySource>,
     pub clock: Arc<ManualClock>,
     /// The EMF lines the use cases wrote through `deps.metrics`.
@@ -608,6 +640,7 @@ pub fn fakes(config: Config, page_rows: usize) -> Fakes {
     let meta = Arc::new(MemoryMeta::default());
     let files = Arc::new(MemoryFiles::default());
     let queue = Arc::new(MemoryQueue::default());
+    let events = Arc::new(MemoryEvents::default());
     let source = Arc::new(MemorySource {
         page_rows,
         ..MemorySource::default()
@@ -628,6 +661,7 @@ pub fn fakes(config: Config, page_rows: usize) -> Fakes {
         slots: meta.clone(),
         files: files.clone(),
         queue: queue.clone(),
+        events: events.clone(),
         source: source.clone(),
         clock: clock.clone(),
         metrics: emitter,
@@ -636,6 +670,7 @@ pub fn fakes(config: Config, page_rows: usize) -> Fakes {
         meta,
         files,
         queue,
+        events,
         source,
         clock,
         metrics,

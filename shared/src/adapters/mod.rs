@@ -19,6 +19,7 @@ use crate::ports::{PortError, SystemClock};
 use crate::services::Deps;
 
 pub mod dynamodb;
+pub mod events;
 pub mod s3;
 pub mod sqs;
 
@@ -68,6 +69,8 @@ pub enum IamResource {
     JobQueue,
     /// The role configured in `SOURCE_ROLE_ARN` (template parameter `SourceRoleArn`).
     SourceRole,
+    /// The account's default EventBridge bus (`EVENT_BUS_NAME`), for completion events.
+    DefaultEventBus,
 }
 
 /// Error codes after which the same call may well succeed.
@@ -185,6 +188,17 @@ pub async fn deps_from_aws(sdk: &SdkConfig, config: Config, catalog: Catalog) ->
             .timeout_config(timeouts(&config.sdk))
             .build(),
     );
+    let events: Arc<dyn crate::ports::JobEvents> = match &config.event_bus {
+        Some(bus) => Arc::new(events::BusEvents::new(
+            aws_sdk_eventbridge::Client::from_conf(
+                aws_sdk_eventbridge::config::Builder::from(sdk)
+                    .timeout_config(timeouts(&config.sdk))
+                    .build(),
+            ),
+            bus,
+        )),
+        None => Arc::new(events::NoEvents),
+    };
     let meta = Arc::new(dynamodb::MetaStore::new(
         dynamodb_client(sdk, &config.sdk),
         &config.meta_table,
@@ -201,6 +215,7 @@ pub async fn deps_from_aws(sdk: &SdkConfig, config: Config, catalog: Catalog) ->
         )),
         files: Arc::new(s3::S3Files::new(s3, &config.bucket)),
         queue: Arc::new(sqs::SqsQueue::new(sqs, &config.queue_url)),
+        events,
         clock: Arc::new(SystemClock),
         metrics: crate::telemetry::Metrics::stdout(),
         catalog: Arc::new(catalog),

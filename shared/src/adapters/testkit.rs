@@ -104,6 +104,18 @@ pub(crate) fn s3(http: &StaticReplayClient) -> aws_sdk_s3::Client {
     )
 }
 
+pub(crate) fn eventbridge(http: &StaticReplayClient) -> aws_sdk_eventbridge::Client {
+    aws_sdk_eventbridge::Client::from_conf(
+        aws_sdk_eventbridge::Config::builder()
+            .behavior_version(aws_sdk_eventbridge::config::BehaviorVersion::latest())
+            .region(aws_sdk_eventbridge::config::Region::new("us-east-1"))
+            .credentials_provider(credentials())
+            .retry_config(RetryConfig::disabled())
+            .http_client(http.clone())
+            .build(),
+    )
+}
+
 /// The DynamoDB calls sent, as (operation, JSON body): `("Query", {...})`.
 pub(crate) fn dynamodb_calls(http: &StaticReplayClient) -> Vec<(String, Json)> {
     http.actual_requests()

@@ -215,6 +215,10 @@ pub struct Job {
     /// Generations current when the job was created; a file is only served while they still are.
     pub generation: Generation,
     pub expires_at: DateTime<Utc>,
+    /// The completion event went out (see `JobEvent`). Written after the terminal state, so a
+    /// worker that dies between the two leaves it unset and a redelivered message sends it.
+    #[serde(default)]
+    pub notified: bool,
 }
 
 impl Job {
@@ -271,6 +275,7 @@ impl Job {
             download_until: None,
             generation,
             expires_at: now + keep_for,
+            notified: false,
         }
     }
 

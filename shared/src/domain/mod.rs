@@ -3,6 +3,7 @@
 //! `services` (`tests::domain_imports_nothing_above_it` keeps it so).
 
 pub mod catalog;
+pub mod event;
 pub mod identity;
 pub mod job;
 pub mod key;
@@ -11,6 +12,7 @@ pub mod request;
 pub mod value;
 
 pub use catalog::{Catalog, Column, ColumnType, Dataset};
+pub use event::JobEvent;
 pub use identity::Identity;
 pub use job::{
     CacheEntry, Checkpoint, EncoderState, Freshness, Generation, HitKind, Job, JobError, JobKind,

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::domain::catalog::Catalog;
 use crate::ports::{
-    Clock, Counters, EntryStore, Generations, JobQueue, JobStore, ObjectStore, PortError,
-    RowSource, TenantSlots,
+    Clock, Counters, EntryStore, Generations, JobEvents, JobQueue, JobStore, ObjectStore,
+    PortError, RowSource, TenantSlots,
 };
 
 pub mod cache_admin;
@@ -32,6 +32,8 @@ pub struct Deps {
     pub slots: Arc<dyn TenantSlots>,
     pub files: Arc<dyn ObjectStore>,
     pub queue: Arc<dyn JobQueue>,
+    /// Completion events on the bus (nothing when `EVENT_BUS_NAME=off`).
+    pub events: Arc<dyn JobEvents>,
     pub source: Arc<dyn RowSource>,
     pub clock: Arc<dyn Clock>,
     /// EMF metrics: stdout in the functions, a buffer in tests.
@@ -96,6 +98,8 @@ pub(crate) fn require_scope(
 mod tests;
 #[cfg(test)]
 mod tests_entries;
+#[cfg(test)]
+mod tests_events;
 #[cfg(test)]
 mod tests_hardening;
 #[cfg(test)]

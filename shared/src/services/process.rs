@@ -23,7 +23,8 @@ use super::tenant_slots::{self, Slot};
 use super::Deps;
 use crate::domain::job::file_name;
 use crate::domain::{
-    CacheEntry, Checkpoint, Column, Job, JobMessage, MessageKind, ResolvedExport, UploadedPart,
+    CacheEntry, Checkpoint, Column, Job, JobEvent, JobKind, JobMessage, MessageKind,
+    ResolvedExport, UploadedPart,
 };
 use crate::encode::{encoder_for, EncodeError, Encoder, FileInfo, ENCODER_VERSION};
 use crate::ports::{Page, PortError, RangeQuery, SourceQuery};
@@ -187,7 +188,7 @@ pub async fn process_job(
         Err(e) => return transient(0, &e),
     };
     if job.status.is_terminal() {
-        return Outcome::AlreadyFinished;
+        return finished(deps, job, owner).await;
     }
     let now = deps.clock.now();
     let lease_until = now + to_chrono(deps.config.worker.lease);
@@ -827,7 +828,10 @@ async fn write_manifest(
 
 async fn finish_success(deps: &Deps, mut job: Job, entry: CacheEntry) -> Result<(), Stop> {
     let now = deps.clock.now();
+    let lease = job.lease.clone();
     job.succeed(&entry, now);
+    // Held until the completion event is out, so a duplicate message leaves it to this run.
+    job.lease = lease;
     job.updated_at = now;
     job.version += 1;
     deps.jobs.complete_job(&job, &entry).await?;
@@ -838,6 +842,7 @@ async fn finish_success(deps: &Deps, mut job: Job, entry: CacheEntry) -> Result<
         rows = entry.rows, bytes = entry.bytes, pages = job.pages_read,
         read_capacity = job.read_capacity, "job succeeded");
     deps.metrics.job_finished(now, &job);
+    announce_or_later(deps, job).await;
     Ok(())
 }
 
@@ -865,13 +870,91 @@ pub(super) async fn fail_job(deps: &Deps, mut job: Job, failure: &Failure) {
     if let Some(plan) = job.plan.take() {
         abort_quietly(deps, &plan.object_key, &plan.upload_id).await;
     }
+    let lease = job.lease.take();
     job.fail(failure.code, &failure.message, deps.clock.now());
+    // Held until the completion event is out, as on success.
+    job.lease = lease;
     deps.metrics.job_finished(deps.clock.now(), &job);
-    if let Err(e) = save(deps, &mut job).await {
+    let saved = save(deps, &mut job).await;
+    if let Err(e) = &saved {
         tracing::error!(job_id = %job.job_id, error = %e, "could not record the failure");
     }
     release_marker(deps, &job).await;
     tenant_slots::release(deps, &job).await;
+    if saved.is_ok() {
+        announce_or_later(deps, job).await;
+    }
+}
+
+/// How long a job whose completion event the bus refused waits before its message tries again.
+const EVENT_RETRY_SECONDS: u32 = 60;
+
+/// A message for a finished job (a duplicate, a late delivery, or the one queued when its event
+/// could not be sent): sends the completion event if it never went out. While the run that
+/// finished the job still holds its lease, that run sends it; the message comes back after.
+pub(super) async fn finished(deps: &Deps, job: Job, owner: &str) -> Outcome {
+    if job.notified {
+        return Outcome::AlreadyFinished;
+    }
+    if let Some(until) = job.leased_by_other(owner, deps.clock.now()) {
+        return Outcome::Busy { until };
+    }
+    let attempt = job.attempts;
+    match announce(deps, job).await {
+        Ok(()) => Outcome::AlreadyFinished,
+        // Past the queue's retry budget the message goes to the dead-letter queue, as evidence.
+        Err(e) => Outcome::Transient {
+            attempt,
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Sends the finished job's event and marks it sent; when the bus refuses, a delayed message of
+/// the job comes back to send it. Never fails the job: the file and its entry stay as they are.
+async fn announce_or_later(deps: &Deps, job: Job) {
+    let (job_id, kind) = (job.job_id.clone(), job.kind);
+    if announce(deps, job).await.is_ok() {
+        return;
+    }
+    let msg = JobMessage {
+        job_id: job_id.clone(),
+        kind: match kind {
+            JobKind::Export => MessageKind::Export,
+            JobKind::Refresh => MessageKind::Refresh,
+        },
+        segment: None,
+    };
+    if let Err(e) = deps.queue.enqueue_delayed(&msg, EVENT_RETRY_SECONDS).await {
+        tracing::error!(%job_id, error = %e,
+            "could not queue a retry of the completion event: it goes out only if the job's message comes again");
+    }
+}
+
+/// Sends the event of a finished job once: the job is marked (compare-and-set) after the bus
+/// took it, and its lease let go either way so a later message may try again.
+async fn announce(deps: &Deps, mut job: Job) -> Result<(), PortError> {
+    let Some(event) = JobEvent::of(&job) else {
+        return Ok(());
+    };
+    if job.notified {
+        return Ok(());
+    }
+    let sent = deps.events.job_finished(&event).await;
+    match &sent {
+        Ok(()) => tracing::info!(job_id = %job.job_id, detail_type = event.detail_type(),
+            "completion event published"),
+        Err(e) => tracing::warn!(job_id = %job.job_id, tenant = %job.tenant,
+            dataset = %job.spec.dataset, detail_type = event.detail_type(), error = %e,
+            "could not publish the completion event; the job stands, the event is retried"),
+    }
+    job.notified = sent.is_ok();
+    job.lease = None;
+    if let Err(e) = save(deps, &mut job).await {
+        // A message handled meanwhile may send the event once more; consumers dedupe on job_id.
+        tracing::warn!(job_id = %job.job_id, error = %e, "could not record the completion event");
+    }
+    sent
 }
 
 async fn release_marker(deps: &Deps, job: &Job) {

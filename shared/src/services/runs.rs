@@ -17,7 +17,8 @@ use chrono::{DateTime, Utc};
 use tokio::task::JoinSet;
 
 use super::process::{
-    fail_job, record, save, settle, source_query, to_chrono, Failure, FileInProgress, Outcome, Stop,
+    fail_job, finished, record, save, settle, source_query, to_chrono, Failure, FileInProgress,
+    Outcome, Stop,
 };
 use super::tenant_slots;
 use super::Deps;
@@ -262,7 +263,7 @@ async fn take_runs(
             Err(e) => return Err(transient(e.to_string())),
         };
         if job.status.is_terminal() {
-            return Err(Outcome::AlreadyFinished);
+            return Err(finished(deps, job, owner).await);
         }
         let now = deps.clock.now();
         let until = now + to_chrono(deps.config.worker.lease);
@@ -580,7 +581,7 @@ async fn finish_if_last(deps: &Deps, job_id: &str, owner: &str, last_delivery: b
     };
     let rows = job.plan.as_ref().map_or(0, Plan::rows);
     if job.status.is_terminal() {
-        return Outcome::AlreadyFinished;
+        return finished(deps, job, owner).await;
     }
     if !job.plan.as_ref().is_some_and(Plan::all_done) {
         return Outcome::RangesDone { rows };
