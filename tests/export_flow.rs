@@ -669,3 +669,132 @@ async fn too_many_new_exports_get_429_while_hits_keep_flowing() {
         StatusCode::ACCEPTED
     );
 }
+
+/// Runs the worker as soon as the queue holds a message, the way the SQS trigger would while an
+/// API call is still waiting.
+async fn worker_when_queued(stack: &Stack) {
+    for _ in 0..100 {
+        if stack.run_worker().await > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("nothing was queued");
+}
+
+#[tokio::test]
+async fn prefer_wait_gives_303_when_the_job_finishes_in_time_and_202_when_not() {
+    let stack = Stack::new(40, &[]).await;
+    let token = stack.reader("acme");
+    let (waited, _) = tokio::join!(
+        stack.call_with(
+            Method::GET,
+            "/exports/orders",
+            Some(&token),
+            None,
+            &[("prefer", "wait=10")]
+        ),
+        worker_when_queued(&stack)
+    );
+    assert_eq!(
+        waited.status,
+        StatusCode::SEE_OTHER,
+        "{}",
+        String::from_utf8_lossy(&waited.body)
+    );
+    assert_eq!(waited.header("x-export-cache"), "miss");
+    assert_eq!(waited.header("preference-applied"), "wait=10");
+    let (status, _, file) = stack.fetch(waited.header("location")).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert_eq!(parse_csv(&file).len(), 41, "header + 40 rows");
+    // The next request is a plain hit: nothing to wait for, nothing applied.
+    let hit = stack
+        .call_with(
+            Method::GET,
+            "/exports/orders",
+            Some(&token),
+            None,
+            &[("prefer", "wait=10")],
+        )
+        .await;
+    assert_eq!(hit.header("x-export-cache"), "hit");
+    assert!(hit.headers.get("preference-applied").is_none());
+
+    // No worker picks this one up: after the wait, the usual 202 with the job.
+    let started = std::time::Instant::now();
+    let pending = stack
+        .call_with(
+            Method::POST,
+            "/exports",
+            Some(&token),
+            Some(serde_json::json!({"dataset": "orders", "format": "xlsx"})),
+            &[("prefer", "wait=1")],
+        )
+        .await;
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert_eq!(pending.status, StatusCode::ACCEPTED);
+    assert_eq!(pending.header("x-export-cache"), "miss");
+    assert!(pending.headers.get("preference-applied").is_none());
+    assert_eq!(pending.json()["status"], "queued");
+}
+
+#[tokio::test]
+async fn refresh_on_demand_keeps_serving_the_old_file_until_the_new_one_lands() {
+    let stack = Stack::new(25, &[]).await;
+    let token = stack.reader("acme");
+    let first = stack.export_through_worker("/exports/orders", &token).await;
+    let body = serde_json::json!({"dataset": "orders"});
+    let refresh = stack
+        .call(
+            Method::POST,
+            "/exports/refresh",
+            Some(&token),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(
+        refresh.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&refresh.body)
+    );
+    let job = refresh.json();
+    assert_eq!(job["kind"], "refresh");
+    let refresh_id = job["job_id"].as_str().unwrap().to_string();
+    assert_ne!(refresh_id, first);
+    assert_eq!(
+        refresh.header("location"),
+        format!("/exports/jobs/{refresh_id}")
+    );
+    // A second refresh joins the running one.
+    let again = stack
+        .call(Method::POST, "/exports/refresh", Some(&token), Some(body))
+        .await;
+    assert_eq!(again.json()["job_id"], refresh_id.as_str());
+    // Until the refresh lands, the fresh old file is what callers get.
+    let old = stack.get("/exports/orders", &token).await;
+    assert_eq!(old.header("x-export-cache"), "hit");
+    assert_eq!(old.header("x-export-id"), first);
+
+    assert_eq!(stack.run_worker().await, 1, "one message for the refresh");
+    let new = stack.get("/exports/orders", &token).await;
+    assert_eq!(new.status, StatusCode::SEE_OTHER);
+    assert_eq!(new.header("x-export-id"), refresh_id);
+    let (_, _, file) = stack.fetch(new.header("location")).await;
+    assert_eq!(parse_csv(&file).len(), 26);
+
+    // The same limits and problems as POST /exports.
+    let bad = stack
+        .call(
+            Method::POST,
+            "/exports/refresh",
+            Some(&token),
+            Some(serde_json::json!({"dataset": "orders", "format": "pdf"})),
+        )
+        .await;
+    assert_problem(&bad, StatusCode::BAD_REQUEST, Some("format"));
+    let anonymous = stack
+        .call(Method::POST, "/exports/refresh", None, None)
+        .await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+}

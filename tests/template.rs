@@ -908,6 +908,7 @@ fn every_contract_route_is_declared() {
     let expected: BTreeSet<(String, String)> = [
         ("GET", "/exports/{dataset}"),
         ("POST", "/exports"),
+        ("POST", "/exports/refresh"),
         ("GET", "/exports/jobs/{job_id}"),
         ("GET", "/exports/jobs/{job_id}/download"),
         ("DELETE", "/exports/cache/{dataset}"),

@@ -220,7 +220,22 @@ impl Stack {
         token: Option<&str>,
         body: Option<serde_json::Value>,
     ) -> Answer {
+        self.call_with(method, uri, token, body, &[]).await
+    }
+
+    /// The same, with extra request headers.
+    pub async fn call_with(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
         let mut req = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }

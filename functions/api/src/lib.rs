@@ -18,7 +18,9 @@ use shared::domain::identity::{identity_from_claims, AuthError, BearerVerifier};
 use shared::domain::request::quoted;
 use shared::domain::{Identity, RawExportRequest};
 use shared::services::cache_admin::{self, CacheStats, Scope};
-use shared::services::export::{request_export, ExportAnswer};
+use shared::services::export::{
+    request_export_waiting, request_refresh, ExportAnswer, MAX_WAIT_SECONDS,
+};
 use shared::services::{status, Deps};
 
 mod openapi;
@@ -34,6 +36,8 @@ use wire::{
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 const REPRESENTATION: &str = "return=representation";
+
+const PREFER_DOC: &str = "RFC 7240. `wait=N` (N <= 25): on a miss, wait up to N seconds for the job and answer `303` when it finished in time, else the usual `202`. `return=representation`: `200` with the file's description instead of a `303`.";
 
 /// Seconds a client should wait before polling a job again.
 const POLL_AFTER_SECONDS: u32 = 2;
@@ -71,6 +75,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(health))
         .routes(routes!(openapi_json))
         .routes(routes!(post_export))
+        .routes(routes!(post_refresh))
         .routes(routes!(datasets))
         .routes(routes!(get_export))
         .routes(routes!(job_status))
@@ -224,9 +229,10 @@ fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
 /// `202` with the job (`miss`); identical requests while it runs get the same job.
 #[utoipa::path(get, path = "/exports/{dataset}", tag = "exports",
     params(("dataset" = String, Path, description = "A dataset of `GET /exports/datasets`"),
-        ExportQuery, ExportOptions),
+        ExportQuery, ExportOptions,
+        ("Prefer" = Option<String>, Header, description = PREFER_DOC)),
     responses(
-        (status = 303, description = "A cached file: `Location` is its presigned URL (at most 15 minutes)",
+        (status = 303, description = "A cached file: `Location` is its presigned URL (at most 15 minutes). Also after `Prefer: wait=N` when the job finished in time (`X-Export-Cache: miss`, `Preference-Applied: wait=N`)",
             body = CachedFileBody, headers(
                 ("Location" = String, description = "Presigned URL of the file"),
                 ("X-Export-Cache" = String, description = "`hit` or `stale`"),
@@ -263,8 +269,9 @@ async fn get_export(
 /// The same request as `GET /exports/{dataset}`, as a JSON body.
 #[utoipa::path(post, path = "/exports", tag = "exports",
     request_body(content = ExportRequest, description = "The export request"),
+    params(("Prefer" = Option<String>, Header, description = PREFER_DOC)),
     responses(
-        (status = 303, description = "A cached file, as for `GET /exports/{dataset}`",
+        (status = 303, description = "A cached file, as for `GET /exports/{dataset}`, also after `Prefer: wait=N`",
             body = CachedFileBody),
         (status = 200, description = "A cached file as with `303`, when the request says `Prefer: return=representation`",
             body = CachedFileBody),
@@ -285,6 +292,11 @@ async fn post_export(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    export(&state, &who, json_request(body)?, &headers).await
+}
+
+/// The request in a `POST` body: bounded (413 past 64 KiB) and JSON, or a problem naming `body`.
+fn json_request(body: Result<Bytes, BytesRejection>) -> Result<RawExportRequest, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge
@@ -300,17 +312,78 @@ async fn post_export(
             ),
         )
     })?;
-    export(&state, &who, RawExportRequest::from_json(&value), &headers).await
+    Ok(RawExportRequest::from_json(&value))
 }
 
-/// Whether the request's `Prefer` header (RFC 7240) holds `preference`.
-fn prefers(headers: &HeaderMap, preference: &str) -> bool {
+/// Build the export's file again, even when the cached one is fresh.
+///
+/// Same body as `POST /exports`. Answers `202` with the refresh job (an identical request while
+/// one runs joins it); the current file stays served by `GET /exports/{dataset}` until the new
+/// one replaces it.
+#[utoipa::path(post, path = "/exports/refresh", tag = "exports",
+    request_body(content = ExportRequest, description = "The export to build again"),
+    responses(
+        (status = 202, description = "The refresh job; poll `Location`", body = JobStatusBody,
+            headers(
+                ("Location" = String, description = "`/exports/jobs/{job_id}`"),
+                ("Retry-After" = u32, description = "Seconds before polling"),
+                ("X-Export-Id" = String, description = "The job id"))),
+        (status = 400, description = "Invalid request or body: `errors` names each field",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown dataset", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 429, description = "Too many new exports this minute; see `Retry-After`",
+            body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn post_refresh(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let raw = json_request(body)?;
+    let ExportAnswer::Job { job, joined } = request_refresh(&state.deps, &who, &raw).await? else {
+        return Err(ApiError::Internal("a refresh answered with a file".into()));
+    };
+    tracing::info!(tenant = %who.tenant, dataset = %job.spec.dataset, job_id = %job.job_id,
+        joined, "refresh requested");
+    let mut response = job_accepted(&job)?;
+    // Not a cache lookup: the refresh says nothing about hit or miss.
+    response.headers_mut().remove("x-export-cache");
+    Ok(response)
+}
+
+/// The preferences of the request's `Prefer` headers (RFC 7240), each trimmed.
+fn preferences(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all("prefer")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case(preference))
+        .map(str::trim)
+}
+
+/// Whether the request's `Prefer` header holds `preference`.
+fn prefers(headers: &HeaderMap, preference: &str) -> bool {
+    preferences(headers).any(|p| p.eq_ignore_ascii_case(preference))
+}
+
+/// Seconds of `Prefer: wait=N`, at most [`MAX_WAIT_SECONDS`]. A preference the server cannot
+/// read is ignored, as RFC 7240 asks, rather than refused.
+fn preferred_wait(headers: &HeaderMap) -> Option<u32> {
+    preferences(headers).find_map(|p| {
+        let (name, value) = p.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("wait") {
+            return None;
+        }
+        let value = value.split(';').next()?.trim().trim_matches('"');
+        if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let seconds = value.parse::<u64>().ok()?;
+        Some(seconds.min(u64::from(MAX_WAIT_SECONDS)) as u32)
+    })
 }
 
 async fn export(
@@ -320,7 +393,14 @@ async fn export(
     request: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
-    let answer = request_export(&state.deps, who, &raw).await?;
+    let wait = preferred_wait(request).filter(|w| *w > 0);
+    let answer = request_export_waiting(
+        &state.deps,
+        who,
+        &raw,
+        std::time::Duration::from_secs(wait.unwrap_or(0).into()),
+    )
+    .await?;
     let result = answer.cache_result().as_str();
     let metric = answer.metric(&who.tenant, started.elapsed());
     state
@@ -333,9 +413,10 @@ async fn export(
             url,
             age,
             stale,
+            waited,
         } => {
             tracing::info!(tenant = %who.tenant, dataset = %entry.spec.dataset, cache = result,
-                job_id = %entry.job_id, age_s = age.num_seconds(), "export served from cache");
+                job_id = %entry.job_id, age_s = age.num_seconds(), waited, "export served");
             let mut headers = HeaderMap::new();
             headers.insert(header::LOCATION, header_value(&url)?);
             headers.insert("x-export-cache", HeaderValue::from_static(result));
@@ -363,11 +444,18 @@ async fn export(
             };
             // `Prefer: return=representation`: the file's description itself rather than a
             // redirect, for a page whose script cannot see where a redirect went.
-            let status = if prefers(request, REPRESENTATION) {
-                headers.insert(
-                    "preference-applied",
-                    HeaderValue::from_static(REPRESENTATION),
-                );
+            let representation = prefers(request, REPRESENTATION);
+            let mut applied = Vec::new();
+            if representation {
+                applied.push(REPRESENTATION.to_string());
+            }
+            if let Some(w) = wait.filter(|_| waited) {
+                applied.push(format!("wait={w}"));
+            }
+            if !applied.is_empty() {
+                headers.insert("preference-applied", header_value(&applied.join(", "))?);
+            }
+            let status = if representation {
                 StatusCode::OK
             } else {
                 StatusCode::SEE_OTHER
@@ -376,24 +464,31 @@ async fn export(
         }
         ExportAnswer::Job { job, joined } => {
             tracing::info!(tenant = %who.tenant, dataset = %job.spec.dataset, cache = result,
-                job_id = %job.job_id, joined, "export queued");
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                header::LOCATION,
-                header_value(&format!("/exports/jobs/{}", job.job_id))?,
-            );
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(POLL_AFTER_SECONDS));
-            headers.insert("x-export-cache", HeaderValue::from_static(result));
-            headers.insert("x-export-id", header_value(&job.job_id)?);
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            Ok((
-                StatusCode::ACCEPTED,
-                headers,
-                Json(JobStatusBody::from(job.as_ref())),
-            )
-                .into_response())
+                job_id = %job.job_id, joined, waited_s = wait, "export queued");
+            job_accepted(&job)
         }
     }
+}
+
+/// `202` with the job to poll: a miss, or a refresh.
+fn job_accepted(job: &shared::domain::Job) -> Result<Response, ApiError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::LOCATION,
+        header_value(&format!("/exports/jobs/{}", job.job_id))?,
+    );
+    if !job.status.is_terminal() {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(POLL_AFTER_SECONDS));
+    }
+    headers.insert("x-export-cache", HeaderValue::from_static("miss"));
+    headers.insert("x-export-id", header_value(&job.job_id)?);
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok((
+        StatusCode::ACCEPTED,
+        headers,
+        Json(JobStatusBody::from(job)),
+    )
+        .into_response())
 }
 
 fn header_value(s: &str) -> Result<HeaderValue, ApiError> {
@@ -1037,5 +1132,25 @@ mod tests {
                 (&json!("acme"), &json!(job_id))
             );
         }
+    }
+
+    #[test]
+    fn wait_preferences_are_read_capped_or_ignored_never_refused() {
+        let wait = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("prefer", HeaderValue::from_str(v).unwrap());
+            }
+            preferred_wait(&h)
+        };
+        assert_eq!(wait(&["wait=10"]), Some(10));
+        assert_eq!(wait(&["respond-async, Wait = 3"]), Some(3));
+        assert_eq!(wait(&["return=representation", "wait=\"7\""]), Some(7));
+        assert_eq!(wait(&["wait=600"]), Some(MAX_WAIT_SECONDS));
+        assert_eq!(wait(&["wait=99999999999999999999"]), None);
+        for ignored in ["wait=", "wait=-1", "wait=1.5", "wait=abc", "waiting=3", ""] {
+            assert_eq!(wait(&[ignored]), None, "{ignored}");
+        }
+        assert_eq!(wait(&[]), None);
     }
 }

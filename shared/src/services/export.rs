@@ -1,4 +1,6 @@
-//! `GET /exports/{dataset}` and `POST /exports`: serve a fresh file, or start (or join) a job.
+//! `GET /exports/{dataset}` and `POST /exports`: serve a fresh file, or start (or join) a job,
+//! and wait for it a while when the caller asks to (`Prefer: wait=N`). `POST /exports/refresh`:
+//! build the entry's file again even when it is fresh.
 
 use chrono::Duration;
 
@@ -6,6 +8,7 @@ use super::jobs::{start_or_join, Start, StartOptions};
 use super::{require_scope, Deps, ServiceError};
 use crate::domain::identity::SCOPE_READ;
 use crate::domain::request::normalise;
+use crate::domain::JobStatus;
 use crate::domain::{
     CacheEntry, CacheKey, ExportSpec, Freshness, HitKind, Identity, Job, JobKind, RawExportRequest,
 };
@@ -21,6 +24,8 @@ pub enum ExportAnswer {
         url: String,
         age: Duration,
         stale: bool,
+        /// Made by this request's own job while the caller waited (`Prefer: wait`): still a miss.
+        waited: bool,
     },
     /// No servable file: the job to poll (`joined` when it was already running).
     Job { job: Box<Job>, joined: bool },
@@ -29,6 +34,7 @@ pub enum ExportAnswer {
 impl ExportAnswer {
     pub fn cache_result(&self) -> HitKind {
         match self {
+            Self::File { waited: true, .. } => HitKind::Miss,
             Self::File { stale: false, .. } => HitKind::Hit,
             Self::File { stale: true, .. } => HitKind::Stale,
             Self::Job { .. } => HitKind::Miss,
@@ -166,7 +172,135 @@ async fn serve(
         entry: Box::new(entry.clone()),
         url,
         stale,
+        waited: false,
     })
+}
+
+/// Longest `Prefer: wait` honoured, in seconds: API Gateway gives up on an HTTP API after 30 s,
+/// and the answer still has to be signed and sent.
+pub const MAX_WAIT_SECONDS: u32 = 25;
+
+/// Pause between two looks at a waited-for job: short at first (small exports finish in a second
+/// or two), then one GetItem a second at most.
+const FIRST_LOOK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+const LOOK_AT_MOST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `request_export`, then, on a miss, up to `wait` for the job: its file when it finished in
+/// time, else the job as it stands then (the usual `202`). Waiting reads only the job record and
+/// the entry, never the source: the API keeps no access to the source tables.
+pub async fn request_export_waiting(
+    deps: &Deps,
+    who: &Identity,
+    raw: &RawExportRequest,
+    wait: std::time::Duration,
+) -> Result<ExportAnswer, ServiceError> {
+    let answer = request_export(deps, who, raw).await?;
+    let ExportAnswer::Job { mut job, joined } = answer else {
+        return Ok(answer);
+    };
+    let until = tokio::time::Instant::now() + wait;
+    let mut pause = FIRST_LOOK_AFTER;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(LOOK_AT_MOST_EVERY);
+        match deps.jobs.get_job(&job.job_id).await? {
+            Some(latest) => *job = latest,
+            None => break,
+        }
+        match job.status {
+            JobStatus::Queued | JobStatus::Running => continue,
+            JobStatus::Failed => break,
+            JobStatus::Succeeded => {
+                if let Some(file) = waited_file(deps, who, &job).await? {
+                    return Ok(file);
+                }
+                break;
+            }
+        }
+    }
+    Ok(ExportAnswer::Job { job, joined })
+}
+
+/// The file the caller's key now serves, once the waited-for job recorded it. `None` when the
+/// entry was invalidated in the meantime: the caller gets the job, whose status says the rest.
+async fn waited_file(
+    deps: &Deps,
+    who: &Identity,
+    job: &Job,
+) -> Result<Option<ExportAnswer>, ServiceError> {
+    let found = deps
+        .entries
+        .find(&who.tenant, &who.user, &job.cache_key)
+        .await?;
+    let Some(entry) = found.current_entry() else {
+        return Ok(None);
+    };
+    let url = deps
+        .files
+        .presign_get(
+            &entry.object_key,
+            &entry.file_name(),
+            deps.config.presign_ttl,
+        )
+        .await?;
+    Ok(Some(ExportAnswer::File {
+        age: entry.age(deps.clock.now()),
+        entry: Box::new(entry.clone()),
+        url,
+        stale: false,
+        waited: true,
+    }))
+}
+
+/// `POST /exports/refresh`: starts building the entry's file again even when it is fresh, or
+/// joins the job already doing so. The current file stays served until the new one is recorded
+/// (the worker replaces the entry in one write), so nobody sees a gap. Costs one of the tenant's
+/// new exports of the minute, like a miss: it reads the whole source again.
+pub async fn request_refresh(
+    deps: &Deps,
+    who: &Identity,
+    raw: &RawExportRequest,
+) -> Result<ExportAnswer, ServiceError> {
+    require_scope(who, SCOPE_READ)?;
+    let req = normalise(&deps.catalog, raw)?;
+    let key = req.cache_key(who.owner(), ENCODER_VERSION);
+    let spec = req.spec;
+    // Another round only when a job finished between our look and our create: it may have read
+    // the source before the caller asked, so the refresh still goes ahead.
+    for _ in 0..3 {
+        let found = deps.entries.find(&who.tenant, &who.user, &key).await?;
+        let started = start_or_join(
+            deps,
+            &who.tenant,
+            &who.user,
+            &key,
+            &spec,
+            StartOptions {
+                kind: JobKind::Refresh,
+                generation: found.generation,
+                rows_estimate: found.current_entry().map(|e| e.rows),
+                entry_seen: found.entry.as_ref(),
+                miss_limit: Some(deps.config.miss_rate_per_minute),
+            },
+        )
+        .await?;
+        let (job, joined) = match started {
+            Start::New(job) => (job, false),
+            Start::Joined(job) => (job, true),
+            Start::EntryChanged => continue,
+        };
+        return Ok(ExportAnswer::Job {
+            job: Box::new(job),
+            joined,
+        });
+    }
+    Err(ServiceError::Unavailable(
+        "this export is changing right now; retry shortly".into(),
+    ))
 }
 
 /// Counters are statistics: losing one must not fail the caller's request.

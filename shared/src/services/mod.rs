@@ -101,6 +101,8 @@ mod tests_entries;
 #[cfg(test)]
 mod tests_events;
 #[cfg(test)]
+mod tests_fresh;
+#[cfg(test)]
 mod tests_hardening;
 #[cfg(test)]
 mod tests_metrics;
