@@ -67,6 +67,16 @@ pub trait ObjectStore: Send + Sync {
         number: i32,
         body: Vec<u8>,
     ) -> PortResult<String>;
+    /// Part `number` of the upload is bytes `first..=last` of the stored object `source`, copied
+    /// inside the store (nothing passes through the function). Returns the part's ETag.
+    async fn copy_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &str,
+        range: (u64, u64),
+    ) -> PortResult<String>;
     async fn complete_upload(
         &self,
         key: &str,

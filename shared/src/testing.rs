@@ -337,6 +337,29 @@ impl ObjectStore for MemoryFiles {
         Ok(etag)
     }
 
+    async fn copy_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &str,
+        (first, last): (u64, u64),
+    ) -> PortResult<String> {
+        let body = {
+            let objects = lock(&self.objects);
+            let object = objects
+                .get(source)
+                .ok_or_else(|| PortError::failed("copy part", "NoSuchKey", false))?;
+            let range = usize::try_from(first).unwrap_or(usize::MAX)
+                ..usize::try_from(last).map_or(usize::MAX, |l| l.saturating_add(1));
+            object
+                .get(range)
+                .ok_or_else(|| PortError::failed("copy part", "InvalidRange", false))?
+                .to_vec()
+        };
+        self.upload_part(key, upload_id, number, body).await
+    }
+
     async fn complete_upload(
         &self,
         key: &str,
@@ -772,6 +795,17 @@ impl ObjectStore for CrashingFiles {
         body: Vec<u8>,
     ) -> PortResult<String> {
         let call = self.inner.upload_part(key, upload_id, number, body);
+        self.plan.point("upload_part", call).await
+    }
+    async fn copy_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &str,
+        range: (u64, u64),
+    ) -> PortResult<String> {
+        let call = self.inner.copy_part(key, upload_id, number, source, range);
         self.plan.point("upload_part", call).await
     }
     async fn complete_upload(

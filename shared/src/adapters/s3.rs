@@ -20,6 +20,7 @@ use crate::ports::{ObjectStore, PortError, PortResult};
 pub const FILES_IAM: &[IamNeed] = &[
     IamNeed::new("files", "start_upload", &["create_multipart_upload"], &["s3:PutObject"], ExportObjects),
     IamNeed::new("files", "upload_part", &["upload_part"], &["s3:PutObject"], ExportObjects),
+    IamNeed::new("files", "copy_part", &["upload_part_copy"], &["s3:GetObject", "s3:PutObject"], ExportObjects),
     IamNeed::new("files", "complete_upload", &["complete_multipart_upload"], &["s3:PutObject"], ExportObjects),
     IamNeed::new("files", "abort_upload", &["abort_multipart_upload"], &["s3:AbortMultipartUpload"], ExportObjects),
     IamNeed::new("files", "put_object", &["put_object"], &["s3:PutObject"], ExportObjects),
@@ -42,6 +43,19 @@ impl S3Files {
             bucket: bucket.to_string(),
         }
     }
+}
+
+/// `bucket/key` as `x-amz-copy-source` wants it: URL-encoded, `/` kept.
+fn copy_source(bucket: &str, key: &str) -> String {
+    let mut out = format!("{bucket}/");
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `attachment; filename="..."` with the name made safe for the header.
@@ -101,6 +115,31 @@ impl ObjectStore for S3Files {
             .map_err(|e| sdk_error("upload part", e))?;
         resp.e_tag
             .ok_or_else(|| PortError::failed("upload part", "no ETag returned", true))
+    }
+
+    async fn copy_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &str,
+        (first, last): (u64, u64),
+    ) -> PortResult<String> {
+        let resp = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .copy_source(copy_source(&self.bucket, source))
+            .copy_source_range(format!("bytes={first}-{last}"))
+            .send()
+            .await
+            .map_err(|e| sdk_error("copy part", e))?;
+        resp.copy_part_result
+            .and_then(|r| r.e_tag)
+            .ok_or_else(|| PortError::failed("copy part", "no ETag returned", true))
     }
 
     async fn complete_upload(

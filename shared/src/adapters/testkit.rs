@@ -174,5 +174,7 @@ pub(crate) fn entry(job: &Job) -> CacheEntry {
         generation: job.generation,
         hits: 0,
         last_hit_at: None,
+        append_key: None,
+        append_since: None,
     }
 }

@@ -100,6 +100,10 @@ pub struct Dataset {
     pub row_limit: u64,
     /// The file depends on the caller, so the user is part of the cache key.
     pub user_scoped: bool,
+    /// Rows are only ever added, each with a sort key above every earlier one: a refresh may
+    /// extend the previous file with the rows past its last key instead of reading everything.
+    /// Index into `columns` of the watermark column (the sort key's).
+    pub append_only: Option<usize>,
 }
 
 /// An export the warmer keeps fresh for `tenants` whether or not anyone asked lately, resolved
@@ -178,6 +182,9 @@ struct RawDataset {
     row_limit: u64,
     #[serde(default)]
     user_scoped: bool,
+    #[serde(default)]
+    append_only: bool,
+    watermark: Option<String>,
     columns: Vec<RawColumn>,
     #[serde(default)]
     pins: Vec<RawPin>,
@@ -482,6 +489,13 @@ fn validate_dataset(rd: RawDataset) -> Result<Dataset, CatalogError> {
             format!("must be between 1 and {MAX_ROW_LIMIT}"),
         ));
     }
+    let append_only = append_watermark(
+        rd.append_only,
+        rd.watermark.as_deref(),
+        &rd.sort_attribute,
+        &columns,
+    )
+    .map_err(|(f, m)| err(f, m))?;
     Ok(Dataset {
         name: rd.name,
         description: rd.description,
@@ -495,7 +509,47 @@ fn validate_dataset(rd: RawDataset) -> Result<Dataset, CatalogError> {
         stale_seconds: rd.stale_seconds,
         row_limit: rd.row_limit,
         user_scoped: rd.user_scoped,
+        append_only,
     })
+}
+
+/// The watermark of an append-only dataset: its sort key, as a text column. Only then do the
+/// rows past the previous file's last key come after all of its rows in the file (rows are read
+/// in sort-key order), so the file extended with them is the file a full read makes.
+fn append_watermark(
+    append_only: bool,
+    watermark: Option<&str>,
+    sort_attribute: &str,
+    columns: &[Column],
+) -> Result<Option<usize>, (&'static str, String)> {
+    match (append_only, watermark) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err((
+            "watermark",
+            "only an append_only dataset has a watermark".into(),
+        )),
+        (true, None) => Err((
+            "watermark",
+            "an append_only dataset names its watermark column (the sort key's)".into(),
+        )),
+        (true, Some(w)) => {
+            let (idx, column) = columns
+                .iter()
+                .enumerate()
+                .find(|(_, c)| c.name == w)
+                .ok_or_else(|| ("watermark", format!("`{w}` is not a column of the dataset")))?;
+            if column.source != sort_attribute || column.ty != ColumnType::String {
+                return Err((
+                    "watermark",
+                    format!(
+                        "`{w}` must be the text column of the sort key `{}`: rows are read in its order, so only rows past it extend a file at its end",
+                        sort_attribute
+                    ),
+                ));
+            }
+            Ok(Some(idx))
+        }
+    }
 }
 
 #[cfg(test)]

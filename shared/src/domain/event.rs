@@ -144,6 +144,8 @@ mod tests {
             generation: Generation::default(),
             hits: 0,
             last_hit_at: None,
+            append_key: None,
+            append_since: None,
         };
         j.succeed(&entry, now());
         let ev = JobEvent::of(&j).unwrap();

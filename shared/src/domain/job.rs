@@ -219,6 +219,33 @@ pub struct Job {
     /// worker that dies between the two leaves it unset and a redelivered message sends it.
     #[serde(default)]
     pub notified: bool,
+    /// How an append-only dataset's file is read: up to a key fixed when the job starts, and,
+    /// for an incremental refresh, only past the previous file's last key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append: Option<AppendRead>,
+}
+
+/// The key bounds of a read of an append-only dataset ([`crate::domain::catalog::Dataset::append_only`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendRead {
+    /// The greatest sort key when the job started: the file holds the rows up to it, so rows
+    /// appended while it runs go to the next refresh rather than being half seen.
+    pub until: String,
+    /// An incremental refresh: the previous file, whose rows are the ones up to its last key.
+    pub base: Option<BaseFile>,
+}
+
+/// The previous file an incremental refresh extends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseFile {
+    pub object_key: String,
+    pub bytes: u64,
+    pub rows: u64,
+    /// The sort key its rows end at; the refresh reads only the rows past it.
+    pub last_key: String,
+    pub job_id: String,
+    /// When the full read behind it ran (see [`CacheEntry::append_since`]).
+    pub since: DateTime<Utc>,
 }
 
 impl Job {
@@ -276,6 +303,7 @@ impl Job {
             generation,
             expires_at: now + keep_for,
             notified: false,
+            append: None,
         }
     }
 
@@ -442,6 +470,12 @@ pub struct CacheEntry {
     pub generation: Generation,
     pub hits: u64,
     pub last_hit_at: Option<DateTime<Utc>>,
+    /// Append-only datasets: the sort key the file's rows end at (see [`AppendRead`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append_key: Option<String>,
+    /// When the full read that this file extends (or is) ran: extensions stop a day after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append_since: Option<DateTime<Utc>>,
 }
 
 impl CacheEntry {
@@ -567,6 +601,8 @@ mod tests {
             generation: Generation::default(),
             hits: 0,
             last_hit_at: None,
+            append_key: None,
+            append_since: None,
         }
     }
 

@@ -15,8 +15,9 @@ pub use catalog::{Catalog, Column, ColumnType, Dataset};
 pub use event::JobEvent;
 pub use identity::Identity;
 pub use job::{
-    CacheEntry, Checkpoint, EncoderState, Freshness, Generation, HitKind, Job, JobError, JobKind,
-    JobMessage, JobStatus, MessageKind, SheetEntry, UploadedPart, XlsxState,
+    AppendRead, BaseFile, CacheEntry, Checkpoint, EncoderState, Freshness, Generation, HitKind,
+    Job, JobError, JobKind, JobMessage, JobStatus, MessageKind, SheetEntry, UploadedPart,
+    XlsxState,
 };
 pub use key::{CacheKey, Owner};
 pub use request::{

@@ -187,6 +187,13 @@ pub enum Slot {
     },
 }
 
+/// The least string that sorts after `key` (UTF-8 byte order): `key` and a NUL, so `BETWEEN
+/// key_after(k) AND ...` reads exactly the keys past `k`. `None` when that would exceed
+/// [`MAX_SORT_KEY_BYTES`].
+pub fn key_after(key: &str) -> Option<String> {
+    (key.len() < MAX_SORT_KEY_BYTES).then(|| format!("{key}\0"))
+}
+
 /// The greatest string DynamoDB can hold as a sort key that sorts before `upper` (UTF-8 byte
 /// order, at most [`MAX_SORT_KEY_BYTES`]), so `BETWEEN lower AND key_before(upper)` reads exactly
 /// the half-open range `[lower, upper)` with one key condition. `None` when no key sorts before

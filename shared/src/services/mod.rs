@@ -9,6 +9,7 @@ use crate::ports::{
     PortError, RowSource, TenantSlots,
 };
 
+mod append;
 pub mod cache_admin;
 pub mod datasets;
 pub mod export;
@@ -96,6 +97,8 @@ pub(crate) fn require_scope(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_append;
 #[cfg(test)]
 mod tests_entries;
 #[cfg(test)]

@@ -21,10 +21,11 @@ use sha2::{Digest, Sha256};
 use super::jobs::{manifest_key, object_key};
 use super::tenant_slots::{self, Slot};
 use super::Deps;
+use crate::config::MIN_PART_SIZE;
 use crate::domain::job::file_name;
 use crate::domain::{
-    CacheEntry, Checkpoint, Column, Job, JobEvent, JobKind, JobMessage, MessageKind,
-    ResolvedExport, UploadedPart,
+    BaseFile, CacheEntry, Checkpoint, Column, EncoderState, Job, JobEvent, JobKind, JobMessage,
+    MessageKind, ResolvedExport, UploadedPart,
 };
 use crate::encode::{encoder_for, EncodeError, Encoder, FileInfo, ENCODER_VERSION};
 use crate::ports::{Page, PortError, RangeQuery, SourceQuery};
@@ -223,6 +224,11 @@ pub async fn process_job(
     tracing::info!(job_id = %job.job_id, tenant = %job.tenant, dataset = %job.spec.dataset,
         attempt = job.attempts, resumed = job.checkpoint.is_some(), "job leased");
 
+    if job.checkpoint.is_none() && job.plan.is_none() && job.append.is_none() {
+        if let Err(stop) = super::append::prepare(deps, &mut job).await {
+            return settle(deps, job, Err(stop), last_delivery).await;
+        }
+    }
     if super::runs::wanted(deps, &job) {
         match super::runs::plan(deps, &job).await {
             Ok(Some(plan)) => {
@@ -391,6 +397,22 @@ pub fn source_query(
     }
 }
 
+/// The job's source query: the export's, within the job's key bounds when the dataset is
+/// append-only (see `append`). `None` when there is nothing to read: an extension with no rows
+/// past the previous file.
+pub(super) fn job_query(
+    export: &ResolvedExport,
+    job: &Job,
+    table_prefix: &str,
+    page_size: Option<i32>,
+) -> Option<SourceQuery> {
+    let query = source_query(export, &job.tenant, table_prefix, page_size);
+    match &job.append {
+        Some(append) => super::append::narrow(export, query, append),
+        None => Some(query),
+    }
+}
+
 /// The file being written: its multipart upload, the parts so far, and where reading goes on.
 pub(super) struct FileInProgress {
     key: String,
@@ -400,6 +422,9 @@ pub(super) struct FileInProgress {
     /// the finished object is read back once to compute it.
     hasher: Option<Sha256>,
     cursor: Option<String>,
+    /// Bytes that go before the next part's: a previous file too small to be a part of its own,
+    /// which an incremental refresh extends.
+    carry: Vec<u8>,
     /// The source has no more rows for this file.
     exhausted: bool,
     rows: u64,
@@ -423,6 +448,7 @@ impl FileInProgress {
             parts,
             hasher: None,
             cursor: None,
+            carry: Vec::new(),
             exhausted: true,
             rows,
             pages,
@@ -430,7 +456,12 @@ impl FileInProgress {
         }
     }
 
-    async fn push(&mut self, deps: &Deps, bytes: Vec<u8>) -> Result<(), Stop> {
+    async fn push(&mut self, deps: &Deps, mut bytes: Vec<u8>) -> Result<(), Stop> {
+        if !self.carry.is_empty() {
+            let mut carried = std::mem::take(&mut self.carry);
+            carried.append(&mut bytes);
+            bytes = carried;
+        }
         if let Some(h) = self.hasher.as_mut() {
             h.update(&bytes);
         }
@@ -507,12 +538,82 @@ async fn open(
                 start(deps, job, file, columns).await
             }
         },
-        Some(cp) => {
-            let encoder = encoder_for(file, columns, settings, None)?;
-            Ok((fresh(cp.object_key, cp.upload_id), Some(encoder)))
-        }
+        Some(cp) => match job.append.as_ref().and_then(|a| a.base.as_ref()) {
+            // An extension that died before its first part of new rows: copy again.
+            Some(base) => extend(deps, base, cp.object_key, cp.upload_id, file, columns).await,
+            None => {
+                let encoder = encoder_for(file, columns, settings, None)?;
+                Ok((fresh(cp.object_key, cp.upload_id), Some(encoder)))
+            }
+        },
         None => start(deps, job, file, columns).await,
     }
+}
+
+/// Largest part `UploadPartCopy` takes.
+const MAX_COPY_PART: u64 = 5 * 1024 * 1024 * 1024;
+
+/// An upload that begins with the previous file's bytes (see `append`): copied inside S3 as parts
+/// when it is at least a part's size, else read and carried into the first part; then an
+/// encoder that writes no header, since the previous file has it.
+async fn extend(
+    deps: &Deps,
+    base: &BaseFile,
+    key: String,
+    upload_id: String,
+    file: FileInfo<'_>,
+    columns: Vec<Column>,
+) -> Result<(FileInProgress, Option<Box<dyn Encoder>>), Stop> {
+    let encoder = encoder_for(
+        file,
+        columns,
+        &deps.config.encode,
+        Some(&EncoderState::Plain),
+    )?;
+    let mut out = fresh(key, upload_id);
+    // The copied bytes are not hashed here: the finished object is read back for its hash.
+    out.hasher = None;
+    out.rows = base.rows;
+    let copy_from = deps.config.worker.part_size.min(MIN_PART_SIZE) as u64;
+    if base.bytes >= copy_from {
+        let count = base.bytes.div_ceil(MAX_COPY_PART);
+        let each = base.bytes.div_ceil(count);
+        let mut first = 0;
+        while first < base.bytes {
+            let last = (first + each).min(base.bytes) - 1;
+            let number = out.parts.len() as i32 + 1;
+            let etag = deps
+                .files
+                .copy_part(
+                    &out.key,
+                    &out.upload_id,
+                    number,
+                    &base.object_key,
+                    (first, last),
+                )
+                .await?;
+            out.parts.push(UploadedPart {
+                number,
+                etag,
+                size: last - first + 1,
+            });
+            first = last + 1;
+        }
+    } else {
+        out.carry = deps.files.get_object(&base.object_key).await?;
+    }
+    let copied = out.bytes() + out.carry.len() as u64;
+    if copied != base.bytes {
+        return Err(Stop::Fatal(Failure::new(
+            "cannot_extend",
+            "the previous file could not be reused; request the export again",
+            format!(
+                "the base file has {copied} bytes, its entry says {}",
+                base.bytes
+            ),
+        )));
+    }
+    Ok((out, Some(encoder)))
 }
 
 fn resumed(cp: Checkpoint) -> FileInProgress {
@@ -523,6 +624,7 @@ fn resumed(cp: Checkpoint) -> FileInProgress {
         parts: cp.parts,
         hasher: None,
         cursor: cp.cursor,
+        carry: Vec::new(),
         rows: cp.rows,
         pages: cp.pages,
         read_capacity: cp.read_capacity,
@@ -536,6 +638,7 @@ fn fresh(key: String, upload_id: String) -> FileInProgress {
         parts: Vec::new(),
         hasher: Some(Sha256::new()),
         cursor: None,
+        carry: Vec::new(),
         exhausted: false,
         rows: 0,
         pages: 0,
@@ -549,7 +652,18 @@ async fn start(
     file: FileInfo<'_>,
     columns: Vec<Column>,
 ) -> Result<(FileInProgress, Option<Box<dyn Encoder>>), Stop> {
-    let encoder = encoder_for(file, columns, &deps.config.encode, None)?;
+    let base = job.append.as_ref().and_then(|a| a.base.as_ref());
+    // Built before the upload exists, so a refusal leaves nothing to abort (an extension's
+    // header-less encoder of plain text cannot fail).
+    let encoder = match base {
+        Some(_) => None,
+        None => Some(encoder_for(
+            file,
+            columns.clone(),
+            &deps.config.encode,
+            None,
+        )?),
+    };
     let key = object_key(job);
     let upload_id = deps
         .files
@@ -559,7 +673,10 @@ async fn start(
             &file_name(&job.spec, job.created_at),
         )
         .await?;
-    Ok((fresh(key, upload_id), Some(encoder)))
+    match base {
+        Some(base) => extend(deps, base, key, upload_id, file, columns).await,
+        None => Ok((fresh(key, upload_id), encoder)),
+    }
 }
 
 /// Writes the job's file until it is complete (its entry, to record) or the run stops early.
@@ -570,13 +687,16 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<Box<
         .map_err(|e| Stop::Fatal(Failure::new("dataset_unknown", e.to_string(), &e)))?;
     let ds = export.dataset.clone();
     let settings = deps.config.worker.clone();
-    let query = source_query(
+    let query = job_query(
         &export,
-        &job.tenant,
+        job,
         &deps.config.source_table_prefix,
         settings.page_size,
     );
     let (mut file, encoder) = open(deps, job, export.columns.clone()).await?;
+    if query.is_none() {
+        file.exhausted = true;
+    }
     // A new upload is recorded before its first part, so a failure can abort it. A resumed one
     // keeps its checkpoint as it is: a run that dies before its next cut resumes there again.
     let resumed_here = job
@@ -584,7 +704,11 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<Box<
         .as_ref()
         .is_some_and(|cp| cp.upload_id == file.upload_id && !cp.parts.is_empty());
     if !resumed_here {
-        job.checkpoint(file.checkpoint(None, false));
+        // Copied parts of a previous file are checkpointed with the first part of new rows,
+        // encoder state and cursor together; a run that dies before that copies them again.
+        let mut cp = file.checkpoint(None, false);
+        cp.parts.clear();
+        job.checkpoint(cp);
         save(deps, job).await?;
     }
 
@@ -594,10 +718,8 @@ async fn run(deps: &Deps, job: &mut Job, deadline: DateTime<Utc>) -> Result<Box<
         let margin = to_chrono(settings.deadline_margin);
         let mut state = None;
         while !file.exhausted {
-            let page = deps
-                .source
-                .read_page(&query, file.cursor.as_deref())
-                .await?;
+            let Some(query) = &query else { break };
+            let page = deps.source.read_page(query, file.cursor.as_deref()).await?;
             file.take(&page);
             if file.rows > ds.row_limit {
                 return Err(Stop::Fatal(Failure::new(
@@ -685,6 +807,11 @@ pub(super) async fn record(
         generation: job.generation,
         hits: 0,
         last_hit_at: None,
+        append_key: job.append.as_ref().map(|a| a.until.clone()),
+        append_since: job
+            .append
+            .as_ref()
+            .map(|a| a.base.as_ref().map_or(job.created_at, |b| b.since)),
     };
     write_manifest(deps, export, job, &entry).await?;
     Ok(Box::new(entry))

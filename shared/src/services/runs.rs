@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use tokio::task::JoinSet;
 
 use super::process::{
-    fail_job, finished, record, save, settle, source_query, to_chrono, Failure, FileInProgress,
+    fail_job, finished, job_query, record, save, settle, to_chrono, Failure, FileInProgress,
     Outcome, Stop,
 };
 use super::tenant_slots;
@@ -40,6 +40,8 @@ pub(super) fn wanted(deps: &Deps, job: &Job) -> bool {
     let w = &deps.config.worker;
     job.checkpoint.is_none()
         && job.plan.is_none()
+        // An extension reads only the rows past its previous file, in this run.
+        && job.append.as_ref().is_none_or(|a| a.base.is_none())
         && matches!(
             job.spec.format,
             Format::Csv | Format::CsvGz | Format::Ndjson
@@ -61,7 +63,9 @@ fn segments_for(deps: &Deps, job: &Job) -> u32 {
 /// (no rows, one key, or keys that are not strings), and the job goes on sequentially.
 pub(super) async fn plan(deps: &Deps, job: &Job) -> Result<Option<Plan>, Stop> {
     let export = resolve(deps, job)?;
-    let query = source_query(&export, &job.tenant, &deps.config.source_table_prefix, None);
+    let Some(query) = job_query(&export, job, &deps.config.source_table_prefix, None) else {
+        return Ok(None);
+    };
     let attribute = split_attribute(&export, &query);
     let segments = segments_for(deps, job);
     let wanted = (deps.config.worker.ranges * segments) as usize;
@@ -423,13 +427,13 @@ async fn run_range(
     let plan = job.plan.as_ref().ok_or(Stop::LostLease)?;
     let mut committed = plan.runs.get(k).ok_or(Stop::LostLease)?.clone();
     let settings = deps.config.worker.clone();
-    let base = source_query(
+    let query = job_query(
         export,
-        &job.tenant,
+        job,
         &deps.config.source_table_prefix,
         settings.page_size,
-    );
-    let query = range_query(&base, plan, &committed);
+    )
+    .and_then(|base| range_query(&base, plan, &committed));
     let file = FileInfo {
         spec: &job.spec,
         created_at: job.created_at,
