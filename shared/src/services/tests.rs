@@ -424,7 +424,7 @@ async fn run_always_near_the_deadline(f: &Fakes, max_runs: usize) -> (Outcome, u
 
 /// Fakes whose clock starts at a fixed instant, so two of them given the same requests make the
 /// same jobs (same creation time) and so the same bytes in every format.
-fn fixed_fakes(rows: usize, page_rows: usize, part_size: usize) -> Fakes {
+pub(super) fn fixed_fakes(rows: usize, page_rows: usize, part_size: usize) -> Fakes {
     let mut config = test_config();
     config.worker.part_size = part_size;
     let f = fakes(config, page_rows);
@@ -443,7 +443,12 @@ fn file_of(f: &Fakes, format: &str) -> Vec<u8> {
 }
 
 /// An uninterrupted export: the file every interrupted run must reproduce.
-async fn uninterrupted(rows: usize, page_rows: usize, part_size: usize, format: &str) -> Vec<u8> {
+pub(super) async fn uninterrupted(
+    rows: usize,
+    page_rows: usize,
+    part_size: usize,
+    format: &str,
+) -> Vec<u8> {
     let f = fixed_fakes(rows, page_rows, part_size);
     miss(&f, "acme", &orders(&[("format", format)])).await;
     let outcomes = run_queue(&f).await;
@@ -473,7 +478,7 @@ async fn reference_in_parts(
 }
 
 /// Routes the fakes' object store and job store through a crash plan.
-fn with_crashes(f: &mut Fakes) -> Arc<crate::testing::CrashPlan> {
+pub(super) fn with_crashes(f: &mut Fakes) -> Arc<crate::testing::CrashPlan> {
     use crate::testing::{CrashPlan, CrashingFiles, HookedJobs};
     let plan = Arc::new(CrashPlan::default());
     f.deps.files = Arc::new(CrashingFiles {

@@ -155,3 +155,50 @@ async fn after_an_invalidation_or_a_day_the_refresh_reads_everything_again() {
         "extending the new full read"
     );
 }
+
+#[tokio::test]
+async fn a_worker_killed_at_any_step_of_an_extension_resumes_into_the_full_read_file() {
+    use super::process::process_job;
+    use super::tests::{far_deadline, fixed_fakes, uninterrupted, with_crashes};
+    use crate::testing::crash_points;
+    // Parts smaller than the previous file (copied), and larger (carried into the first part).
+    for (format, part) in [("csv", 2_000), ("ndjson", 2_000), ("csv", 100_000)] {
+        let req = orders(&[("format", format)]);
+        let reference = uninterrupted(300, 10, part, format).await;
+        for at in crash_points() {
+            let mut f = fixed_fakes(250, 10, part);
+            request_export(&f.deps, &who("acme"), &req).await.unwrap();
+            run_queue(&f).await;
+            append(&f, "acme", 300);
+            let plan = with_crashes(&mut f);
+            request_refresh(&f.deps, &who("acme"), &req).await.unwrap();
+            let msg = f.queue.drain().remove(0);
+            plan.arm(at);
+            let first = plan
+                .run(process_job(&f.deps, &msg, "w1", far_deadline(&f), false))
+                .await;
+            match first {
+                None => {}
+                // A step this extension never takes (one part only, say): nothing to resume.
+                Some(super::process::Outcome::Succeeded { .. }) if part > 10_000 => continue,
+                Some(other) => panic!("{format} {at:?}: did not crash: {other:?}"),
+            }
+            f.clock.advance(chrono::Duration::seconds(
+                f.deps.config.worker.lease.as_secs() as i64 + 1,
+            ));
+            process_job(&f.deps, &msg, "w2", far_deadline(&f), false).await;
+            let entry = served(&f, "acme", &req).await;
+            assert_eq!(entry.rows, 300, "{format} {at:?}");
+            assert!(
+                bytes_of(&f, &entry) == reference,
+                "{format} {at:?}: the resumed extension differs from a full read"
+            );
+            let job = job_for(&f.deps, &who("acme"), &msg.job_id).await.unwrap();
+            assert!(
+                job.pages_read <= 10,
+                "{format} {at:?}: read {} pages",
+                job.pages_read
+            );
+        }
+    }
+}
