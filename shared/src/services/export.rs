@@ -86,25 +86,10 @@ pub async fn request_export(
                 return serve(deps, who, &key, &spec, &found, entry, stale).await;
             }
         }
-        let started = start_or_join(
-            deps,
-            &who.tenant,
-            &who.user,
-            &key,
-            &spec,
-            StartOptions {
-                kind: JobKind::Export,
-                generation: found.generation,
-                rows_estimate: found.current_entry().map(|e| e.rows),
-                entry_seen: found.entry.as_ref(),
-                miss_limit: Some(deps.config.miss_rate_per_minute),
-            },
-        )
-        .await?;
-        let (job, joined) = match started {
-            Start::New(job) => (job, false),
-            Start::Joined(job) => (job, true),
-            Start::EntryChanged => continue,
+        let Some((job, joined)) =
+            start_for(deps, who, &key, &spec, &found, JobKind::Export).await?
+        else {
+            continue;
         };
         record(deps, &who.tenant, &spec.dataset, HitKind::Miss).await;
         return Ok(ExportAnswer::Job {
@@ -273,25 +258,10 @@ pub async fn request_refresh(
     // the source before the caller asked, so the refresh still goes ahead.
     for _ in 0..3 {
         let found = deps.entries.find(&who.tenant, &who.user, &key).await?;
-        let started = start_or_join(
-            deps,
-            &who.tenant,
-            &who.user,
-            &key,
-            &spec,
-            StartOptions {
-                kind: JobKind::Refresh,
-                generation: found.generation,
-                rows_estimate: found.current_entry().map(|e| e.rows),
-                entry_seen: found.entry.as_ref(),
-                miss_limit: Some(deps.config.miss_rate_per_minute),
-            },
-        )
-        .await?;
-        let (job, joined) = match started {
-            Start::New(job) => (job, false),
-            Start::Joined(job) => (job, true),
-            Start::EntryChanged => continue,
+        let Some((job, joined)) =
+            start_for(deps, who, &key, &spec, &found, JobKind::Refresh).await?
+        else {
+            continue;
         };
         return Ok(ExportAnswer::Job {
             job: Box::new(job),
@@ -301,6 +271,38 @@ pub async fn request_refresh(
     Err(ServiceError::Unavailable(
         "this export is changing right now; retry shortly".into(),
     ))
+}
+
+/// Starts a job of `kind` for the key, or joins the one running; `None` when the entry changed
+/// since `found` was read, and the caller looks again.
+async fn start_for(
+    deps: &Deps,
+    who: &Identity,
+    key: &CacheKey,
+    spec: &ExportSpec,
+    found: &Lookup,
+    kind: JobKind,
+) -> Result<Option<(Job, bool)>, ServiceError> {
+    let started = start_or_join(
+        deps,
+        &who.tenant,
+        &who.user,
+        key,
+        spec,
+        StartOptions {
+            kind,
+            generation: found.generation,
+            rows_estimate: found.current_entry().map(|e| e.rows),
+            entry_seen: found.entry.as_ref(),
+            miss_limit: Some(deps.config.miss_rate_per_minute),
+        },
+    )
+    .await?;
+    Ok(match started {
+        Start::New(job) => Some((job, false)),
+        Start::Joined(job) => Some((job, true)),
+        Start::EntryChanged => None,
+    })
 }
 
 /// Counters are statistics: losing one must not fail the caller's request.
