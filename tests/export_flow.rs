@@ -512,7 +512,7 @@ async fn a_hit_counted_while_a_refresh_completes_survives_the_new_entry() {
     let entry = stack
         .deps
         .entries
-        .find("acme", "alice", &key)
+        .find("acme", "alice", "orders", &key, stack.deps.clock.now())
         .await
         .unwrap()
         .entry

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::catalog::ColumnType;
+use crate::domain::invalidation::DatasetGeneration;
 use crate::domain::job::LiveBucket;
 use crate::domain::{
     CacheEntry, CacheKey, Generation, Job, JobEvent, JobMessage, Row, UploadedPart,
@@ -190,8 +191,16 @@ pub trait JobStore: Send + Sync {
 /// Cache entries: read with what judges them, hit, listed by expiry, deleted.
 #[async_trait]
 pub trait EntryStore: Send + Sync {
-    /// The key's entry with its builder's generations and the caller's, read together.
-    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup>;
+    /// The key's entry with its builder's generations and the caller's, read together; the
+    /// dataset's generation as it is effective at `now`.
+    async fn find(
+        &self,
+        tenant: &str,
+        user: &str,
+        dataset: &str,
+        key: &CacheKey,
+        now: DateTime<Utc>,
+    ) -> PortResult<Lookup>;
     /// Bumps the entry's hit count and last-hit time (what the warmer looks at); nothing when
     /// the entry is gone.
     async fn touch_entry(&self, entry: &CacheEntry, now: DateTime<Utc>) -> PortResult<()>;
@@ -210,7 +219,33 @@ pub trait EntryStore: Send + Sync {
 pub trait Generations: Send + Sync {
     /// Hides every entry of the tenant (`user: None`) or of one user.
     async fn bump_generation(&self, tenant: &str, user: Option<&str>) -> PortResult<()>;
-    async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation>;
+    /// What an entry of `dataset` built for `user` is judged by at `now`.
+    async fn current_generation(
+        &self,
+        tenant: &str,
+        user: &str,
+        dataset: &str,
+        now: DateTime<Utc>,
+    ) -> PortResult<Generation>;
+    /// Every dataset generation record of the tenant, by dataset (none for datasets never
+    /// changed).
+    async fn dataset_generations(
+        &self,
+        tenant: &str,
+    ) -> PortResult<BTreeMap<String, DatasetGeneration>>;
+    /// The stored record (the default when there is none), read consistently.
+    async fn dataset_generation(
+        &self,
+        tenant: &str,
+        dataset: &str,
+    ) -> PortResult<DatasetGeneration>;
+    /// Compare-and-set on `record.version - 1`: `Conflict` when someone else wrote in between.
+    async fn put_dataset_generation(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        record: &DatasetGeneration,
+    ) -> PortResult<()>;
 }
 
 /// Statistics nothing else depends on: hit counters, live entry totals, row counts.

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::domain::catalog::Catalog;
+use crate::domain::invalidation::DatasetGeneration;
 use crate::domain::job::LiveBucket;
 use crate::domain::request::normalise;
 use crate::domain::Value;
@@ -46,6 +47,8 @@ pub struct MemoryMeta {
     pub entries: Mutex<HashMap<(String, CacheKey), CacheEntry>>,
     pub markers: Mutex<Markers>,
     pub generations: Mutex<HashMap<(String, String), u64>>,
+    /// (tenant, dataset) -> its dataset generation record.
+    pub dataset_generations: Mutex<HashMap<(String, String), DatasetGeneration>>,
     pub counters: Mutex<HashMap<(String, String), HitCounts>>,
     pub miss_slots: Mutex<HashMap<(String, i64), u32>>,
     pub row_counts: Mutex<HashMap<(String, String), u64>>,
@@ -61,11 +64,14 @@ pub type Pause = (
 );
 
 impl MemoryMeta {
-    fn gen(&self, tenant: &str, user: &str) -> Generation {
+    fn gen(&self, tenant: &str, user: &str, dataset: &str, now: DateTime<Utc>) -> Generation {
         let g = lock(&self.generations);
         Generation {
             tenant: g.get(&(tenant.into(), String::new())).copied().unwrap_or(0),
             user: g.get(&(tenant.into(), user.into())).copied().unwrap_or(0),
+            dataset: lock(&self.dataset_generations)
+                .get(&(tenant.into(), dataset.into()))
+                .map_or(0, |d| d.effective(now)),
         }
     }
 }
@@ -160,7 +166,14 @@ impl JobStore for MemoryMeta {
 
 #[async_trait]
 impl EntryStore for MemoryMeta {
-    async fn find(&self, tenant: &str, user: &str, key: &CacheKey) -> PortResult<Lookup> {
+    async fn find(
+        &self,
+        tenant: &str,
+        user: &str,
+        dataset: &str,
+        key: &CacheKey,
+        now: DateTime<Utc>,
+    ) -> PortResult<Lookup> {
         let entry = lock(&self.entries)
             .get(&(tenant.into(), key.clone()))
             .cloned();
@@ -169,11 +182,11 @@ impl EntryStore for MemoryMeta {
             let _ = reached.send(());
             let _ = resume.await;
         }
-        let generation = self.gen(tenant, user);
+        let generation = self.gen(tenant, user, dataset, now);
         Ok(Lookup {
             builder_generation: entry
                 .as_ref()
-                .map_or(generation, |e| self.gen(tenant, &e.user)),
+                .map_or(generation, |e| self.gen(tenant, &e.user, dataset, now)),
             entry,
             generation,
         })
@@ -216,8 +229,55 @@ impl Generations for MemoryMeta {
         Ok(())
     }
 
-    async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
-        Ok(self.gen(tenant, user))
+    async fn current_generation(
+        &self,
+        tenant: &str,
+        user: &str,
+        dataset: &str,
+        now: DateTime<Utc>,
+    ) -> PortResult<Generation> {
+        Ok(self.gen(tenant, user, dataset, now))
+    }
+
+    async fn dataset_generations(
+        &self,
+        tenant: &str,
+    ) -> PortResult<BTreeMap<String, DatasetGeneration>> {
+        Ok(lock(&self.dataset_generations)
+            .iter()
+            .filter(|((t, _), _)| t == tenant)
+            .map(|((_, d), g)| (d.clone(), *g))
+            .collect())
+    }
+
+    async fn dataset_generation(
+        &self,
+        tenant: &str,
+        dataset: &str,
+    ) -> PortResult<DatasetGeneration> {
+        Ok(lock(&self.dataset_generations)
+            .get(&(tenant.into(), dataset.into()))
+            .copied()
+            .unwrap_or_default())
+    }
+
+    async fn put_dataset_generation(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        record: &DatasetGeneration,
+    ) -> PortResult<()> {
+        let mut all = lock(&self.dataset_generations);
+        let k = (tenant.to_string(), dataset.to_string());
+        // The same condition as the adapter's: the stored version must be the one before.
+        let stored = all.get(&k).map_or(0, |g| g.version);
+        if stored + 1 != record.version {
+            return Err(PortError::Conflict(format!(
+                "dataset generation {tenant}/{dataset}"
+            )));
+        }
+        all.insert(k, *record);
+        Ok(())
     }
 }
 
@@ -926,7 +986,13 @@ impl JobHook for HitBeforeCompletion {
         if let Some(new) = completes {
             let found = self
                 .entries
-                .find(&new.tenant, &new.user, &new.cache_key)
+                .find(
+                    &new.tenant,
+                    &new.user,
+                    &new.spec.dataset,
+                    &new.cache_key,
+                    self.at,
+                )
                 .await?;
             if let Some(served) = &found.entry {
                 self.entries.touch_entry(served, self.at).await?;

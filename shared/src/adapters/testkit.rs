@@ -145,7 +145,11 @@ pub(crate) fn t0() -> DateTime<Utc> {
 pub(crate) fn job(tenant: &str, job_id: &str) -> Job {
     Job {
         cache_key: CacheKey("k1".into()),
-        generation: Generation { tenant: 2, user: 5 },
+        generation: Generation {
+            tenant: 2,
+            user: 5,
+            dataset: 0,
+        },
         ..orders_job(tenant, job_id, t0())
     }
 }

@@ -23,6 +23,10 @@ pub const KEEP_RECORDS_FOR_DAYS: i64 = 7;
 /// is the list, `/exports/cache/stats` the statistics).
 pub const RESERVED_NAMES: [&str; 2] = ["datasets", "stats"];
 
+/// Debounce window of invalidation on source writes when a dataset names none: a burst of
+/// writes costs a bump or two a minute, and a change shows within a minute.
+pub const DEFAULT_INVALIDATE_AFTER_SECONDS: u64 = 60;
+
 /// Upper bound for a dataset's row limit: beyond this a single export is not the right tool.
 pub const MAX_ROW_LIMIT: u64 = 100_000_000;
 
@@ -104,6 +108,9 @@ pub struct Dataset {
     /// extend the previous file with the rows past its last key instead of reading everything.
     /// Index into `columns` of the watermark column (the sort key's).
     pub append_only: Option<usize>,
+    /// Debounce window of invalidation on source writes (see `domain::invalidation`); 0: writes
+    /// are ignored and entries live out their `ttl_seconds`.
+    pub invalidate_after_seconds: u64,
 }
 
 /// An export the warmer keeps fresh for `tenants` whether or not anyone asked lately, resolved
@@ -185,6 +192,7 @@ struct RawDataset {
     #[serde(default)]
     append_only: bool,
     watermark: Option<String>,
+    invalidate_after_seconds: Option<u64>,
     columns: Vec<RawColumn>,
     #[serde(default)]
     pins: Vec<RawPin>,
@@ -483,6 +491,19 @@ fn validate_dataset(rd: RawDataset) -> Result<Dataset, CatalogError> {
             format!("ttl_seconds + stale_seconds must be at most {keep} (how long files are kept)"),
         ));
     }
+    let invalidate_after_seconds = rd
+        .invalidate_after_seconds
+        .unwrap_or(DEFAULT_INVALIDATE_AFTER_SECONDS);
+    // A change may stay hidden for one window: longer than the fresh time, TTL alone does better.
+    if invalidate_after_seconds > rd.ttl_seconds {
+        return Err(err(
+            "invalidate_after_seconds",
+            format!(
+                "must be at most ttl_seconds ({}); 0 ignores source writes",
+                rd.ttl_seconds
+            ),
+        ));
+    }
     if rd.row_limit == 0 || rd.row_limit > MAX_ROW_LIMIT {
         return Err(err(
             "row_limit",
@@ -510,6 +531,7 @@ fn validate_dataset(rd: RawDataset) -> Result<Dataset, CatalogError> {
         row_limit: rd.row_limit,
         user_scoped: rd.user_scoped,
         append_only,
+        invalidate_after_seconds,
     })
 }
 
@@ -639,6 +661,28 @@ columns = [
         assert_eq!(
             field_of(with("row_limit = 10", "row_limit = 0").unwrap_err()).1,
             "row_limit"
+        );
+    }
+
+    #[test]
+    fn invalidation_window_defaults_and_is_bounded_by_the_fresh_time() {
+        let ds = |c: &Catalog| c.get("things").unwrap().invalidate_after_seconds;
+        assert_eq!(
+            ds(&Catalog::from_toml(MINIMAL).unwrap()),
+            DEFAULT_INVALIDATE_AFTER_SECONDS
+        );
+        let opted_out = with(
+            "row_limit = 10",
+            "row_limit = 10\ninvalidate_after_seconds = 0",
+        );
+        assert_eq!(ds(&opted_out.unwrap()), 0);
+        let too_long = with(
+            "row_limit = 10",
+            "row_limit = 10\ninvalidate_after_seconds = 61",
+        );
+        assert_eq!(
+            field_of(too_long.unwrap_err()).1,
+            "invalidate_after_seconds"
         );
     }
 

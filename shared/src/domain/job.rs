@@ -439,6 +439,10 @@ impl Job {
 pub struct Generation {
     pub tenant: u64,
     pub user: u64,
+    /// The tenant+dataset generation, bumped by source writes (effective at the time it was
+    /// read, see `DatasetGeneration::effective`); absent in records written before it existed.
+    #[serde(default)]
+    pub dataset: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -507,14 +511,15 @@ impl CacheEntry {
     }
 }
 
-/// Where an entry is tallied for the cache statistics: its dataset, the tenant generation it was
-/// built under and the hour its stale deadline falls in. Totals kept per bucket let statistics
+/// Where an entry is tallied for the cache statistics: its dataset, the tenant and dataset
+/// generations it was built under and the hour its stale deadline falls in. Totals kept per bucket let statistics
 /// read a few counters instead of every entry, skip invalidated generations, and stop counting a
 /// bucket once its hour is over.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LiveBucket {
     pub dataset: String,
     pub tenant_generation: u64,
+    pub dataset_generation: u64,
     /// Start of the hour the entries' stale deadlines fall in.
     pub hour: DateTime<Utc>,
 }
@@ -525,6 +530,7 @@ impl LiveBucket {
         Self {
             dataset: entry.spec.dataset.clone(),
             tenant_generation: entry.generation.tenant,
+            dataset_generation: entry.generation.dataset,
             hour: DateTime::from_timestamp(secs - secs.rem_euclid(3600), 0)
                 .unwrap_or(entry.stale_until),
         }
@@ -536,9 +542,16 @@ impl LiveBucket {
     }
 
     /// Whether the bucket's entries still count as live: built under the tenant's current
-    /// generation, and inside their stale window (to the hour).
-    pub fn is_live(&self, tenant_generation: u64, now: DateTime<Utc>) -> bool {
-        self.tenant_generation == tenant_generation && self.ends() > now
+    /// and dataset generations, and inside their stale window (to the hour).
+    pub fn is_live(
+        &self,
+        tenant_generation: u64,
+        dataset_generation: u64,
+        now: DateTime<Utc>,
+    ) -> bool {
+        self.tenant_generation == tenant_generation
+            && self.dataset_generation == dataset_generation
+            && self.ends() > now
     }
 }
 

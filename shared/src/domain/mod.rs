@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod event;
 pub mod identity;
+pub mod invalidation;
 pub mod job;
 pub mod key;
 pub mod plan;

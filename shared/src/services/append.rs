@@ -58,7 +58,13 @@ async fn base_file(deps: &Deps, job: &Job, until: &str) -> Result<Option<BaseFil
     }
     let found = deps
         .entries
-        .find(&job.tenant, &job.user, &job.cache_key)
+        .find(
+            &job.tenant,
+            &job.user,
+            &job.spec.dataset,
+            &job.cache_key,
+            deps.clock.now(),
+        )
         .await?;
     let Some(entry) = found.entry else {
         return Ok(None);

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 
 use super::{require_scope, Deps, ServiceError};
 use crate::domain::identity::{SCOPE_ADMIN, SCOPE_READ};
+use crate::domain::invalidation::DatasetGeneration;
 use crate::domain::request::normalise;
 use crate::domain::{Identity, RawExportRequest};
 use crate::encode::ENCODER_VERSION;
@@ -78,8 +79,18 @@ pub struct CacheStats {
 pub async fn stats(deps: &Deps, who: &Identity) -> Result<CacheStats, ServiceError> {
     require_scope(who, SCOPE_READ)?;
     let tallies = deps.counters.tallies(&who.tenant).await?;
-    let generation = deps.generations.current_generation(&who.tenant, "").await?;
-    let by_dataset = by_dataset(tallies, generation.tenant, deps.clock.now());
+    let now = deps.clock.now();
+    let generation = deps
+        .generations
+        .current_generation(&who.tenant, "", "", now)
+        .await?;
+    let datasets = deps.generations.dataset_generations(&who.tenant).await?;
+    let dataset_generation = |d: &str| {
+        datasets
+            .get(d)
+            .map_or(0, |g: &DatasetGeneration| g.effective(now))
+    };
+    let by_dataset = by_dataset(tallies, generation.tenant, dataset_generation, now);
     let sum = |f: fn(&DatasetStats) -> u64| by_dataset.values().map(f).sum::<u64>();
     let (hits, misses, stale_hits) = (sum(|d| d.hits), sum(|d| d.misses), sum(|d| d.stale_hits));
     let served = hits + stale_hits;
@@ -104,6 +115,7 @@ pub async fn stats(deps: &Deps, who: &Identity) -> Result<CacheStats, ServiceErr
 fn by_dataset(
     tallies: Tallies,
     tenant_generation: u64,
+    dataset_generation: impl Fn(&str) -> u64,
     now: DateTime<Utc>,
 ) -> BTreeMap<String, DatasetStats> {
     let mut out: BTreeMap<String, DatasetStats> = tallies
@@ -120,7 +132,8 @@ fn by_dataset(
         })
         .collect();
     for (bucket, totals) in tallies.buckets {
-        if !bucket.is_live(tenant_generation, now) {
+        let dataset_gen = dataset_generation(&bucket.dataset);
+        if !bucket.is_live(tenant_generation, dataset_gen, now) {
             continue;
         }
         let st = out.entry(bucket.dataset).or_default();

@@ -72,8 +72,11 @@ pub async fn request_export(
     // A second round only when a job finished between our look and our create: its file is then
     // served instead of being built again.
     for _ in 0..3 {
-        let found = deps.entries.find(&who.tenant, &who.user, &key).await?;
         let now = deps.clock.now();
+        let found = deps
+            .entries
+            .find(&who.tenant, &who.user, &spec.dataset, &key, now)
+            .await?;
         if let Some(entry) = found.current_entry() {
             let stale = match entry.freshness(now) {
                 Freshness::Fresh => Some(false),
@@ -219,7 +222,13 @@ async fn waited_file(
 ) -> Result<Option<ExportAnswer>, ServiceError> {
     let found = deps
         .entries
-        .find(&who.tenant, &who.user, &job.cache_key)
+        .find(
+            &who.tenant,
+            &who.user,
+            &job.spec.dataset,
+            &job.cache_key,
+            deps.clock.now(),
+        )
         .await?;
     let Some(entry) = found.current_entry() else {
         return Ok(None);
@@ -257,7 +266,16 @@ pub async fn request_refresh(
     // Another round only when a job finished between our look and our create: it may have read
     // the source before the caller asked, so the refresh still goes ahead.
     for _ in 0..3 {
-        let found = deps.entries.find(&who.tenant, &who.user, &key).await?;
+        let found = deps
+            .entries
+            .find(
+                &who.tenant,
+                &who.user,
+                &spec.dataset,
+                &key,
+                deps.clock.now(),
+            )
+            .await?;
         let Some((job, joined)) =
             start_for(deps, who, &key, &spec, &found, JobKind::Refresh).await?
         else {

@@ -13,6 +13,7 @@ mod append;
 pub mod cache_admin;
 pub mod datasets;
 pub mod export;
+pub mod invalidate;
 pub mod jobs;
 pub mod process;
 pub mod runs;

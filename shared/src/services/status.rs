@@ -119,7 +119,13 @@ pub async fn download_url(
     // the entry, invalidating it, or replacing it with a newer file revokes it.
     let found = deps
         .entries
-        .find(&job.tenant, &job.user, &job.cache_key)
+        .find(
+            &job.tenant,
+            &job.user,
+            &job.spec.dataset,
+            &job.cache_key,
+            now,
+        )
         .await?;
     if found.current_entry().is_none_or(|e| e.job_id != job.job_id) {
         return Err(ServiceError::Gone(

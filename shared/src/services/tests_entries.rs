@@ -113,10 +113,15 @@ async fn a_bucket_is_live_in_its_generation_until_its_stale_hour_ends() {
         bucket.hour,
         Utc.with_ymd_and_hms(2024, 5, 1, 10, 0, 0).unwrap()
     );
-    let gen = entry.generation.tenant;
+    let (gen, ds) = (entry.generation.tenant, entry.generation.dataset);
     let just_before_the_hour_ends = bucket.ends() - Duration::seconds(1);
-    assert!(bucket.is_live(gen, entry.stale_until));
-    assert!(bucket.is_live(gen, just_before_the_hour_ends));
-    assert!(!bucket.is_live(gen, bucket.ends()));
-    assert!(!bucket.is_live(gen + 1, entry.stale_until - Duration::hours(1)));
+    assert!(bucket.is_live(gen, ds, entry.stale_until));
+    assert!(bucket.is_live(gen, ds, just_before_the_hour_ends));
+    assert!(!bucket.is_live(gen, ds, bucket.ends()));
+    let earlier = entry.stale_until - Duration::hours(1);
+    assert!(!bucket.is_live(gen + 1, ds, earlier));
+    assert!(
+        !bucket.is_live(gen, ds + 1, earlier),
+        "a source write invalidated it"
+    );
 }

@@ -133,7 +133,7 @@ pub async fn warm(deps: &Deps, now: DateTime<Utc>) -> Result<WarmReport, Service
         }
         let generation = deps
             .generations
-            .current_generation(&entry.tenant, &entry.user)
+            .current_generation(&entry.tenant, &entry.user, &entry.spec.dataset, now)
             .await?;
         if generation != entry.generation {
             report.skipped_invalidated += 1;
@@ -178,7 +178,10 @@ async fn warm_pins(
                 user: PIN_USER,
             };
             let key = pin.export.cache_key(owner, ENCODER_VERSION);
-            let found = deps.entries.find(tenant, PIN_USER, &key).await?;
+            let found = deps
+                .entries
+                .find(tenant, PIN_USER, &spec.dataset, &key, now)
+                .await?;
             if found
                 .current_entry()
                 .is_some_and(|e| e.fresh_until >= now + interval)

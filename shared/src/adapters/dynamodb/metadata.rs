@@ -7,15 +7,16 @@
 //! | cache entry | `T#{tenant}` | `E#{key}` | `doc` JSON; `gsi1pk`/`gsi1sk` = fresh-until hour bucket, for the warmer; `hits`, `last_hit_at` counted in place, never written by a completion |
 //! | in-flight marker | `T#{tenant}` | `M#{key}` | `job_id`, written with a condition |
 //! | generation | `T#{tenant}` | `G` or `G#U#{user}` | `gen`, bumped to invalidate |
+//! | dataset generation | `T#{tenant}` | `G#D#{dataset}` | `gen`, `window_until` (epoch seconds), `trailing`, `version` for compare-and-set: bumped by source writes, debounced (`domain::invalidation`) |
 //! | counters | `T#{tenant}` | `S#{dataset}` | `hits`, `misses`, `stale_hits` |
-//! | live entries | `T#{tenant}` | `L#{dataset}#{gen}#{yyyymmddHH}` | `entries`, `bytes`, `rows` of the entries of that tenant generation whose stale deadline falls in that hour |
+//! | live entries | `T#{tenant}` | `L#{dataset}#{gen}#{yyyymmddHH}`, `L#{dataset}#{gen}#D{dataset gen}#{yyyymmddHH}` once the dataset generation is past 0 | `entries`, `bytes`, `rows` of the entries of those generations whose stale deadline falls in that hour |
 //! | rate limit | `T#{tenant}` | `RL#{yyyymmddHHMM}` | `n`: new exports started in that minute |
 //! | running-job slot | `T#{tenant}` | `RUN#{i}` | `job_id`, `until`: one of the tenant's running-job slots |
 //! | row count | `T#{tenant}` | `R#{rows key}` | `rows` of the last file of those rows, for progress |
 //! Every item that should go away carries `expires_at` (epoch seconds, the table's TTL attribute);
 //! readers still check deadlines themselves because TTL deletion is lazy.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
@@ -29,6 +30,7 @@ use chrono::{DateTime, Duration, DurationRound, Utc};
 use super::{get_n, get_s, is_condition_failure, n, s, Item};
 use crate::adapters::IamResource::{MetaTable, MetaTableIndexes};
 use crate::adapters::{sdk_error, IamNeed};
+use crate::domain::invalidation::DatasetGeneration;
 use crate::domain::job::LiveBucket;
 use crate::domain::{CacheEntry, CacheKey, Generation, Job};
 use crate::ports::{
@@ -51,6 +53,9 @@ pub const META_IAM: &[IamNeed] = &[
     IamNeed::new("entries", "delete_entry", &["get_item", "transact_write_items"], &["dynamodb:GetItem", "dynamodb:DeleteItem", "dynamodb:UpdateItem"], MetaTable),
     IamNeed::new("generations", "bump_generation", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
     IamNeed::new("generations", "current_generation", &["batch_get_item"], &["dynamodb:BatchGetItem"], MetaTable),
+    IamNeed::new("generations", "dataset_generations", &["query"], &["dynamodb:Query"], MetaTable),
+    IamNeed::new("generations", "dataset_generation", &["get_item"], &["dynamodb:GetItem"], MetaTable),
+    IamNeed::new("generations", "put_dataset_generation", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
     IamNeed::new("counters", "count", &["update_item"], &["dynamodb:UpdateItem"], MetaTable),
     IamNeed::new("counters", "tallies", &["query"], &["dynamodb:Query"], MetaTable),
     IamNeed::new("counters", "row_count", &["get_item"], &["dynamodb:GetItem"], MetaTable),
@@ -89,6 +94,26 @@ fn job_pk(id: &str) -> String {
 
 fn user_gen_sk(user: &str) -> String {
     format!("G#U#{user}")
+}
+
+const DATASET_GEN_PREFIX: &str = "G#D#";
+
+fn dataset_gen_sk(dataset: &str) -> String {
+    format!("{DATASET_GEN_PREFIX}{dataset}")
+}
+
+fn dataset_generation_of(item: &Item) -> DatasetGeneration {
+    DatasetGeneration {
+        gen: get_n(item, "gen"),
+        window_until: DateTime::from_timestamp(get_n(item, "window_until") as i64, 0)
+            .unwrap_or_default(),
+        trailing: item
+            .get("trailing")
+            .and_then(|v| v.as_bool().ok())
+            .copied()
+            .unwrap_or(false),
+        version: get_n(item, "version"),
+    }
 }
 
 /// Fixed width, so string order is time order in the expiry index.
@@ -232,8 +257,14 @@ fn entry_is(seen: Option<&str>) -> (&'static str, Option<AttributeValue>) {
 }
 
 fn bucket_sk(b: &LiveBucket) -> String {
+    // Dataset generation 0 keeps the key buckets had before dataset generations existed, so
+    // entries written then are still taken off their bucket.
+    let dataset_gen = match b.dataset_generation {
+        0 => String::new(),
+        g => format!("D{g}#"),
+    };
     format!(
-        "L#{}#{}#{}",
+        "L#{}#{}#{dataset_gen}{}",
         b.dataset,
         b.tenant_generation,
         b.hour.format("%Y%m%d%H")
@@ -246,6 +277,7 @@ fn bucket_of(item: &Item) -> Option<LiveBucket> {
     Some(LiveBucket {
         dataset: get_s(item, "dataset")?.to_string(),
         tenant_generation: get_n(item, "gen_t"),
+        dataset_generation: get_n(item, "gen_d"),
         hour: ends - Duration::hours(1),
     })
 }
@@ -278,7 +310,7 @@ fn live_updates(
                 .table_name(table)
                 .set_key(Some(key(tenant_pk(tenant), bucket_sk(&bucket))))
                 .update_expression(
-                    "ADD #e :e, #b :b, #r :r SET dataset = :d, gen_t = :g, hour_end = :h, expires_at = :x",
+                    "ADD #e :e, #b :b, #r :r SET dataset = :d, gen_t = :g, gen_d = :gd, hour_end = :h, expires_at = :x",
                 )
                 .expression_attribute_names("#e", "entries")
                 .expression_attribute_names("#b", "bytes")
@@ -288,6 +320,7 @@ fn live_updates(
                 .expression_attribute_values(":r", n(rows))
                 .expression_attribute_values(":d", s(&bucket.dataset))
                 .expression_attribute_values(":g", n(bucket.tenant_generation))
+                .expression_attribute_values(":gd", n(bucket.dataset_generation))
                 .expression_attribute_values(":h", n(hour_end.timestamp()))
                 .expression_attribute_values(":x", n((hour_end + Duration::days(1)).timestamp()))
                 .build()
@@ -449,13 +482,15 @@ impl MetaStore {
     }
 }
 
-fn generation_from(items: &[Item], user: &str) -> Generation {
+fn generation_from(items: &[Item], user: &str, dataset: &str, now: DateTime<Utc>) -> Generation {
     let mut g = Generation::default();
     let user_sk = user_gen_sk(user);
+    let dataset_sk = dataset_gen_sk(dataset);
     for item in items {
         match get_s(item, "sk") {
             Some("G") => g.tenant = get_n(item, "gen"),
             Some(sk) if sk == user_sk => g.user = get_n(item, "gen"),
+            Some(sk) if sk == dataset_sk => g.dataset = dataset_generation_of(item).effective(now),
             _ => {}
         }
     }
@@ -639,15 +674,23 @@ impl JobStore for MetaStore {
 
 #[async_trait]
 impl EntryStore for MetaStore {
-    async fn find(&self, tenant: &str, user: &str, key_: &CacheKey) -> PortResult<Lookup> {
+    async fn find(
+        &self,
+        tenant: &str,
+        user: &str,
+        dataset: &str,
+        key_: &CacheKey,
+        now: DateTime<Utc>,
+    ) -> PortResult<Lookup> {
         let items = self
             .batch_get(vec![
                 key(tenant_pk(tenant), entry_sk(key_)),
                 key(tenant_pk(tenant), "G".into()),
                 key(tenant_pk(tenant), user_gen_sk(user)),
+                key(tenant_pk(tenant), dataset_gen_sk(dataset)),
             ])
             .await?;
-        let generation = generation_from(&items, user);
+        let generation = generation_from(&items, user, dataset, now);
         let entry = items
             .into_iter()
             .find(|i| get_s(i, "sk").is_some_and(|sk| sk.starts_with("E#")))
@@ -656,6 +699,7 @@ impl EntryStore for MetaStore {
         let builder_generation = match &entry {
             Some(e) if e.user != user => Generation {
                 tenant: generation.tenant,
+                dataset: generation.dataset,
                 user: self
                     .get_item(tenant_pk(tenant), user_gen_sk(&e.user))
                     .await?
@@ -763,14 +807,90 @@ impl Generations for MetaStore {
         Ok(())
     }
 
-    async fn current_generation(&self, tenant: &str, user: &str) -> PortResult<Generation> {
+    async fn current_generation(
+        &self,
+        tenant: &str,
+        user: &str,
+        dataset: &str,
+        now: DateTime<Utc>,
+    ) -> PortResult<Generation> {
         let items = self
             .batch_get(vec![
                 key(tenant_pk(tenant), "G".into()),
                 key(tenant_pk(tenant), user_gen_sk(user)),
+                key(tenant_pk(tenant), dataset_gen_sk(dataset)),
             ])
             .await?;
-        Ok(generation_from(&items, user))
+        Ok(generation_from(&items, user, dataset, now))
+    }
+
+    async fn dataset_generations(
+        &self,
+        tenant: &str,
+    ) -> PortResult<BTreeMap<String, DatasetGeneration>> {
+        let pk = tenant_pk(tenant);
+        let items = self
+            .query_all(|q| {
+                q.key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+                    .consistent_read(true)
+                    .expression_attribute_values(":pk", s(&pk))
+                    .expression_attribute_values(":p", s(DATASET_GEN_PREFIX))
+            })
+            .await?;
+        Ok(items
+            .iter()
+            .filter_map(|i| {
+                let dataset = get_s(i, "sk")?.strip_prefix(DATASET_GEN_PREFIX)?;
+                Some((dataset.to_string(), dataset_generation_of(i)))
+            })
+            .collect())
+    }
+
+    async fn dataset_generation(
+        &self,
+        tenant: &str,
+        dataset: &str,
+    ) -> PortResult<DatasetGeneration> {
+        Ok(self
+            .get_item(tenant_pk(tenant), dataset_gen_sk(dataset))
+            .await?
+            .map(|i| dataset_generation_of(&i))
+            .unwrap_or_default())
+    }
+
+    async fn put_dataset_generation(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        record: &DatasetGeneration,
+    ) -> PortResult<()> {
+        let prev = record.version.saturating_sub(1);
+        let condition = if prev == 0 {
+            "attribute_not_exists(version)"
+        } else {
+            "version = :prev"
+        };
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(tenant_pk(tenant), dataset_gen_sk(dataset))))
+            .update_expression("SET gen = :g, window_until = :w, trailing = :t, version = :v")
+            .condition_expression(condition)
+            .expression_attribute_values(":g", n(record.gen))
+            .expression_attribute_values(":w", n(record.window_until.timestamp()))
+            .expression_attribute_values(":t", AttributeValue::Bool(record.trailing))
+            .expression_attribute_values(":v", n(record.version));
+        if prev > 0 {
+            update = update.expression_attribute_values(":prev", n(prev));
+        }
+        match update.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(is_condition_failure) => Err(
+                PortError::Conflict(format!("dataset generation {tenant}/{dataset}")),
+            ),
+            Err(e) => Err(sdk_error("put dataset generation", e)),
+        }
     }
 }
 

@@ -63,14 +63,20 @@ fn expiry_index_keys_sort_by_time() {
 async fn find_reads_the_entry_and_both_users_generations_consistently() {
     let mut built_by_bob = entry(&job("acme", "j0"));
     built_by_bob.user = "bob".into();
+    // Built after the orders' trailing bump took effect.
+    built_by_bob.generation.dataset = 4;
+    let now = Utc.with_ymd_and_hms(2026, 12, 7, 12, 0, 0).unwrap();
+    let mut dataset_gen = gen_item("G#D#orders", 3);
+    dataset_gen["trailing"] = json!({ "BOOL": true });
+    dataset_gen["window_until"] = json!({ "N": (now.timestamp() - 1).to_string() });
     let http = answering(vec![
         ok(json!({ "Responses": { TABLE: [
-            stored(&built_by_bob, 4), gen_item("G", 2), gen_item("G#U#alice", 9),
+            stored(&built_by_bob, 4), gen_item("G", 2), gen_item("G#U#alice", 9), dataset_gen,
         ] } })),
         ok(json!({ "Item": gen_item("G#U#bob", 5) })),
     ]);
     let found = store(&http)
-        .find("acme", "alice", &CacheKey("k1".into()))
+        .find("acme", "alice", "orders", &CacheKey("k1".into()), now)
         .await
         .unwrap();
 
@@ -87,6 +93,7 @@ async fn find_reads_the_entry_and_both_users_generations_consistently() {
         vec![
             key_json("T#acme", "E#k1"),
             key_json("T#acme", "G"),
+            key_json("T#acme", "G#D#orders"),
             key_json("T#acme", "G#U#alice"),
         ]
     );
@@ -97,8 +104,13 @@ async fn find_reads_the_entry_and_both_users_generations_consistently() {
     assert_eq!(get["Key"], key_json("T#acme", "G#U#bob"));
     assert_eq!(get["ConsistentRead"], true);
 
-    assert_eq!(found.generation, Generation { tenant: 2, user: 9 });
-    assert_eq!(found.builder_generation, Generation { tenant: 2, user: 5 });
+    let generation = |user| Generation {
+        tenant: 2,
+        user,
+        dataset: 4,
+    };
+    assert_eq!(found.generation, generation(9));
+    assert_eq!(found.builder_generation, generation(5));
     assert_eq!(found.entry.as_ref().map(|e| e.hits), Some(4));
     assert!(found.current_entry().is_some(), "bob's generations match");
 }
@@ -341,6 +353,22 @@ async fn complete_job_updates_the_entry_but_never_its_hits_and_moves_the_totals(
 }
 
 #[tokio::test]
+async fn buckets_of_a_dataset_generation_past_zero_have_their_own_key() {
+    let job = job("acme", "j1");
+    let mut e = entry(&job);
+    e.generation.dataset = 7;
+    let http = answering(vec![ok(json!({})), ok(json!({}))]);
+    store(&http).complete_job(&job, &e).await.unwrap();
+    let calls = dynamodb_calls(&http);
+    let bucket = &calls[1].1["TransactItems"][2]["Update"];
+    assert_eq!(
+        bucket["Key"],
+        key_json("T#acme", "L#orders#2#D7#2024050110")
+    );
+    assert_eq!(n_of(&bucket["ExpressionAttributeValues"][":gd"]), 7);
+}
+
+#[tokio::test]
 async fn complete_job_on_a_key_without_entry_expects_none_and_adds_one_bucket() {
     let job = job("acme", "j1");
     let http = answering(vec![ok(json!({})), ok(json!({}))]);
@@ -353,9 +381,10 @@ async fn complete_job_on_a_key_without_entry_expects_none_and_adds_one_bucket() 
     assert_eq!(bucket["Key"], key_json("T#acme", "L#orders#2#2024050110"));
     assert_eq!(
         bucket["UpdateExpression"],
-        "ADD #e :e, #b :b, #r :r SET dataset = :d, gen_t = :g, hour_end = :h, expires_at = :x"
+        "ADD #e :e, #b :b, #r :r SET dataset = :d, gen_t = :g, gen_d = :gd, hour_end = :h, expires_at = :x"
     );
     let v = &bucket["ExpressionAttributeValues"];
+    assert_eq!(n_of(&v[":gd"]), 0);
     assert_eq!(
         (n_of(&v[":e"]), n_of(&v[":b"]), n_of(&v[":r"])),
         (1, 120, 3)
@@ -524,6 +553,7 @@ async fn tallies_read_the_hit_counters_and_every_live_bucket_as_stored() {
             LiveBucket {
                 dataset: "orders".into(),
                 tenant_generation: 3,
+                dataset_generation: 0,
                 hour: hour_end - Duration::hours(1),
             },
             EntryTotals {
