@@ -21,6 +21,10 @@ pub struct DatasetGeneration {
     pub trailing: bool,
     /// Compare-and-set counter of the stored record (0: never written).
     pub version: u64,
+    /// The first generation under which every change other than an insert is visible: a file
+    /// built under an older one may hold rows changed or removed since, so an append-only
+    /// dataset's next file is read in full rather than extending it (`services::append`).
+    pub rewritten: u64,
 }
 
 impl DatasetGeneration {
@@ -34,24 +38,39 @@ impl DatasetGeneration {
     }
 
     /// The record after a change seen at `at`, debounced over `window`; `None` when it already
-    /// says what the change needs (a trailing bump is pending in the current window).
-    pub fn after_change(&self, at: DateTime<Utc>, window: Duration) -> Option<Self> {
-        if at >= self.window_until {
-            Some(Self {
+    /// says what the change needs (a trailing bump is pending in the current window). `rewrite`:
+    /// the change was not an insert.
+    pub fn after_change(&self, at: DateTime<Utc>, window: Duration, rewrite: bool) -> Option<Self> {
+        let next = if at >= self.window_until {
+            Self {
                 gen: self.effective(at) + 1,
                 window_until: at + window,
                 trailing: false,
-                version: self.version + 1,
-            })
-        } else if self.trailing {
-            None
-        } else {
-            Some(Self {
-                trailing: true,
-                version: self.version + 1,
                 ..*self
-            })
-        }
+            }
+        } else {
+            Self {
+                trailing: true,
+                ..*self
+            }
+        };
+        // Visible from the generation that makes the change visible: this bump, or the pending one.
+        let visible_at = if next.trailing {
+            next.gen + 1
+        } else {
+            next.gen
+        };
+        let next = Self {
+            rewritten: if rewrite {
+                self.rewritten.max(visible_at)
+            } else {
+                self.rewritten
+            },
+            version: self.version + 1,
+            ..next
+        };
+        (next.gen != self.gen || next.trailing != self.trailing || next.rewritten != self.rewritten)
+            .then_some(next)
     }
 }
 
@@ -112,12 +131,48 @@ mod tests {
         let mut g = DatasetGeneration::default();
         let mut writes = 0;
         for &t in changes {
-            if let Some(next) = g.after_change(at(t), Duration::seconds(window)) {
+            if let Some(next) = g.after_change(at(t), Duration::seconds(window), false) {
                 g = next;
                 writes += 1;
             }
         }
         (g, writes)
+    }
+
+    #[test]
+    fn a_change_other_than_an_insert_marks_the_generation_that_shows_it() {
+        let w = Duration::seconds(60);
+        let g = DatasetGeneration::default();
+        // An insert opens a window: generation 1, nothing rewritten.
+        let g = g.after_change(at(0), w, false).unwrap();
+        assert_eq!((g.gen, g.rewritten), (1, 0));
+        // An update inside the window shows at the trailing bump, generation 2.
+        let g = g.after_change(at(10), w, true).unwrap();
+        assert_eq!((g.gen, g.trailing, g.rewritten), (1, true, 2));
+        // Another update in the same window needs no write; an insert neither.
+        assert!(g.after_change(at(20), w, true).is_none());
+        assert!(g.after_change(at(30), w, false).is_none());
+        // A removal in a later window is visible at once, at its own bump.
+        let g = g.after_change(at(100), w, true).unwrap();
+        assert_eq!((g.gen, g.rewritten), (3, 3));
+        // An insert then leaves it where it is.
+        let g = g.after_change(at(200), w, false).unwrap();
+        assert_eq!((g.gen, g.rewritten), (4, 3));
+    }
+
+    #[test]
+    fn an_update_in_a_window_already_pending_an_insert_still_marks_it() {
+        let w = Duration::seconds(60);
+        let g = DatasetGeneration::default()
+            .after_change(at(0), w, false)
+            .unwrap()
+            .after_change(at(5), w, false)
+            .unwrap();
+        assert!(g.trailing);
+        let g = g
+            .after_change(at(6), w, true)
+            .expect("the rewrite must be recorded");
+        assert_eq!((g.gen, g.rewritten), (1, 2));
     }
 
     #[test]
@@ -210,7 +265,7 @@ mod tests {
                 t += gap;
                 prop_assert!(g.effective(at(t)) >= last_seen);
                 let before = g.effective(at(t));
-                if let Some(next) = g.after_change(at(t), Duration::seconds(window)) {
+                if let Some(next) = g.after_change(at(t), Duration::seconds(window), false) {
                     if next.gen != g.gen { windows += 1; }
                     g = next;
                     writes += 1;

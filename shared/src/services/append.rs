@@ -88,6 +88,15 @@ async fn base_file(deps: &Deps, job: &Job, until: &str) -> Result<Option<BaseFil
     if invalidated || shrunk || ageing || due_in_full || key_after(&last_key).is_none() {
         return Ok(None);
     }
+    // A row it holds was changed or removed since (the invalidator saw it on the stream).
+    let rewritten = deps
+        .generations
+        .dataset_generation(&job.tenant, &job.spec.dataset)
+        .await?
+        .rewritten;
+    if entry.generation.dataset < rewritten {
+        return Ok(None);
+    }
     Ok(Some(BaseFile {
         object_key: entry.object_key,
         bytes: entry.bytes,

@@ -23,6 +23,9 @@ pub struct SourceChange {
     pub stream_arn: String,
     /// String and number attributes of the record's keys and images (the tenant is among them).
     pub attributes: HashMap<String, String>,
+    /// The write was not an insert (`MODIFY`, `REMOVE`): rows an earlier file holds changed, so
+    /// an append-only dataset's next file cannot just extend it.
+    pub rewrite: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,11 +74,13 @@ pub async fn invalidate(
             continue;
         }
         for t in hit {
-            if !groups.iter().any(|g| g.touched == t) {
-                groups.push(Group {
+            match groups.iter_mut().find(|g| g.touched == t) {
+                Some(g) => g.rewrite |= change.rewrite,
+                None => groups.push(Group {
                     touched: t,
                     first: &change.sequence_number,
-                });
+                    rewrite: change.rewrite,
+                }),
             }
         }
     }
@@ -85,9 +90,9 @@ pub async fn invalidate(
             dataset,
             window_seconds: window,
         } = group.touched;
-        let first = group.first;
+        let (first, rewrite) = (group.first, group.rewrite);
         let window = Duration::seconds(i64::try_from(window).unwrap_or(i64::MAX / 1000));
-        match record_change(deps, &tenant, &dataset, now, window).await {
+        match record_change(deps, &tenant, &dataset, now, window, rewrite).await {
             Ok(Recorded::Bumped(gen)) => {
                 tracing::info!(tenant, dataset, gen, "source changed: generation bumped");
                 report.bumped += 1;
@@ -118,6 +123,8 @@ struct Group<'a> {
     touched: Touched,
     /// Earliest sequence number of the group: where the stream retries from if it fails.
     first: &'a str,
+    /// Some change of the group was not an insert.
+    rewrite: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,12 +141,13 @@ async fn record_change(
     dataset: &str,
     now: DateTime<Utc>,
     window: Duration,
+    rewrite: bool,
 ) -> PortResult<Recorded> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let stored = deps.generations.dataset_generation(tenant, dataset).await?;
-        let Some(next) = stored.after_change(now, window) else {
+        let Some(next) = stored.after_change(now, window, rewrite) else {
             return Ok(Recorded::AlreadyPending);
         };
         match deps
@@ -175,6 +183,7 @@ mod tests {
                 ("tenant_id".to_string(), tenant.to_string()),
                 ("order_id".to_string(), format!("o-{seq}")),
             ]),
+            rewrite: false,
         }
     }
 

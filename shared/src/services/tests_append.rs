@@ -202,3 +202,70 @@ async fn a_worker_killed_at_any_step_of_an_extension_resumes_into_the_full_read_
         }
     }
 }
+
+fn stream_change(seq: &str, tenant: &str, rewrite: bool) -> super::invalidate::SourceChange {
+    super::invalidate::SourceChange {
+        sequence_number: seq.into(),
+        stream_arn:
+            "arn:aws:dynamodb:us-east-1:123456789012:table/orders/stream/2026-12-07T00:00:00.000"
+                .into(),
+        attributes: std::collections::HashMap::from([(
+            "tenant_id".to_string(),
+            tenant.to_string(),
+        )]),
+        rewrite,
+    }
+}
+
+#[tokio::test]
+async fn an_insert_seen_on_the_stream_makes_the_next_file_an_extension_and_an_update_a_full_read() {
+    use super::invalidate::invalidate;
+    let f = setup(30);
+    let req = orders(&[]);
+    request_export(&f.deps, &who("acme"), &req).await.unwrap();
+    run_queue(&f).await;
+
+    // New orders: the entry is no longer current, and the next file extends the old one.
+    append(&f, "acme", 33);
+    invalidate(
+        &f.deps,
+        &[stream_change("1", "acme", false)],
+        f.deps.clock.now(),
+    )
+    .await;
+    let ExportAnswer::Job { job, .. } = request_export(&f.deps, &who("acme"), &req).await.unwrap()
+    else {
+        panic!("an insert makes the next request miss")
+    };
+    run_queue(&f).await;
+    let job = job_for(&f.deps, &who("acme"), &job.job_id).await.unwrap();
+    assert_eq!((job.rows_written, job.pages_read), (33, 1));
+
+    // An order changed: the next file is read in full, past the debounce window.
+    f.clock.advance(chrono::Duration::minutes(5));
+    invalidate(
+        &f.deps,
+        &[stream_change("2", "acme", true)],
+        f.deps.clock.now(),
+    )
+    .await;
+    let ExportAnswer::Job { job, .. } = request_export(&f.deps, &who("acme"), &req).await.unwrap()
+    else {
+        panic!("an update makes the next request miss")
+    };
+    run_queue(&f).await;
+    let job = job_for(&f.deps, &who("acme"), &job.job_id).await.unwrap();
+    assert_eq!((job.rows_written, job.pages_read), (33, 4), "read in full");
+
+    // Inserts again: extensions of that full read.
+    append(&f, "acme", 36);
+    f.clock.advance(chrono::Duration::minutes(5));
+    invalidate(
+        &f.deps,
+        &[stream_change("3", "acme", false)],
+        f.deps.clock.now(),
+    )
+    .await;
+    let job = refresh(&f, "acme", &req).await;
+    assert_eq!((job.rows_written, job.pages_read), (36, 1));
+}

@@ -113,6 +113,7 @@ fn dataset_generation_of(item: &Item) -> DatasetGeneration {
             .copied()
             .unwrap_or(false),
         version: get_n(item, "version"),
+        rewritten: get_n(item, "rewritten"),
     }
 }
 
@@ -875,12 +876,15 @@ impl Generations for MetaStore {
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(tenant_pk(tenant), dataset_gen_sk(dataset))))
-            .update_expression("SET gen = :g, window_until = :w, trailing = :t, version = :v")
+            .update_expression(
+                "SET gen = :g, window_until = :w, trailing = :t, version = :v, rewritten = :rw",
+            )
             .condition_expression(condition)
             .expression_attribute_values(":g", n(record.gen))
             .expression_attribute_values(":w", n(record.window_until.timestamp()))
             .expression_attribute_values(":t", AttributeValue::Bool(record.trailing))
-            .expression_attribute_values(":v", n(record.version));
+            .expression_attribute_values(":v", n(record.version))
+            .expression_attribute_values(":rw", n(record.rewritten));
         if prev > 0 {
             update = update.expression_attribute_values(":prev", n(prev));
         }
