@@ -925,3 +925,111 @@ async fn a_part_copied_from_a_stored_object_joins_new_parts_in_one_file() {
     expected.extend_from_slice(&tail);
     assert_eq!(stack.read_object("exports/new.csv").await, expected);
 }
+
+/// Reads what the source streams hold since `tap` was opened and hands it to the invalidator,
+/// as Lambda's event source mapping would; returns the records delivered.
+async fn play_streams(stack: &Stack, tap: &mut infra::streams::StreamTap) -> usize {
+    let mut delivered = 0;
+    for (shard, event) in tap.poll().await.unwrap() {
+        delivered += event.records.len();
+        let answer = invalidator::handle(&stack.deps, event).await;
+        assert!(answer.batch_item_failures.is_empty(), "{answer:?}");
+        assert_eq!(tap.settle(shard, &answer).await.unwrap(), None);
+    }
+    delivered
+}
+
+#[tokio::test]
+async fn source_writes_on_the_stream_make_the_next_request_miss_once_per_window_unless_opted_out() {
+    let mut stack = Stack::new(20, &[]).await;
+    // customers opts out: its entries live out their TTL whatever is written.
+    let catalog = shared::domain::catalog::BUILTIN_CATALOG.replace(
+        "invalidate_after_seconds = 300",
+        "invalidate_after_seconds = 0",
+    );
+    stack.deps.catalog =
+        std::sync::Arc::new(shared::domain::catalog::Catalog::from_toml(&catalog).unwrap());
+    let token = stack.token("acme", ALL);
+    stack.export_through_worker("/exports/orders", &token).await;
+    let customers = stack
+        .export_through_worker("/exports/customers", &token)
+        .await;
+
+    let ddb = aws_sdk_dynamodb::Client::new(&stack.sdk);
+    let tables = [
+        stack.p.names.orders_table.clone(),
+        stack.p.names.customers_table.clone(),
+    ];
+    let mut tap = infra::streams::StreamTap::open(
+        &ddb,
+        aws_sdk_dynamodbstreams::Client::new(&stack.sdk),
+        "us-east-1",
+        &tables,
+    )
+    .await
+    .unwrap()
+    .expect("moto keeps the source tables' streams");
+
+    // Two new orders and a changed one: one bump, and the next request misses.
+    infra::seed::change_orders(&ddb, &tables[0], "acme", (2, 1, 0))
+        .await
+        .unwrap();
+    ddb.update_item()
+        .table_name(&tables[1])
+        .key("tenant_id", AttributeValue::S("acme".into()))
+        .key("customer_id", AttributeValue::S("CUS-acme-00000000".into()))
+        .update_expression("SET tier = :t")
+        .expression_attribute_values(":t", AttributeValue::S("gold".into()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(play_streams(&stack, &mut tap).await, 4);
+    let gen = |dataset: &'static str| {
+        let deps = stack.deps.clone();
+        async move {
+            deps.generations
+                .dataset_generation("acme", dataset)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(gen("orders").await.gen, 1);
+    assert_eq!(gen("customers").await.gen, 0, "opted out");
+    let after = stack.get("/exports/orders", &token).await;
+    assert_eq!(
+        after.status,
+        StatusCode::ACCEPTED,
+        "the change makes it a miss"
+    );
+    assert_eq!(stack.run_worker().await, 1);
+    let hit = stack.get("/exports/orders", &token).await;
+    assert_eq!(hit.header("x-export-cache"), "hit");
+    let (_, _, file) = stack.fetch(hit.header("location")).await;
+    let text = String::from_utf8(file).unwrap();
+    assert!(text.contains("ORD-acme-00000021"), "the new orders are in");
+    assert!(text.contains("changed at"), "and the changed one");
+    // The opted-out dataset still serves its entry.
+    let still = stack.get("/exports/customers", &token).await;
+    assert_eq!(still.header("x-export-cache"), "hit");
+    assert_eq!(still.header("x-export-id"), customers);
+
+    // More writes inside the same window cost no bump yet: the entry stays served...
+    infra::seed::change_orders(&ddb, &tables[0], "acme", (1, 0, 1))
+        .await
+        .unwrap();
+    assert_eq!(play_streams(&stack, &mut tap).await, 2);
+    assert_eq!(gen("orders").await.gen, 1);
+    assert_eq!(
+        stack
+            .get("/exports/orders", &token)
+            .await
+            .header("x-export-cache"),
+        "hit"
+    );
+    // ...until the window ends: then the pending bump shows and the next request misses.
+    stack.clock.advance(chrono::Duration::seconds(61));
+    assert_eq!(
+        stack.get("/exports/orders", &token).await.status,
+        StatusCode::ACCEPTED
+    );
+}

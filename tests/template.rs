@@ -19,10 +19,11 @@ use shared::adapters::sqs::QUEUE_IAM;
 use shared::adapters::{IamNeed, IamResource, SOURCE_ROLE_IAM};
 
 const STACK: &str = "export-cache";
-const FUNCTIONS: [(&str, &str); 3] = [
+const FUNCTIONS: [(&str, &str); 4] = [
     ("ApiFunction", "export-api"),
     ("WorkerFunction", "export-worker"),
     ("WarmerFunction", "export-warmer"),
+    ("InvalidatorFunction", "export-invalidator"),
 ];
 
 fn template() -> Template {
@@ -620,6 +621,9 @@ fn function_policies_name_their_resources() {
 fn every_function_can_enqueue_only_on_the_job_queue() {
     let t = template();
     for (id, _) in FUNCTIONS {
+        if id == "InvalidatorFunction" {
+            continue;
+        }
         let sends: Vec<_> = statements(&t, id)
             .into_iter()
             .filter(|s| actions(s).iter().any(|a| a.starts_with("sqs:")))
@@ -853,6 +857,7 @@ fn every_aws_action_the_code_calls_is_granted_on_its_resource() {
         ("ApiFunction", "functions/api"),
         ("WorkerFunction", "functions/worker"),
         ("WarmerFunction", "functions/warmer"),
+        ("InvalidatorFunction", "functions/invalidator"),
     ] {
         let mut used = BTreeSet::new();
         let port_fields: BTreeSet<&str> = needs.iter().map(|n| n.port).collect();
@@ -1269,5 +1274,77 @@ async fn assert_nothing_left(sdk: &aws_config::SdkConfig, p: &Provisioned) {
                 .is_some_and(|e| e.is_queue_does_not_exist()),
             "{name}: {err:?}"
         );
+    }
+}
+
+#[test]
+fn the_invalidator_reads_both_source_streams_reports_failures_and_writes_only_generations() {
+    let t = template();
+    let streams = events_of_type(&t, "InvalidatorFunction", "DynamoDB");
+    let mut tables = BTreeSet::new();
+    for (name, p) in &streams {
+        let Some(("GetAtt", Value::String(arg))) = intrinsic(&p["Stream"])
+            .map(|(k, v)| (k.as_str().to_owned(), v))
+            .as_ref()
+            .map(|(k, v)| (k.as_str(), *v))
+        else {
+            panic!("{name}: the stream is a GetAtt: {p:?}")
+        };
+        let (table, attribute) = arg.split_once('.').unwrap();
+        assert_eq!(attribute, "StreamArn", "{name}");
+        tables.insert(table.to_string());
+        assert_eq!(
+            strings(&p["FunctionResponseTypes"]),
+            vec!["ReportBatchItemFailures"],
+            "{name}"
+        );
+        assert!(
+            p["MaximumRetryAttempts"].as_u64().is_some_and(|n| n <= 10),
+            "{name}: bounded retries"
+        );
+        assert!(
+            is_arn_of(
+                &p["DestinationConfig"]["OnFailure"]["Destination"],
+                "InvalidatorFailures"
+            ),
+            "{name}: failed batches are kept"
+        );
+    }
+    assert_eq!(
+        tables,
+        BTreeSet::from(["CustomersTable".to_string(), "OrdersTable".to_string()])
+    );
+    for table in ["OrdersTable", "CustomersTable"] {
+        let spec = &t.resource(table).unwrap()["Properties"]["StreamSpecification"];
+        assert_eq!(
+            spec["StreamViewType"].as_str(),
+            Some("KEYS_ONLY"),
+            "{table}"
+        );
+    }
+    const STREAM_READS: [&str; 3] = [
+        "dynamodb:DescribeStream",
+        "dynamodb:GetRecords",
+        "dynamodb:GetShardIterator",
+    ];
+    for statement in statements(&t, "InvalidatorFunction") {
+        for action in actions(&statement) {
+            let resources = resource_values(&statement);
+            if STREAM_READS.contains(&action.as_str()) {
+                assert_eq!(resources.len(), 2, "the two source streams: {statement:?}");
+            } else if action.starts_with("dynamodb:") {
+                assert!(
+                    ["dynamodb:GetItem", "dynamodb:UpdateItem"].contains(&action.as_str()),
+                    "{action}"
+                );
+                assert!(
+                    is_arn_of(&statement["Resource"], "MetaTable"),
+                    "{statement:?}"
+                );
+            } else {
+                assert_eq!(action, "sqs:SendMessage");
+                assert!(is_arn_of(&statement["Resource"], "InvalidatorFailures"));
+            }
+        }
     }
 }

@@ -15,12 +15,14 @@
 //! after a few seconds ([`BridgeConfig::redeliver_after`]) instead of the queue's visibility
 //! timeout (90 minutes in the template, sized for AWS's 15-minute invocations).
 
+use crate::streams::StreamTap;
 use crate::supervise::{Health, Supervisor, WatchSpec};
 use anyhow::{anyhow, bail, Context};
 use aws_config::SdkConfig;
 use aws_lambda_events::encodings::Base64Data;
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent, SqsMessage, SqsMessageAttribute};
+use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, Message, MessageSystemAttributeName, QueueAttributeName,
@@ -33,6 +35,9 @@ use tokio::sync::{watch, Mutex};
 
 pub const WORKER_FUNCTION: &str = "export-worker";
 pub const WARMER_FUNCTION: &str = "export-warmer";
+pub const INVALIDATOR_FUNCTION: &str = "export-invalidator";
+/// How often the source tables' streams are read, like Lambda's poller does about every second.
+const STREAM_POLL: Duration = Duration::from_secs(1);
 /// Matches the template's event source mapping.
 pub const BATCH_SIZE: i32 = 1;
 /// Pause before trying the watch again when it does not accept connections yet.
@@ -72,6 +77,10 @@ pub struct BridgeConfig {
     pub redeliver_after: Duration,
     /// How often the worker's process is looked at during an invocation.
     pub liveness_every: Duration,
+    /// Source tables whose streams are played to the invalidator (none: no stream is read).
+    pub stream_tables: Vec<String>,
+    /// Where the source tables are, when not on the emulator `sdk` points at.
+    pub source_endpoint: Option<String>,
 }
 
 impl BridgeConfig {
@@ -88,6 +97,8 @@ impl BridgeConfig {
             worker_watch: None,
             redeliver_after: Duration::from_secs(5),
             liveness_every: Duration::from_millis(300),
+            stream_tables: Vec::new(),
+            source_endpoint: None,
         }
     }
 }
@@ -310,15 +321,16 @@ pub async fn run(
         queue,
         supervisor,
     };
-    let (polled, scheduled) = tokio::join!(
+    let (polled, scheduled, streamed) = tokio::join!(
         bridge.poll_loop(stop_rx.clone()),
-        bridge.schedule_loop(stop_rx)
+        bridge.schedule_loop(stop_rx.clone()),
+        bridge.stream_loop(sdk, stop_rx)
     );
     if let Some(s) = &bridge.supervisor {
         s.lock().await.stop().await;
     }
     tracing::info!("bridge stopped");
-    polled.and(scheduled)
+    polled.and(scheduled).and(streamed)
 }
 
 async fn queue_identity(
@@ -675,6 +687,87 @@ impl Bridge {
         let secs = i32::try_from(self.cfg.redeliver_after.as_secs()).unwrap_or(i32::MAX);
         self.set_visibility(messages, secs).await;
         format!("{reason}; {restarted}; message visible again in {secs} s")
+    }
+
+    /// Plays the source tables' streams to the invalidator ([`crate::streams`]), when they
+    /// have streams: on dynalite they have none, and says so once.
+    async fn stream_loop(
+        &self,
+        sdk: &SdkConfig,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        if self.cfg.stream_tables.is_empty() {
+            return Ok(());
+        }
+        let source = match &self.cfg.source_endpoint {
+            Some(url) => sdk.to_builder().endpoint_url(url).build(),
+            None => sdk.clone(),
+        };
+        let tap = StreamTap::open(
+            &aws_sdk_dynamodb::Client::new(&source),
+            aws_sdk_dynamodbstreams::Client::new(&source),
+            &self.queue.region,
+            &self.cfg.stream_tables,
+        )
+        .await?;
+        let Some(mut tap) = tap else {
+            tracing::warn!(tables = ?self.cfg.stream_tables,
+                "the source tables have no stream (dynalite keeps none): writes to them show only when entries expire; SOURCE_EMULATOR=moto plays them to {INVALIDATOR_FUNCTION}");
+            return Ok(());
+        };
+        tracing::info!(tables = ?self.cfg.stream_tables, "playing the source tables' streams to {INVALIDATOR_FUNCTION}");
+        let url = invoke_url(&self.cfg.watch, INVALIDATOR_FUNCTION);
+        loop {
+            if pause(STREAM_POLL, &stop).await {
+                return Ok(());
+            }
+            let events = match tap.poll().await {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "reading the source streams failed; trying again");
+                    continue;
+                }
+            };
+            for (shard, event) in events {
+                let records = event.records.len();
+                let first = event
+                    .records
+                    .first()
+                    .and_then(|r| r.change.sequence_number.clone());
+                let body = serde_json::to_vec(&event).context("serialising the stream event")?;
+                let answer = match self.invoke(&url, body, Duration::from_secs(120)).await {
+                    Ok(a) if (200..300).contains(&a.status) && a.function_error.is_none() => {
+                        serde_json::from_slice::<DynamoDbEventResponse>(&a.body).unwrap_or_default()
+                    }
+                    // The whole batch failed: Lambda retries it from its first record.
+                    failed => {
+                        let why = match failed {
+                            Ok(a) => format!("answered {}: {}", a.status, excerpt(&a.body)),
+                            Err(e) => e.to_string(),
+                        };
+                        tracing::warn!(records, error = %why, "stream batch delivery failed; read again");
+                        let mut all = DynamoDbEventResponse::default();
+                        let mut failure = DynamoDbBatchItemFailure::default();
+                        failure.item_identifier = first;
+                        all.batch_item_failures.push(failure);
+                        all
+                    }
+                };
+                match tap.settle(shard, &answer).await {
+                    Ok(None) => {
+                        tracing::info!(records, "stream batch delivered to {INVALIDATOR_FUNCTION}")
+                    }
+                    Ok(Some(from)) => tracing::warn!(
+                        records,
+                        from,
+                        "stream batch partly failed; read again from its first failed record"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "repositioning the stream failed")
+                    }
+                }
+            }
+        }
     }
 
     async fn schedule_loop(&self, stop: watch::Receiver<bool>) -> anyhow::Result<()> {

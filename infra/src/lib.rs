@@ -7,6 +7,7 @@ pub mod demo;
 pub mod filecheck;
 pub mod provision;
 pub mod seed;
+pub mod streams;
 pub mod supervise;
 pub mod template;
 pub mod token;

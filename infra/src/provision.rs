@@ -33,6 +33,8 @@ pub struct Provisioned {
     pub names: StackNames,
     pub queue_url: String,
     pub dlq_url: String,
+    /// Every queue the template declares (the two above among them), for the teardown.
+    pub all_queue_urls: Vec<String>,
 }
 
 const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -109,6 +111,7 @@ pub async fn provision_with_source(
     Ok(Provisioned {
         queue_url: url_of("JobQueue")?,
         dlq_url: url_of("JobDlq")?,
+        all_queue_urls: queues.values().map(|q| q.url.clone()).collect(),
         names,
     })
 }
@@ -144,7 +147,7 @@ pub async fn teardown_with_source(
     if let Err(e) = delete_bucket(&s3, &p.names.bucket).await {
         failures.push(format!("{e:#}"));
     }
-    for url in [&p.queue_url, &p.dlq_url] {
+    for url in &p.all_queue_urls {
         if let Err(e) = delete_queue(&sqs, url).await {
             failures.push(format!("{e:#}"));
         }
@@ -207,6 +210,16 @@ async fn ensure_table(client: &aws_sdk_dynamodb::Client, spec: &template::TableS
     }
     if spec.sse_enabled {
         request = request.sse_specification(ddb::SseSpecification::builder().enabled(true).build());
+    }
+    // moto keeps the stream; dynalite accepts the specification and has none (the bridge says so).
+    if let Some(view) = &spec.stream_view_type {
+        request = request.stream_specification(
+            ddb::StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(ddb::StreamViewType::from(view.as_str()))
+                .build()
+                .context("stream specification")?,
+        );
     }
     match request.send().await {
         Ok(_) => {}

@@ -460,6 +460,98 @@ async fn write_batch(
     }
 }
 
+/// What [`change_orders`] did, by order id.
+#[derive(Debug, Default)]
+pub struct OrderChanges {
+    pub inserted: Vec<String>,
+    pub updated: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+/// Writes to a tenant's orders the way an application would while the stack runs: `insert` new
+/// orders after its last one, a changed note and status on its first `update` orders, and the
+/// `delete` orders after those removed. Each write is its own request, so a stream sees each.
+pub async fn change_orders(
+    client: &Client,
+    table: &str,
+    tenant: &str,
+    (insert, update, delete): (u64, usize, usize),
+) -> anyhow::Result<OrderChanges> {
+    let ids = |forward: bool, limit: usize| async move {
+        let found = client
+            .query()
+            .table_name(table)
+            .key_condition_expression("tenant_id = :t")
+            .expression_attribute_values(":t", AttributeValue::S(tenant.to_owned()))
+            .projection_expression("order_id")
+            .scan_index_forward(forward)
+            .limit(i32::try_from(limit.max(1)).unwrap_or(i32::MAX))
+            .send()
+            .await
+            .map_err(|e| anyhow!("Query {table}: {}", DisplayErrorContext(&e)))?;
+        Ok::<Vec<String>, anyhow::Error>(
+            found
+                .items
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|mut i| match i.remove("order_id") {
+                    Some(AttributeValue::S(id)) => Some(id),
+                    _ => None,
+                })
+                .collect(),
+        )
+    };
+    let mut done = OrderChanges::default();
+    let next = match ids(false, 1).await?.first() {
+        Some(last) => last
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .map_or(0, |n| n + 1),
+        None => 0,
+    };
+    for i in next..next + insert {
+        let item = order_item(tenant, i);
+        client
+            .put_item()
+            .table_name(table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| anyhow!("PutItem {table}: {}", DisplayErrorContext(&e)))?;
+        done.inserted.push(order_id(tenant, i));
+    }
+    let first = ids(true, update + delete).await?;
+    let now = Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    for id in first.iter().take(update) {
+        client
+            .update_item()
+            .table_name(table)
+            .key("tenant_id", AttributeValue::S(tenant.to_owned()))
+            .key("order_id", AttributeValue::S(id.clone()))
+            .update_expression("SET #s = :s, note = :n")
+            .expression_attribute_names("#s", "status")
+            .expression_attribute_values(":s", AttributeValue::S("shipped".into()))
+            .expression_attribute_values(":n", AttributeValue::S(format!("changed at {now}")))
+            .send()
+            .await
+            .map_err(|e| anyhow!("UpdateItem {table}: {}", DisplayErrorContext(&e)))?;
+        done.updated.push(id.clone());
+    }
+    for id in first.iter().skip(update).take(delete) {
+        client
+            .delete_item()
+            .table_name(table)
+            .key("tenant_id", AttributeValue::S(tenant.to_owned()))
+            .key("order_id", AttributeValue::S(id.clone()))
+            .send()
+            .await
+            .map_err(|e| anyhow!("DeleteItem {table}: {}", DisplayErrorContext(&e)))?;
+        done.deleted.push(id.clone());
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,6 +46,8 @@ pub struct TableSpec {
     /// Set only when TTL is declared and enabled.
     pub ttl_attribute: Option<String>,
     pub sse_enabled: bool,
+    /// `StreamSpecification.StreamViewType`, when the table has a stream.
+    pub stream_view_type: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,6 +350,10 @@ impl Template {
             None => false,
             Some(sse) => flag(required_in(sse, "SSEEnabled")?)?,
         };
+        let stream_view_type = match props.get("StreamSpecification") {
+            None => None,
+            Some(stream) => Some(plain_str(required_in(stream, "StreamViewType")?)?.to_owned()),
+        };
         Ok(TableSpec {
             logical_id: logical_id.to_owned(),
             name,
@@ -357,6 +363,7 @@ impl Template {
             gsis,
             ttl_attribute,
             sse_enabled,
+            stream_view_type,
         })
     }
 

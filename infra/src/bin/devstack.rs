@@ -59,6 +59,10 @@ USAGE: devstack <command> [--flag value]...
   crash-check [--api ...] [--worker-port 9001] [--format csv,xlsx,csv.gz] [--out-dir target/demo]
         after `demo`: exports each format again, kill -9s the worker mid-export and checks the
         job still succeeds with the demo's bytes (the bridge restarts the worker)
+  orders    [--stack export-cache] [--tenant acme] [--insert 3] [--update 1] [--delete 1]
+        change a tenant's orders while the stack runs: new orders after its last one, its first
+        ones updated (status, note), the next ones deleted; the invalidator sees them on the
+        stream when the source tables are on moto (SOURCE_EMULATOR=moto)
   token     [--tenant acme] [--user alice] [--scopes 'exports:read exports:admin'] [--ttl 43200]
         print a dev token signed with LOCAL_JWT_SECRET
 
@@ -254,6 +258,24 @@ fn stack_names(flags: &Flags, sdk: &SdkConfig) -> anyhow::Result<(String, String
     ))
 }
 
+async fn cmd_orders(flags: Flags) -> anyhow::Result<()> {
+    let sdk = sdk().await?;
+    let (orders, _, _) = stack_names(&flags, &sdk)?;
+    let tenant = flags.or("tenant", "acme");
+    let counts = (
+        flags.number("insert", 3)?,
+        usize::try_from(flags.number("update", 1)?).context("--update")?,
+        usize::try_from(flags.number("delete", 1)?).context("--delete")?,
+    );
+    let client = aws_sdk_dynamodb::Client::new(&source_sdk(&sdk).await?);
+    let done = seed::change_orders(&client, &orders, &tenant, counts).await?;
+    println!(
+        "{tenant}: inserted {:?}, updated {:?}, deleted {:?}",
+        done.inserted, done.updated, done.deleted
+    );
+    Ok(())
+}
+
 async fn cmd_seed(flags: Flags) -> anyhow::Result<()> {
     let sdk = sdk().await?;
     let rows = flags.number("rows", 20_000)?;
@@ -322,6 +344,9 @@ async fn cmd_bridge(flags: Flags) -> anyhow::Result<()> {
     let timeout = flags.number("worker-timeout-secs", worker_timeout_secs(&flags))?;
     cfg.invoke_timeout = Duration::from_secs(timeout) + bridge::TIMEOUT_GRACE;
     cfg.redeliver_after = Duration::from_secs(flags.number("redeliver-secs", 5)?);
+    let stack = flags.or("stack", DEFAULT_STACK);
+    cfg.stream_tables = vec![format!("{stack}-orders"), format!("{stack}-customers")];
+    cfg.source_endpoint = env_nonempty("SOURCE_ENDPOINT_URL");
     if let Some(port) = flags.get("worker-port") {
         let port: u16 = port
             .parse()
@@ -495,6 +520,10 @@ async fn main() -> std::process::ExitCode {
         },
         "crash-check" => match parsed(&[DEMO_FLAGS, &["worker-port"]].concat()) {
             Ok(f) => cmd_crash_check(f).await,
+            Err(e) => Err(e),
+        },
+        "orders" => match parsed(&["stack", "template", "tenant", "insert", "update", "delete"]) {
+            Ok(f) => cmd_orders(f).await,
             Err(e) => Err(e),
         },
         "token" => parsed(&["tenant", "user", "scopes", "ttl"]).and_then(cmd_token),

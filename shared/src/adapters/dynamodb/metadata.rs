@@ -867,19 +867,23 @@ impl Generations for MetaStore {
     ) -> PortResult<()> {
         let prev = record.version.saturating_sub(1);
         let condition = if prev == 0 {
-            "attribute_not_exists(version)"
+            "attribute_not_exists(#v)"
         } else {
-            "version = :prev"
+            "#v = :prev"
         };
         let mut update = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(tenant_pk(tenant), dataset_gen_sk(dataset))))
-            .update_expression(
-                "SET gen = :g, window_until = :w, trailing = :t, version = :v, rewritten = :rw",
-            )
+            // `trailing` is a reserved word, so every name goes through a placeholder.
+            .update_expression("SET #g = :g, #w = :w, #t = :t, #v = :v, #rw = :rw")
             .condition_expression(condition)
+            .expression_attribute_names("#g", "gen")
+            .expression_attribute_names("#w", "window_until")
+            .expression_attribute_names("#t", "trailing")
+            .expression_attribute_names("#v", "version")
+            .expression_attribute_names("#rw", "rewritten")
             .expression_attribute_values(":g", n(record.gen))
             .expression_attribute_values(":w", n(record.window_until.timestamp()))
             .expression_attribute_values(":t", AttributeValue::Bool(record.trailing))
