@@ -80,6 +80,13 @@ mod tests {
 
     use super::*;
 
+    /// The local stack's prefix, which the fixture's stream ARN carries.
+    fn deps_config() -> shared::config::Config {
+        let mut config = test_config();
+        config.source_table_prefix = "export-cache-".into();
+        config
+    }
+
     fn event() -> Event {
         serde_json::from_str(include_str!("../events/orders-stream.json")).unwrap()
     }
@@ -96,12 +103,14 @@ mod tests {
             changes[1].rewrite && changes[2].rewrite,
             "MODIFY and REMOVE"
         );
-        assert!(changes[2].stream_arn.contains(":table/orders/stream/"));
+        assert!(changes[2]
+            .stream_arn
+            .contains(":table/export-cache-orders/stream/"));
     }
 
     #[tokio::test]
     async fn a_batch_bumps_once_per_tenant_and_reports_no_failure() {
-        let f = fakes(test_config(), 10);
+        let f = fakes(deps_config(), 10);
         let response = handle(&f.deps, event()).await;
         assert!(response.batch_item_failures.is_empty());
         let g = f.meta.dataset_generation("acme", "orders").await.unwrap();
@@ -154,7 +163,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_group_that_cannot_be_recorded_is_retried_from_its_first_record() {
-        let mut f = fakes(test_config(), 10);
+        let mut f = fakes(deps_config(), 10);
         f.deps.generations = Arc::new(Unreachable);
         let response = handle(&f.deps, event()).await;
         let ids: Vec<_> = response
