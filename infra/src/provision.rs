@@ -111,7 +111,11 @@ pub async fn provision_with_source(
     Ok(Provisioned {
         queue_url: url_of("JobQueue")?,
         dlq_url: url_of("JobDlq")?,
-        all_queue_urls: queues.values().map(|q| q.url.clone()).collect(),
+        all_queue_urls: {
+            let mut urls: Vec<String> = queues.values().map(|q| q.url.clone()).collect();
+            urls.sort();
+            urls
+        },
         names,
     })
 }

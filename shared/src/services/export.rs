@@ -137,14 +137,7 @@ async fn serve(
             tracing::warn!(error = %e, "stale hit served but its refresh could not start");
         }
     }
-    let url = deps
-        .files
-        .presign_get(
-            &entry.object_key,
-            &entry.file_name(),
-            deps.config.presign_ttl,
-        )
-        .await?;
+    let url = presigned(deps, entry).await?;
     record(
         deps,
         &who.tenant,
@@ -233,14 +226,7 @@ async fn waited_file(
     let Some(entry) = found.current_entry() else {
         return Ok(None);
     };
-    let url = deps
-        .files
-        .presign_get(
-            &entry.object_key,
-            &entry.file_name(),
-            deps.config.presign_ttl,
-        )
-        .await?;
+    let url = presigned(deps, entry).await?;
     Ok(Some(ExportAnswer::File {
         age: entry.age(deps.clock.now()),
         entry: Box::new(entry.clone()),
@@ -321,6 +307,18 @@ async fn start_for(
         Start::Joined(job) => Some((job, true)),
         Start::EntryChanged => None,
     })
+}
+
+/// A download URL of the entry's file, under its file name.
+async fn presigned(deps: &Deps, entry: &CacheEntry) -> Result<String, ServiceError> {
+    Ok(deps
+        .files
+        .presign_get(
+            &entry.object_key,
+            &entry.file_name(),
+            deps.config.presign_ttl,
+        )
+        .await?)
 }
 
 /// Counters are statistics: losing one must not fail the caller's request.
