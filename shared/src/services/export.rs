@@ -11,6 +11,7 @@ use crate::domain::request::normalise;
 use crate::domain::JobStatus;
 use crate::domain::{
     CacheEntry, CacheKey, ExportSpec, Freshness, HitKind, Identity, Job, JobKind, RawExportRequest,
+    ResolvedExport,
 };
 use crate::encode::ENCODER_VERSION;
 use crate::ports::Lookup;
@@ -58,14 +59,24 @@ impl ExportAnswer {
     }
 }
 
+/// The caller's request checked against the catalog, and the cache key it names for them.
+fn keyed(
+    deps: &Deps,
+    who: &Identity,
+    raw: &RawExportRequest,
+) -> Result<(ResolvedExport, CacheKey), ServiceError> {
+    require_scope(who, SCOPE_READ)?;
+    let req = normalise(&deps.catalog, raw)?;
+    let key = req.cache_key(who.owner(), ENCODER_VERSION);
+    Ok((req, key))
+}
+
 pub async fn request_export(
     deps: &Deps,
     who: &Identity,
     raw: &RawExportRequest,
 ) -> Result<ExportAnswer, ServiceError> {
-    require_scope(who, SCOPE_READ)?;
-    let req = normalise(&deps.catalog, raw)?;
-    let key = req.cache_key(who.owner(), ENCODER_VERSION);
+    let (req, key) = keyed(deps, who, raw)?;
     let accepted_staleness = Duration::seconds(req.accepted_staleness() as i64);
     let spec = req.spec;
 
@@ -245,9 +256,7 @@ pub async fn request_refresh(
     who: &Identity,
     raw: &RawExportRequest,
 ) -> Result<ExportAnswer, ServiceError> {
-    require_scope(who, SCOPE_READ)?;
-    let req = normalise(&deps.catalog, raw)?;
-    let key = req.cache_key(who.owner(), ENCODER_VERSION);
+    let (req, key) = keyed(deps, who, raw)?;
     let spec = req.spec;
     // Another round only when a job finished between our look and our create: it may have read
     // the source before the caller asked, so the refresh still goes ahead.

@@ -9,20 +9,31 @@ use super::tests::{miss, orders, run_queue, setup, setup_with, who};
 use crate::domain::catalog::{Catalog, BUILTIN_CATALOG};
 use crate::domain::{HitKind, JobKind, JobStatus};
 
+/// A caller that waits up to 10 s while the worker picks the message up a moment after the
+/// request queued it.
+async fn waiting_while_the_worker_runs(
+    f: &crate::testing::Fakes,
+    caller: &crate::domain::Identity,
+    req: &crate::domain::RawExportRequest,
+) -> Result<ExportAnswer, super::ServiceError> {
+    let (answer, _) = tokio::join!(
+        request_export_waiting(&f.deps, caller, req, StdDuration::from_secs(10)),
+        async {
+            tokio::time::sleep(StdDuration::from_millis(50)).await;
+            run_queue(f).await
+        }
+    );
+    answer
+}
+
 #[tokio::test]
 async fn a_waiting_caller_gets_the_file_its_job_made_and_it_counts_as_a_miss() {
     let f = setup(30);
     let caller = who("acme");
     let req = orders(&[]);
-    let (answer, _) = tokio::join!(
-        request_export_waiting(&f.deps, &caller, &req, StdDuration::from_secs(10)),
-        async {
-            // The worker picks the message up a moment after the request queued it.
-            tokio::time::sleep(StdDuration::from_millis(50)).await;
-            run_queue(&f).await
-        }
-    );
-    let answer = answer.unwrap();
+    let answer = waiting_while_the_worker_runs(&f, &caller, &req)
+        .await
+        .unwrap();
     assert_eq!(answer.cache_result(), HitKind::Miss);
     let ExportAnswer::File {
         entry,
@@ -74,14 +85,10 @@ async fn a_waited_job_that_fails_answers_with_the_failed_job() {
     let f = setup_with(60, small);
     let caller = who("acme");
     let req = orders(&[]);
-    let (answer, _) = tokio::join!(
-        request_export_waiting(&f.deps, &caller, &req, StdDuration::from_secs(10)),
-        async {
-            tokio::time::sleep(StdDuration::from_millis(50)).await;
-            run_queue(&f).await
-        }
-    );
-    match answer.unwrap() {
+    match waiting_while_the_worker_runs(&f, &caller, &req)
+        .await
+        .unwrap()
+    {
         ExportAnswer::Job { job, .. } => assert_eq!(job.status, JobStatus::Failed),
         other => panic!("expected the failed job, got {other:?}"),
     }
